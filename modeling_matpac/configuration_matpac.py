@@ -1,0 +1,210 @@
+"""MATPAC model configuration."""
+
+from transformers import PreTrainedConfig
+
+
+CENTER_MODES = ("probabilities", "logits")
+
+
+class MatpacConfig(PreTrainedConfig):
+    r"""
+    Configuration of a MATPAC model (Masked Latent Prediction And Classification, Quelennec et al., ICASSP 2025).
+    The defaults are the published ViT-B model and the paper's best pre-training recipe.
+
+    Front end (mirrored by [`MatpacFeatureExtractor`]):
+        sampling_rate (`int`, defaults to 16000): Sampling rate the model was trained on, in Hz.
+        num_mel_bins (`int`, defaults to 80): Number of mel bands of the log-mel input.
+        n_fft (`int`, defaults to 400): FFT size and Hann window length, in samples (25 ms).
+        hop_length (`int`, defaults to 160): Hop between frames, in samples (10 ms).
+        f_min (`float`, defaults to 50.0) / f_max (`float`, defaults to 8000.0): Mel filterbank range, in Hz.
+        log_offset (`float`, defaults to float32 eps): Added to the mel power before the logarithm.
+        lms_mean (`float`, defaults to -7.056) / lms_std (`float`, defaults to 4.193): Log-mel statistics of the
+            pre-training set, used to normalise the input.
+
+    Encoder:
+        patch_size (`int`, defaults to 16): Side of the square log-mel patches.
+        num_frames (`int`, defaults to 608): Frames of one encoder chunk (6.08 s). Longer inputs are split into
+            chunks of this length; it also fixes the size of the position grid.
+        hidden_size (`int`, defaults to 768): Width of the encoder.
+        num_hidden_layers (`int`, defaults to 12): Number of transformer blocks of the encoder.
+        num_attention_heads (`int`, defaults to 12): Attention heads per encoder block.
+        intermediate_size (`int`, defaults to 3072): Width of the MLP inside each block.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact GELU in the authors' code).
+        layer_norm_eps (`float`, defaults to 1e-6): Epsilon of every LayerNorm.
+        qkv_bias (`bool`, defaults to `True`): Whether the attention projections have a bias.
+        initializer_range (`float`, defaults to 0.02): Std of the normal initialisation of the CLS and mask tokens.
+
+    Predictor (the M2D-style decoder that predicts the teacher's latents of the masked patches):
+        predictor_hidden_size (`int`, defaults to 512), predictor_num_hidden_layers (`int`, defaults to 8),
+        predictor_num_attention_heads (`int`, defaults to 16), predictor_intermediate_size (`int`, defaults to 2048).
+
+    Classification heads (DINO-style projection heads of the student and teacher):
+        head_hidden_size (`int`, defaults to 2048): Width of the hidden layers of the head MLP.
+        head_bottleneck_size (`int`, defaults to 256): Width of the l2-normalised bottleneck.
+        head_num_layers (`int`, defaults to 3): Linear layers of the head MLP.
+        head_num_prototypes (`int`, defaults to 2048): Number of classes K of the weight-normalised last layer.
+
+    Pre-training objective:
+        mask_ratio (`float`, defaults to 0.7): Fraction of the patches hidden from the student.
+        loss_pred_weight (`float`, defaults to 0.5): Weight alpha of the prediction loss; the classification loss
+            gets 1 - alpha.
+        student_temperature (`float`, defaults to 0.1): Softmax temperature of the student head.
+        teacher_temperature (`float`, defaults to 0.07): Teacher temperature after the warm-up.
+        teacher_temperature_warmup (`float`, defaults to 0.04): Teacher temperature at step 0.
+        teacher_temperature_warmup_steps (`int`, defaults to 9827): Optimizer steps of the linear temperature
+            warm-up (10 epochs of AudioSet at batch 2048 in the best model).
+        center_momentum (`float`, defaults to 0.9): Momentum of the centre's moving average.
+        center_mode (`str`, defaults to `"probabilities"`): What the centre averages. `"probabilities"` is the
+            authors' code (the sharpened teacher probabilities; it produced the published weights), `"logits"`
+            is the paper and DINO (the teacher head's logits).
+        ema_decay (`float`, defaults to 0.99995) / ema_end_decay (`float`, defaults to 0.99999): Teacher encoder
+            EMA decay, linear from start to end over `ema_anneal_end_step`.
+        head_ema_decay (`float`, defaults to 0.998) / head_ema_end_decay (`float`, defaults to 1.0): Teacher head
+            EMA decay schedule, over the same steps. A decay of 1 means no update.
+        ema_anneal_end_step (`int`, defaults to 294816): Step at which both decays reach their end value; the
+            Trainer sets it to the run's total number of optimizer steps (the official `max_update`).
+
+    Audio classification:
+        freeze_encoder (`bool`, defaults to `False`): Train only the linear head of
+            [`MatpacForAudioClassification`] (the paper's linear probe).
+
+    Example:
+
+    ```python
+    >>> from modeling_matpac import MatpacConfig, MatpacModel
+
+    >>> config = MatpacConfig()
+    >>> model = MatpacModel(config)
+    ```"""
+
+    model_type = "matpac"
+
+    sampling_rate: int = 16000
+    num_mel_bins: int = 80
+    n_fft: int = 400
+    hop_length: int = 160
+    f_min: float = 50.0
+    f_max: float = 8000.0
+    log_offset: float = 1.1920928955078125e-07
+    lms_mean: float = -7.056
+    lms_std: float = 4.193
+
+    patch_size: int = 16
+    num_frames: int = 608
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+
+    predictor_hidden_size: int = 512
+    predictor_num_hidden_layers: int = 8
+    predictor_num_attention_heads: int = 16
+    predictor_intermediate_size: int = 2048
+
+    head_hidden_size: int = 2048
+    head_bottleneck_size: int = 256
+    head_num_layers: int = 3
+    head_num_prototypes: int = 2048
+
+    mask_ratio: float = 0.7
+    loss_pred_weight: float = 0.5
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.07
+    teacher_temperature_warmup: float = 0.04
+    teacher_temperature_warmup_steps: int = 9827
+    center_momentum: float = 0.9
+    center_mode: str = "probabilities"
+    ema_decay: float = 0.99995
+    ema_end_decay: float = 0.99999
+    head_ema_decay: float = 0.998
+    head_ema_end_decay: float = 1.0
+    ema_anneal_end_step: int = 294816
+
+    freeze_encoder: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+
+    @property
+    def num_frequency_patches(self) -> int:
+        return self.num_mel_bins // self.patch_size
+
+    @property
+    def num_time_patches(self) -> int:
+        return self.num_frames // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_frequency_patches * self.num_time_patches
+
+    @property
+    def num_visible_patches(self) -> int:
+        """Patches the student sees: `int(L * (1 - mask_ratio))`, as the authors' masking."""
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of a time step's embedding: the frequency patches of one column concatenated."""
+        return self.num_frequency_patches * self.hidden_size
+
+    def validate_architecture(self):
+        """Refuses combinations that cannot build or train a model, saying which field is wrong."""
+        positive = (
+            "sampling_rate num_mel_bins n_fft hop_length patch_size num_frames hidden_size num_hidden_layers "
+            "num_attention_heads intermediate_size predictor_hidden_size predictor_num_hidden_layers "
+            "predictor_num_attention_heads predictor_intermediate_size head_hidden_size head_bottleneck_size "
+            "head_num_layers head_num_prototypes lms_std student_temperature teacher_temperature "
+            "teacher_temperature_warmup ema_anneal_end_step"
+        ).split()
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.num_mel_bins % self.patch_size:
+            raise ValueError(
+                f"`num_mel_bins` ({self.num_mel_bins}) must be divisible by `patch_size` ({self.patch_size})."
+            )
+        if self.num_frames % self.patch_size:
+            raise ValueError(f"`num_frames` ({self.num_frames}) must be divisible by `patch_size` ({self.patch_size}).")
+        for prefix in ("", "predictor_"):
+            width, heads = getattr(self, f"{prefix}hidden_size"), getattr(self, f"{prefix}num_attention_heads")
+            if width % heads:
+                raise ValueError(
+                    f"`{prefix}hidden_size` ({width}) must be divisible by `{prefix}num_attention_heads` ({heads})."
+                )
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"`mask_ratio` must be in (0, 1), got {self.mask_ratio}.")
+        if self.num_visible_patches < 1 or self.num_visible_patches == self.num_patches:
+            raise ValueError(
+                f"`mask_ratio` {self.mask_ratio} leaves {self.num_visible_patches} of {self.num_patches} patches "
+                "visible: the student and the teacher each need at least one patch."
+            )
+        if not 0 <= self.loss_pred_weight <= 1:
+            raise ValueError(f"`loss_pred_weight` must be in [0, 1], got {self.loss_pred_weight}.")
+        if not 0 <= self.center_momentum < 1:
+            raise ValueError(f"`center_momentum` must be in [0, 1), got {self.center_momentum}.")
+        if self.center_mode not in CENTER_MODES:
+            raise ValueError(f"`center_mode` must be one of {CENTER_MODES}, got {self.center_mode!r}.")
+        for name in ("ema_decay", "ema_end_decay", "head_ema_decay", "head_ema_end_decay"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
+        if self.head_num_layers < 1:
+            raise ValueError(f"`head_num_layers` must be at least 1, got {self.head_num_layers}.")
+        if self.teacher_temperature_warmup_steps < 0:
+            raise ValueError(
+                f"`teacher_temperature_warmup_steps` must be >= 0, got {self.teacher_temperature_warmup_steps}."
+            )
+        if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
+            raise ValueError(
+                f"The mel range must satisfy 0 <= f_min < f_max <= sampling_rate / 2, got f_min={self.f_min}, "
+                f"f_max={self.f_max}, sampling_rate={self.sampling_rate}."
+            )
+        if self.hop_length > self.n_fft:
+            raise ValueError(f"`hop_length` ({self.hop_length}) must not exceed `n_fft` ({self.n_fft}).")
+
+
+__all__ = ["MatpacConfig"]

@@ -1,0 +1,654 @@
+"""PyTorch MATPAC: a ViT encoder on 16x16 log-mel patches, its pre-training model and an audio classifier."""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_matpac import MatpacConfig
+
+
+@dataclass
+class MatpacModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, time_steps, num_frequency_patches * hidden_size)`):
+        One embedding per 16-frame time step: the frequency patches of the step concatenated (lowest band first),
+        after the final LayerNorm.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, num_frequency_patches * hidden_size)`):
+        Mean of `last_hidden_state` over the valid time steps: the clip embedding the paper probes.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        The patch embeddings and the raw output of every block, in the layout of `last_hidden_state`.
+    time_mask (`torch.BoolTensor` of shape `(batch_size, time_steps)`):
+        Which time steps hold audio of the clip (the others are batch padding, excluded from `pooler_output`).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    time_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class MatpacForPreTrainingOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`):
+        `(1 - alpha) * loss_cls + alpha * loss_pred`, each a mean over all masked patches of the batch.
+    loss_pred (`torch.FloatTensor` of shape `()`):
+        Mean of `2 - 2 cos(prediction, teacher latent)` over the masked patches (detached).
+    loss_cls (`torch.FloatTensor` of shape `()`):
+        Mean cross-entropy between the teacher's and the student's class distributions (detached).
+    teacher_sum (`torch.FloatTensor` of shape `(head_num_prototypes,)`):
+        Sum over the masked patches of what the centre averages (`config.center_mode`): the input of
+        [`MatpacForPreTraining.update_center`], to be summed over micro-batches and processes first.
+    teacher_count (`torch.FloatTensor` of shape `()`):
+        Number of masked patches summed in `teacher_sum`.
+    teacher_temperature (`torch.FloatTensor` of shape `()`):
+        Teacher softmax temperature used for this step.
+    teacher_entropy (`torch.FloatTensor` of shape `()`):
+        Mean entropy of the teacher's per-patch distributions (nats); near 0 means over-sharpened targets.
+    teacher_perplexity (`torch.FloatTensor` of shape `()`):
+        Exponential of the entropy of the batch-mean teacher distribution: about how many classes are in use.
+    teacher_num_classes (`torch.FloatTensor` of shape `()`):
+        Number of distinct teacher argmax classes in the batch; 1 means collapse.
+    target_std (`torch.FloatTensor` of shape `()`) / prediction_std (`torch.FloatTensor` of shape `()`):
+        Standard deviation over the masked patches of the l2-normalised teacher latents / predictions, averaged
+        over channels; near 0 means collapsed representations.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_pred: torch.FloatTensor | None = None
+    loss_cls: torch.FloatTensor | None = None
+    teacher_sum: torch.FloatTensor | None = None
+    teacher_count: torch.FloatTensor | None = None
+    teacher_temperature: torch.FloatTensor | None = None
+    teacher_entropy: torch.FloatTensor | None = None
+    teacher_perplexity: torch.FloatTensor | None = None
+    teacher_num_classes: torch.FloatTensor | None = None
+    target_std: torch.FloatTensor | None = None
+    prediction_std: torch.FloatTensor | None = None
+
+
+def get_2d_sincos_position_embeddings(embed_dim: int, grid_frequency: int, grid_time: int) -> torch.Tensor:
+    """
+    Fixed 2-D sin-cos positions of a (frequency, time) patch grid with a leading zero row for the CLS token, shape
+    `(1 + grid_frequency * grid_time, embed_dim)`. The first half of the channels encodes the time column and the
+    second half the frequency row, each as `embed_dim / 4` sines followed by as many cosines: the authors' layout.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"The sin-cos position embedding needs a width divisible by 4, got {embed_dim}.")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    frequency, time = torch.meshgrid(
+        torch.arange(grid_frequency, dtype=torch.float64), torch.arange(grid_time, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(time), encode(frequency)], dim=1)
+    table = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table], dim=0)
+    return table.float()
+
+
+class MatpacPatchEmbeddings(nn.Module):
+    """Non-overlapping 16x16 patches of the log-mel, flattened frequency-major (index = f * time_patches + t)."""
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(input_values.unsqueeze(1)).flatten(2).transpose(1, 2)
+
+
+class MatpacEmbeddings(nn.Module):
+    """Patch embeddings plus fixed positions, and the CLS token that every encoder pass (student or teacher) prepends."""
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embeddings = MatpacPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, config.num_patches + 1, config.hidden_size), requires_grad=False
+        )
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, mel_bins, frames)` with frames a multiple of the patch size -> `(batch, patches, hidden)`."""
+        patches = self.patch_embeddings(input_values)
+        time_patches = input_values.shape[-1] // self.config.patch_size
+        grid = self.position_embeddings[:, 1:].reshape(
+            1, self.config.num_frequency_patches, self.config.num_time_patches, -1
+        )
+        positions = grid[:, :, :time_patches].reshape(1, -1, grid.shape[-1])
+        return patches + positions
+
+    def prepend_cls_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        cls_token = (self.cls_token + self.position_embeddings[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls_token, tokens], dim=1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MatpacAttention(nn.Module):
+    """Bidirectional multi-head self-attention with a fused qkv projection, dispatched through transformers' kernels."""
+
+    def __init__(self, config: MatpacConfig, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self, qkv[0], qkv[1], qkv[2], attention_mask, scaling=self.scaling, dropout=0.0, is_causal=False
+        )
+        return self.out_proj(attn_output.reshape(batch_size, seq_len, -1))
+
+
+class MatpacMLP(nn.Module):
+    def __init__(self, config: MatpacConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class MatpacLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block, shared by the encoders and the predictor (which is narrower)."""
+
+    def __init__(self, config: MatpacConfig, hidden_size: int, num_heads: int, intermediate_size: int):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.attention = MatpacAttention(config, hidden_size, num_heads)
+        self.layernorm_after = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MatpacMLP(config, hidden_size, intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.layernorm_before(hidden_states), attention_mask)
+        return hidden_states + self.mlp(self.layernorm_after(hidden_states))
+
+
+class MatpacEncoder(nn.Module):
+    """The transformer blocks and final LayerNorm: all the teacher owns, and the student's trunk."""
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            MatpacLayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Returns the normalised last output and, if asked, the input followed by every block's raw output."""
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return self.layernorm(hidden_states), all_hidden_states
+
+
+class MatpacPredictor(nn.Module):
+    """
+    Predicts the teacher's latents of the masked patches from the student's output (the M2D decoder): a narrower
+    transformer over the visible tokens and one shared mask token at every masked position, with fixed positions.
+    """
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Linear(config.hidden_size, config.predictor_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.predictor_hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, config.num_patches + 1, config.predictor_hidden_size), requires_grad=False
+        )
+        self.layers = nn.ModuleList(
+            MatpacLayer(
+                config,
+                config.predictor_hidden_size,
+                config.predictor_num_attention_heads,
+                config.predictor_intermediate_size,
+            )
+            for _ in range(config.predictor_num_hidden_layers)
+        )
+        self.layernorm = nn.LayerNorm(config.predictor_hidden_size, eps=config.layer_norm_eps)
+        self.projection = nn.Linear(config.predictor_hidden_size, config.hidden_size)
+
+    def forward(self, student_output: torch.Tensor, ids_shuffle: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1 + visible, hidden)` student output -> `(batch, masked, hidden)` in the shuffle order."""
+        hidden_states = self.embed(student_output)
+        batch_size, num_patches = ids_shuffle.shape
+        num_visible = hidden_states.shape[1] - 1
+        mask_tokens = self.mask_token.expand(batch_size, num_patches - num_visible, -1)
+        tokens = torch.cat([hidden_states[:, 1:], mask_tokens], dim=1)
+        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        hidden_states = torch.cat([hidden_states[:, :1], tokens], dim=1) + self.position_embeddings
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        hidden_states = self.layernorm(hidden_states)[:, 1:]
+        masked_ids = ids_shuffle[:, num_visible:]
+        hidden_states = torch.gather(hidden_states, 1, masked_ids.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+        return self.projection(hidden_states)
+
+
+class MatpacProjectionHead(nn.Module):
+    """DINO head: an MLP to an l2-normalised bottleneck, then a weight-normalised linear layer to K class logits."""
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__()
+        widths = [config.hidden_size] + [config.head_hidden_size] * (config.head_num_layers - 1)
+        layers = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.GELU()]
+        layers.append(nn.Linear(widths[-1], config.head_bottleneck_size))
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = weight_norm(nn.Linear(config.head_bottleneck_size, config.head_num_prototypes, bias=False))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(nn.functional.normalize(self.mlp(hidden_states), dim=-1))
+
+
+class MatpacPreTrainedModel(PreTrainedModel):
+    config: MatpacConfig
+    base_model_prefix = "matpac"
+    main_input_name = "input_values"
+    input_modalities = ("audio",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MatpacLayer"]
+    _supports_sdpa = True
+    accepts_loss_kwargs = False
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Lists every MATPAC class in `auto_map`, so that remote code can load any of them from the directory."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_matpac.MatpacConfig",
+            "AutoModel": "modeling_matpac.MatpacModel",
+            "AutoModelForPreTraining": "modeling_matpac.MatpacForPreTraining",
+            "AutoModelForAudioClassification": "modeling_matpac.MatpacForAudioClassification",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The authors' initialisation: xavier-uniform Linear layers and patch projection, fixed sin-cos positions."""
+        if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MatpacPatchEmbeddings):
+            # Xavier on the (hidden, patch pixels) view, as for a Linear; the bias keeps PyTorch's Conv2d default.
+            weight = module.projection.weight
+            fan_in = weight[0].numel()
+            init.uniform_(weight, -math.sqrt(6.0 / (fan_in + weight.shape[0])), math.sqrt(6.0 / (fan_in + weight.shape[0])))
+            init.uniform_(module.projection.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MatpacEmbeddings):
+            init.normal_(module.cls_token, std=self.config.initializer_range)
+            init.copy_(
+                module.position_embeddings,
+                get_2d_sincos_position_embeddings(
+                    self.config.hidden_size, self.config.num_frequency_patches, self.config.num_time_patches
+                ).unsqueeze(0),
+            )
+        elif isinstance(module, MatpacPredictor):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            init.copy_(
+                module.position_embeddings,
+                get_2d_sincos_position_embeddings(
+                    self.config.predictor_hidden_size, self.config.num_frequency_patches, self.config.num_time_patches
+                ).unsqueeze(0),
+            )
+        elif isinstance(module, MatpacProjectionHead):
+            for layer in module.mlp:
+                if isinstance(layer, nn.Linear):
+                    init.trunc_normal_(layer.weight, std=0.02)
+                    init.zeros_(layer.bias)
+            weight = module.last_layer.parametrizations.weight
+            init.ones_(weight.original0)
+            bound = 1 / math.sqrt(weight.original1.shape[1])
+            init.uniform_(weight.original1, -bound, bound)
+        elif isinstance(module, MatpacForPreTraining):
+            init.zeros_(module.center)
+            # The teacher head starts as a copy of the student head; the teacher encoder keeps its own draws.
+            for teacher, student in zip(module.teacher_head.parameters(), module.student_head.parameters()):
+                init.copy_(teacher, student)
+
+
+class MatpacModel(MatpacPreTrainedModel):
+    """
+    The MATPAC encoder for audio of any length. The log-mel is zero-padded to a multiple of the patch size and cut
+    into `config.num_frames` chunks (the paper's "precise" inference); all chunks of the batch are encoded in one pass
+    and put back in time order. Batch padding (given by `attention_mask`) is masked out of the attention, so a clip
+    gets the same embeddings alone or in a padded batch.
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"teacher_", r"predictor\.", r"student_head\.", r"center"]
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__(config)
+        self.embeddings = MatpacEmbeddings(config)
+        self.encoder = MatpacEncoder(config)
+        self.post_init()
+
+    def _chunk(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """
+        Splits `(batch, mel, frames)` into `(batch * chunks, mel, chunk_frames)` and marks the valid time steps
+        `(batch * chunks, chunk_steps)`; returns them with the number of time steps of the output.
+        """
+        batch_size, num_mel_bins, num_frames = input_values.shape
+        patch = self.config.patch_size
+        time_steps = math.ceil(num_frames / patch)
+        chunk_steps = min(time_steps, self.config.num_time_patches)
+        num_chunks = math.ceil(time_steps / chunk_steps)
+        padded_frames = num_chunks * chunk_steps * patch
+
+        frame_mask = torch.ones(batch_size, num_frames, dtype=torch.bool, device=input_values.device)
+        if attention_mask is not None:
+            frame_mask = attention_mask.bool()
+        frame_mask = nn.functional.pad(frame_mask, (0, padded_frames - num_frames))
+        step_mask = frame_mask.view(batch_size, num_chunks * chunk_steps, patch).any(-1)
+
+        chunks = nn.functional.pad(input_values, (0, padded_frames - num_frames))
+        chunks = chunks.view(batch_size, num_mel_bins, num_chunks, chunk_steps * patch).transpose(1, 2)
+        chunks = chunks.reshape(batch_size * num_chunks, num_mel_bins, chunk_steps * patch)
+        return chunks, step_mask.view(batch_size * num_chunks, chunk_steps), time_steps
+
+    def _attention_bias(self, step_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Additive key mask hiding padded time steps (every frequency row of them); the CLS token is always visible."""
+        if bool(step_mask.all()):
+            return None
+        token_mask = step_mask.repeat(1, self.config.num_frequency_patches)
+        token_mask = nn.functional.pad(token_mask, (1, 0), value=True)
+        bias = torch.zeros(token_mask.shape, dtype=dtype, device=token_mask.device)
+        bias = bias.masked_fill(~token_mask, torch.finfo(dtype).min)
+        return bias[:, None, None, :]
+
+    def _to_time_steps(self, tokens: torch.Tensor, batch_size: int, time_steps: int) -> torch.Tensor:
+        """`(batch * chunks, F * T_chunk, hidden)` patch tokens -> `(batch, time_steps, F * hidden)` in time order."""
+        num_frequency = self.config.num_frequency_patches
+        hidden = tokens.shape[-1]
+        tokens = tokens.view(batch_size, -1, num_frequency, tokens.shape[1] // num_frequency, hidden)
+        tokens = tokens.permute(0, 1, 3, 2, 4).reshape(batch_size, -1, num_frequency * hidden)
+        return tokens[:, :time_steps]
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MatpacModelOutput:
+        r"""
+        input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
+            Normalised log-mel from [`MatpacFeatureExtractor`], any number of frames (at least one).
+        attention_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*):
+            1 for the frames of each clip, 0 for batch padding.
+        """
+        if input_values.ndim != 3 or input_values.shape[1] != self.config.num_mel_bins or input_values.shape[2] < 1:
+            raise ValueError(
+                f"`input_values` must have shape (batch, {self.config.num_mel_bins}, frames), got "
+                f"{tuple(input_values.shape)}."
+            )
+        if attention_mask is not None and attention_mask.shape != (input_values.shape[0], input_values.shape[2]):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch, frames) = {(input_values.shape[0], input_values.shape[2])}, "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        batch_size = input_values.shape[0]
+        chunks, step_mask, time_steps = self._chunk(input_values, attention_mask)
+
+        embeddings = self.embeddings(chunks)
+        attention_bias = self._attention_bias(step_mask, embeddings.dtype)
+        sequence, hidden_states = self.encoder(
+            self.embeddings.prepend_cls_token(embeddings), attention_bias, output_hidden_states
+        )
+
+        last_hidden_state = self._to_time_steps(sequence[:, 1:], batch_size, time_steps)
+        time_mask = step_mask.view(batch_size, -1)[:, :time_steps]
+        weights = time_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+        pooler_output = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
+        if output_hidden_states:
+            hidden_states = tuple(
+                self._to_time_steps(state[:, 1:], batch_size, time_steps) for state in hidden_states
+            )
+        return MatpacModelOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            hidden_states=hidden_states,
+            time_mask=time_mask,
+        )
+
+
+def linear_schedule(step: int, start: float, end: float, num_steps: int) -> float:
+    """`start` at step 0, linear to `end` at `num_steps`, then `end`."""
+    if step >= num_steps or start == end:
+        return end
+    return start + (end - start) * step / num_steps
+
+
+class MatpacForPreTraining(MatpacPreTrainedModel):
+    """
+    MATPAC pre-training: the student encodes the visible patches, the predictor predicts the teacher's latents of the
+    masked ones (prediction loss), and the student head on those predictions learns the teacher head's centred,
+    sharpened class distribution (classification loss). The teachers are EMAs of the student encoder and head,
+    updated by [`~MatpacForPreTraining.update_teachers`]; the centre by [`~MatpacForPreTraining.update_center`]. A
+    training loop calls both once per optimizer step, after the backward and before `optimizer.step()`.
+    """
+
+    _keep_in_fp32_modules_strict = ["teacher_encoder", "teacher_head"]
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__(config)
+        self.matpac = MatpacModel(config)
+        self.predictor = MatpacPredictor(config)
+        self.student_head = MatpacProjectionHead(config)
+        self.teacher_encoder = MatpacEncoder(config)
+        self.teacher_head = MatpacProjectionHead(config)
+        self.teacher_encoder.requires_grad_(False)
+        self.teacher_head.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, 1, config.head_num_prototypes))
+        self.post_init()
+
+    def teacher_temperature(self, step: int) -> float:
+        """Teacher temperature after `step` optimizer updates: a linear warm-up, then constant."""
+        config = self.config
+        return linear_schedule(
+            step, config.teacher_temperature_warmup, config.teacher_temperature, config.teacher_temperature_warmup_steps
+        )
+
+    def ema_decays(self, step: int) -> tuple[float, float]:
+        """Decays of the teacher encoder and teacher head EMAs at `step`, each annealed to its own end value."""
+        config = self.config
+        return (
+            linear_schedule(step, config.ema_decay, config.ema_end_decay, config.ema_anneal_end_step),
+            linear_schedule(step, config.head_ema_decay, config.head_ema_end_decay, config.ema_anneal_end_step),
+        )
+
+    @torch.no_grad()
+    def update_teachers(self, step: int) -> tuple[float, float]:
+        """
+        Moves each teacher toward the student's current weights, `T <- d T + (1 - d) S`, unless its decay is 1. As in
+        the authors' code there is no update at step 0. Returns the decays (NaN where nothing was done).
+        """
+        decays = self.ema_decays(step)
+        pairs = ((self.teacher_encoder, self.matpac.encoder), (self.teacher_head, self.student_head))
+        applied = []
+        for decay, (teacher, student) in zip(decays, pairs):
+            if step == 0 or decay >= 1:
+                applied.append(float("nan"))
+                continue
+            teacher_params = list(teacher.parameters())
+            student_params = [param.detach().to(teacher_params[0].dtype) for param in student.parameters()]
+            torch._foreach_mul_(teacher_params, decay)
+            torch._foreach_add_(teacher_params, student_params, alpha=1 - decay)
+            applied.append(decay)
+        return applied[0], applied[1]
+
+    @torch.no_grad()
+    def update_center(self, teacher_sum: torch.Tensor, teacher_count: torch.Tensor | float) -> None:
+        """`C <- m C + (1 - m) mean`, from the sums and counts of one optimizer step, already reduced over processes."""
+        batch_mean = (teacher_sum.float() / teacher_count).view_as(self.center)
+        self.center.mul_(self.config.center_momentum).add_(batch_mean, alpha=1 - self.config.center_momentum)
+
+    def random_masking(
+        self, batch_size: int, device: torch.device, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample random permutation of the patches (the first `num_visible_patches` are the student's)."""
+        if noise is None:
+            noise = torch.rand(batch_size, self.config.num_patches, device=device)
+        elif noise.shape != (batch_size, self.config.num_patches):
+            raise ValueError(f"`noise` must have shape {(batch_size, self.config.num_patches)}, got {tuple(noise.shape)}.")
+        ids_shuffle = torch.argsort(noise.to(device), dim=1)
+        return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        step: int | None = None,
+        return_dict: bool | None = None,
+    ) -> MatpacForPreTrainingOutput:
+        r"""
+        input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, num_frames)`):
+            Normalised log-mel crops of exactly `config.num_frames` frames.
+        noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Masking noise; its argsort orders the patches (visible first). Random when not given.
+        step (`int`, *optional*):
+            Optimizer updates done so far, for the teacher temperature schedule; the end temperature when not given.
+        """
+        config = self.config
+        expected = (config.num_mel_bins, config.num_frames)
+        if input_values.ndim != 3 or tuple(input_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`input_values` must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(input_values.shape)}."
+            )
+        embeddings = self.matpac.embeddings(input_values)
+        batch_size, _, hidden_size = embeddings.shape
+        ids_shuffle, ids_restore = self.random_masking(batch_size, embeddings.device, noise)
+        num_visible = config.num_visible_patches
+        shuffled = torch.gather(embeddings, 1, ids_shuffle.unsqueeze(-1).expand(-1, -1, hidden_size))
+        visible, masked = shuffled[:, :num_visible], shuffled[:, num_visible:]
+
+        student_output, _ = self.matpac.encoder(self.matpac.embeddings.prepend_cls_token(visible))
+        predictions = self.predictor(student_output, ids_shuffle, ids_restore)
+        with torch.no_grad():
+            targets, _ = self.teacher_encoder(self.matpac.embeddings.prepend_cls_token(masked))
+            targets = targets[:, 1:]
+            teacher_logits = self.teacher_head(targets).float()
+
+        predictions_unit = nn.functional.normalize(predictions.float(), dim=-1)
+        targets_unit = nn.functional.normalize(targets.float(), dim=-1)
+        loss_pred = 2 - 2 * (predictions_unit * targets_unit).sum(-1)
+
+        temperature = self.teacher_temperature(step) if step is not None else config.teacher_temperature
+        teacher_probs = torch.softmax((teacher_logits - self.center) / temperature, dim=-1)
+        student_log_probs = torch.log_softmax(self.student_head(predictions).float() / config.student_temperature, -1)
+        loss_cls = -(teacher_probs * student_log_probs).sum(-1)
+        loss = (1 - config.loss_pred_weight) * loss_cls.mean() + config.loss_pred_weight * loss_pred.mean()
+
+        with torch.no_grad():
+            centred = teacher_probs if config.center_mode == "probabilities" else teacher_logits
+            mean_probs = teacher_probs.mean(dim=(0, 1))
+            output = MatpacForPreTrainingOutput(
+                loss=loss,
+                loss_pred=loss_pred.mean().detach(),
+                loss_cls=loss_cls.mean().detach(),
+                teacher_sum=centred.sum(dim=(0, 1)),
+                teacher_count=torch.tensor(float(loss_cls.numel()), device=loss.device),
+                teacher_temperature=torch.tensor(temperature, device=loss.device),
+                teacher_entropy=-(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
+                teacher_perplexity=torch.exp(-(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()),
+                teacher_num_classes=torch.unique(teacher_probs.argmax(-1)).numel() * torch.ones((), device=loss.device),
+                target_std=targets_unit.flatten(0, 1).std(0).mean(),
+                prediction_std=predictions_unit.detach().flatten(0, 1).std(0).mean(),
+            )
+        return output
+
+
+class MatpacForAudioClassification(MatpacPreTrainedModel):
+    """A linear layer on the clip embedding: the paper's linear probe, or a fine-tuned classifier."""
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.matpac = MatpacModel(config)
+        self.classifier = nn.Linear(config.embedding_size, config.num_labels)
+        if config.freeze_encoder:
+            self.matpac.requires_grad_(False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SequenceClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Class indices for single-label tasks (cross-entropy) or multi-hot targets for multi-label tasks (binary
+            cross-entropy), following `config.problem_type`.
+        """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            outputs = self.matpac(input_values, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = ["MatpacPreTrainedModel", "MatpacModel", "MatpacForPreTraining", "MatpacForAudioClassification"]

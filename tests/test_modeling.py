@@ -1,0 +1,185 @@
+import pytest
+import torch
+from conftest import FIXTURE_HEADS, FIXTURES, tiny_config_kwargs
+from safetensors.torch import load_file
+from transformers import pipeline
+
+from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForAudioClassification, MatpacModel
+from modeling_matpac.convert import convert_state_dict, infer_config, load_original_state_dict
+from modeling_matpac.modeling_matpac import get_2d_sincos_position_embeddings
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(FIXTURES / "inference.safetensors")
+
+
+@pytest.fixture(scope="module")
+def fixture_model():
+    state_dict = load_original_state_dict(FIXTURES / "inference_checkpoint.pt")
+    config = infer_config(state_dict, **FIXTURE_HEADS)
+    return convert_state_dict(state_dict, config, encoder_only=True).eval()
+
+
+def embed(model, waveform, **kwargs):
+    features = MatpacFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        return model(**features, **kwargs)
+
+
+def test_sincos_positions_match_the_authors_tables():
+    init_state = torch.load(FIXTURES / "pretraining_init_state.pt", weights_only=True)
+    encoder = get_2d_sincos_position_embeddings(64, 5, 38)
+    predictor = get_2d_sincos_position_embeddings(32, 5, 38)
+    torch.testing.assert_close(encoder, init_state["pos_embed"][0], atol=1e-7, rtol=0)
+    torch.testing.assert_close(predictor, init_state["decoder.decoder_pos_embed"][0], atol=1e-7, rtol=0)
+    assert torch.count_nonzero(encoder[0]) == 0
+
+
+@pytest.mark.parametrize("clip", ["a", "b", "c"])
+def test_precise_embeddings_match_the_authors_code(fixture_model, reference, clip):
+    outputs = embed(fixture_model, reference[f"{clip}.wav"], output_hidden_states=True)
+    layer_results = torch.stack([*outputs.hidden_states[1:-1], outputs.last_hidden_state], dim=1)
+    expected_frames = reference[f"{clip}.precise.frames.emb"]
+    assert outputs.last_hidden_state.shape == expected_frames.shape
+    errors = {
+        "frames": (outputs.last_hidden_state - expected_frames).abs().max(),
+        "pooled": (outputs.pooler_output - reference[f"{clip}.precise.pooled.emb"]).abs().max(),
+        "layers": (layer_results - reference[f"{clip}.precise.frames.layer_results"]).abs().max(),
+        "pooled_layers": (layer_results.mean(2) - reference[f"{clip}.precise.pooled.layer_results"]).abs().max(),
+    }
+    print(clip, {name: f"{error:.2e}" for name, error in errors.items()})
+    assert max(errors.values()) <= 1e-4
+
+
+def test_padded_batch_equals_clips_alone(fixture_model, reference):
+    short, long = reference["b.wav"][0], reference["c.wav"][0]
+    batch = embed(fixture_model, [short.numpy(), long.numpy()])
+    for row, clip in enumerate([short, long]):
+        alone = embed(fixture_model, clip.numpy())
+        steps = alone.last_hidden_state.shape[1]
+        assert batch.time_mask[row].sum() == steps
+        torch.testing.assert_close(batch.last_hidden_state[row, :steps], alone.last_hidden_state[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch.pooler_output[row], alone.pooler_output[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.pooler_output[0], reference["b.precise.pooled.emb"][0], atol=1e-4, rtol=0)
+
+
+def test_eager_and_sdpa_attention_agree(tiny_config):
+    torch.manual_seed(0)
+    values = torch.randn(2, 80, 700)
+    mask = torch.ones(2, 700, dtype=torch.long)
+    mask[1, 400:] = 0
+    sdpa = MatpacModel(tiny_config).eval()
+    eager = MatpacModel.from_pretrained(None, config=tiny_config, state_dict=sdpa.state_dict(), attn_implementation="eager")
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        expected, actual = sdpa(values, attention_mask=mask), eager.eval()(values, attention_mask=mask)
+    torch.testing.assert_close(actual.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_bidirectional(tiny_config):
+    """Changing the last frames must change the first time step's embedding (a causal encoder would not)."""
+    torch.manual_seed(0)
+    model = MatpacModel(tiny_config).eval()
+    values = torch.randn(1, 80, 160)
+    changed = values.clone()
+    changed[..., -16:] += 1.0
+    with torch.no_grad():
+        first, second = model(values).last_hidden_state[:, 0], model(changed).last_hidden_state[:, 0]
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config):
+    torch.manual_seed(0)
+    values = torch.randn(2, 80, 608)
+    model = MatpacModel(tiny_config).train()
+    model(values).pooler_output.square().sum().backward()
+    expected = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.encoder.layers)
+    model(values).pooler_output.square().sum().backward()
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+
+
+def test_output_layout_and_tuple_return(tiny_config):
+    model = MatpacModel(tiny_config).eval()
+    values = torch.randn(3, 80, 1300)
+    with torch.no_grad():
+        outputs = model(values, output_hidden_states=True)
+        as_tuple = model(values, output_hidden_states=True, return_dict=False)
+    steps = -(-1300 // 16)
+    assert outputs.last_hidden_state.shape == (3, steps, 5 * 32)
+    assert outputs.pooler_output.shape == (3, 5 * 32)
+    assert len(outputs.hidden_states) == tiny_config.num_hidden_layers + 1
+    assert all(state.shape == (3, steps, 160) for state in outputs.hidden_states)
+    torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state.mean(1))
+    torch.testing.assert_close(as_tuple[0], outputs.last_hidden_state)
+    # The first chunk (38 steps) of a long clip is encoded exactly as the clip's first 608 frames alone.
+    with torch.no_grad():
+        first_chunk = model(values[..., :608]).last_hidden_state
+    torch.testing.assert_close(outputs.last_hidden_state[:, :38], first_chunk, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((2, 64, 100), "must have shape"), ((80, 100), "must have shape"), ((2, 80, 0), "must have shape")],
+)
+def test_bad_input_shapes(tiny_config, shape, message):
+    with pytest.raises(ValueError, match=message):
+        MatpacModel(tiny_config)(torch.zeros(shape))
+
+
+def test_bad_attention_mask_shape(tiny_config):
+    with pytest.raises(ValueError, match="attention_mask"):
+        MatpacModel(tiny_config)(torch.zeros(1, 80, 100), attention_mask=torch.ones(1, 99))
+
+
+def test_classification_losses_follow_problem_type(tiny_config):
+    torch.manual_seed(0)
+    values = torch.randn(4, 80, 200)
+    single = MatpacForAudioClassification(MatpacConfig(**tiny_config_kwargs(num_labels=3))).eval()
+    labels = torch.tensor([0, 2, 1, 2])
+    outputs = single(values, labels=labels)
+    torch.testing.assert_close(outputs.loss, torch.nn.functional.cross_entropy(outputs.logits, labels))
+    assert single.config.problem_type == "single_label_classification"
+
+    multi_config = MatpacConfig(**tiny_config_kwargs(num_labels=3, problem_type="multi_label_classification"))
+    multi = MatpacForAudioClassification(multi_config).eval()
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    outputs = multi(values, labels=targets)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(outputs.logits, targets)
+    torch.testing.assert_close(outputs.loss, expected)
+
+
+def test_frozen_encoder_trains_only_the_head(tiny_config):
+    config = MatpacConfig(**tiny_config_kwargs(num_labels=2, freeze_encoder=True))
+    model = MatpacForAudioClassification(config)
+    model(torch.randn(2, 80, 200), labels=torch.tensor([0, 1])).loss.backward()
+    assert all(param.grad is None for param in model.matpac.parameters())
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
+    assert {name for name, param in model.named_parameters() if param.requires_grad} == {
+        "classifier.weight",
+        "classifier.bias",
+    }
+
+
+def test_audio_classification_pipeline_on_a_saved_directory(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    labels = {0: "dog", 1: "rain", 2: "siren"}
+    config = MatpacConfig(**tiny_config_kwargs(id2label=labels, label2id={v: k for k, v in labels.items()}))
+    model = MatpacForAudioClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    MatpacFeatureExtractor().save_pretrained(tmp_path)
+    classifier = pipeline("audio-classification", model=str(tmp_path), device="cpu")
+    waveform = torch.randn(24000).numpy() * 0.1
+    predictions = classifier(waveform, top_k=3)
+    assert sorted(prediction["label"] for prediction in predictions) == ["dog", "rain", "siren"]
+    assert abs(sum(prediction["score"] for prediction in predictions) - 1) < 1e-5
+    features = MatpacFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        probabilities = model(**features).logits.softmax(-1)[0]
+    top = max(predictions, key=lambda prediction: prediction["score"])
+    assert abs(top["score"] - probabilities.max().item()) < 1e-5
+    assert labels[int(probabilities.argmax())] == top["label"]
