@@ -1,0 +1,111 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import FIXTURE_HEADS, FIXTURES
+from safetensors.torch import load_file
+from transformers import AutoFeatureExtractor, AutoModel, AutoModelForPreTraining
+
+from modeling_matpac import MatpacForPreTraining, MatpacModel
+from modeling_matpac.convert import (
+    convert_checkpoint,
+    convert_state_dict,
+    infer_config,
+    load_original_state_dict,
+    rename_key,
+)
+
+
+def test_cli_converts_the_inference_checkpoint(tmp_path):
+    output = tmp_path / "converted"
+    command = [sys.executable, "-m", "modeling_matpac.convert", "--checkpoint", str(FIXTURES / "inference_checkpoint.pt")]
+    command += ["--output_dir", str(output), "--num_attention_heads", "4"]
+    subprocess.run(command, check=True, capture_output=True)
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {path.name for path in output.iterdir()}
+
+    model = AutoModel.from_pretrained(output)
+    assert isinstance(model, MatpacModel)
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.intermediate_size) == (64, 3, 256)
+    assert (model.config.num_attention_heads, model.config.num_frames) == (4, 608)
+    original = load_original_state_dict(FIXTURES / "inference_checkpoint.pt")
+    converted = model.state_dict()
+    assert len(converted) == len(original) == 42
+    for key, tensor in original.items():
+        assert torch.equal(converted[rename_key(key).removeprefix("matpac.")], tensor), key
+    extractor = AutoFeatureExtractor.from_pretrained(output)
+    assert (extractor.mean, extractor.std, extractor.sampling_rate) == (-7.056, 4.193, 16000)
+
+
+def test_safetensors_and_pt_checkpoints_convert_identically(tmp_path):
+    from_pt = convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "pt", **FIXTURE_HEADS)
+    from_st = convert_checkpoint(FIXTURES / "inference_checkpoint.safetensors", tmp_path / "st", **FIXTURE_HEADS)
+    for (name, first), (_, second) in zip(from_pt.state_dict().items(), from_st.state_dict().items()):
+        assert torch.equal(first, second), name
+
+
+def test_training_checkpoint_becomes_a_pretraining_model_with_both_teachers(tmp_path):
+    model = convert_checkpoint(FIXTURES / "pretraining_init_state.pt", tmp_path / "pt", **FIXTURE_HEADS)
+    assert isinstance(model, MatpacForPreTraining)
+    config = model.config
+    assert (config.predictor_hidden_size, config.predictor_num_hidden_layers, config.head_num_prototypes) == (32, 1, 128)
+    assert (config.head_hidden_size, config.head_bottleneck_size, config.head_num_layers) == (64, 256, 3)
+    reference = {key[len("init.") :]: value for key, value in load_file(FIXTURES / "pretraining.safetensors").items() if key.startswith("init.")}
+    state = model.state_dict()
+    assert len(reference) == len(state) == 93
+    for key, tensor in reference.items():
+        assert torch.equal(state[rename_key(key)], tensor), key
+    head = model.teacher_head.last_layer
+    expected_weight = reference["_cls_head_ema.last_layer.weight_g"] * torch.nn.functional.normalize(
+        reference["_cls_head_ema.last_layer.weight_v"], dim=1
+    )
+    torch.testing.assert_close(head.weight, expected_weight)
+
+    reloaded = AutoModelForPreTraining.from_pretrained(tmp_path / "pt")
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    student = AutoModel.from_pretrained(tmp_path / "pt")
+    for name, tensor in student.state_dict().items():
+        assert torch.equal(tensor, state[f"matpac.{name}"]), name
+
+
+def test_encoder_only_conversion_of_a_training_checkpoint(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        model = convert_checkpoint(
+            FIXTURES / "pretraining_init_state.pt", tmp_path, encoder_only=True, **FIXTURE_HEADS
+        )
+    assert isinstance(model, MatpacModel)
+    assert "Dropped 63 training-only tensors" in caplog.text
+
+
+def test_unknown_missing_and_misshaped_keys_are_reported():
+    original = load_original_state_dict(FIXTURES / "inference_checkpoint.pt")
+    config = infer_config(original, **FIXTURE_HEADS)
+    with pytest.raises(ValueError, match=r"not MATPAC weights: \['extra.weight'\]"):
+        convert_state_dict({**original, "extra.weight": torch.zeros(1)}, config, encoder_only=True)
+    incomplete = {key: value for key, value in original.items() if key != "student_encoder.norm.weight"}
+    with pytest.raises(ValueError, match=r"missing \['encoder.layernorm.weight'\]"):
+        convert_state_dict(incomplete, config, encoder_only=True)
+    misshaped = {**original, "student_encoder.norm.bias": torch.zeros(65)}
+    with pytest.raises(ValueError, match="student_encoder.norm.bias|encoder.layernorm.bias"):
+        convert_state_dict(misshaped, config, encoder_only=True)
+    front_end = {**original, "log_mel.MelSpectrogram.mel_scale.fb": torch.zeros(201, 80)}
+    assert isinstance(convert_state_dict(front_end, config, encoder_only=True), MatpacModel)
+
+
+def test_bad_checkpoint_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        load_original_state_dict(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_original_state_dict(corrupt)
+    with pytest.raises(ValueError, match="only encoder weights"):
+        convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "out", encoder_only=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_matpac.convert", "--checkpoint", str(corrupt), "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,373 @@
+"""Tests of the MATPAC front end against the authors' golden outputs (tests/fixtures/frontend.safetensors)."""
+
+import os
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_matpac.feature_extraction_matpac import (
+    MatpacFeatureExtractor,
+    log_mel_spectrogram,
+    mel_filter_bank,
+    resample,
+)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "frontend.safetensors"
+CLIPS_16K = ["noise_1s", "chirp_6p08s", "mix_10s", "clip_0p5s", "silence_2s"]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES)
+
+
+@pytest.fixture(scope="module")
+def fe() -> MatpacFeatureExtractor:
+    return MatpacFeatureExtractor()
+
+
+def wav_16k(ref: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return ref["sr44k_3s.wav_16k"] if name == "sr44k_3s" else ref[f"{name}.wav"]
+
+
+def max_error(actual, expected) -> float:
+    return (torch.as_tensor(np.asarray(actual)) - torch.as_tensor(np.asarray(expected))).abs().max().item()
+
+
+def n_frames(n_samples: int) -> int:
+    return 1 + (n_samples - 400) // 160
+
+
+# --- golden fixtures -------------------------------------------------------------------------------------------
+
+
+def test_mel_filter_bank_matches_torchaudio(ref):
+    filters = mel_filter_bank()
+    error = max_error(filters, ref["torchaudio.mel_fb"])
+    print(f"mel filter bank: max abs error {error:.3g}")
+    assert filters.shape == (201, 80) and filters.dtype == torch.float32
+    assert torch.equal(filters, ref["torchaudio.mel_fb"])
+
+
+def test_window_matches_torchaudio(ref, fe):
+    assert torch.equal(fe.window, ref["torchaudio.window"])
+    assert torch.equal(fe.mel_filters, ref["torchaudio.mel_fb"])
+
+
+@pytest.mark.parametrize("name", CLIPS_16K + ["sr44k_3s"])
+def test_log_mel_matches_reference(ref, fe, name):
+    waveform = wav_16k(ref, name)
+    raw = log_mel_spectrogram(waveform[None], fe.mel_filters, fe.window)
+    norm = fe(waveform, sampling_rate=16000, return_tensors="pt")["input_values"]
+    raw_error = max_error(raw[0], ref[f"{name}.logmel_raw"])
+    norm_error = max_error(norm[0], ref[f"{name}.logmel_norm"])
+    print(f"{name}: logmel_raw max abs error {raw_error:.3g}, logmel_norm max abs error {norm_error:.3g}")
+    assert raw.shape == (1, 80, n_frames(waveform.shape[-1])) == (1, *ref[f"{name}.logmel_raw"].shape)
+    assert norm.shape == raw.shape
+    assert raw_error <= ATOL and norm_error <= ATOL
+
+
+def test_silence_pins_log_floor(ref, fe):
+    norm = fe(ref["silence_2s.wav"], sampling_rate=16000, return_tensors="pt")["input_values"]
+    torch.testing.assert_close(norm, torch.full_like(norm, (math.log(torch.finfo(torch.float32).eps) + 7.056) / 4.193))
+
+
+def test_resample_44k_matches_reference(ref):
+    resampled = resample(ref["sr44k_3s.wav_44100"], 44100, 16000)
+    error = max_error(resampled, ref["sr44k_3s.wav_16k"])
+    print(f"resample 44.1k -> 16k: max abs error {error:.3g}")
+    assert resampled.shape == (48000,)
+    assert error <= ATOL
+
+
+def test_extractor_resamples_44k_input(ref, fe):
+    norm = fe(ref["sr44k_3s.wav_44100"].numpy(), sampling_rate=44100, return_tensors="pt")["input_values"]
+    error = max_error(norm[0], ref["sr44k_3s.logmel_norm"])
+    print(f"extractor on 44.1k input: logmel_norm max abs error {error:.3g}")
+    assert norm.shape == (1, 80, 298)
+    assert error <= ATOL
+
+
+# --- resampling properties -------------------------------------------------------------------------------------
+
+
+def test_resample_removes_tones_above_new_nyquist():
+    t = torch.arange(44100, dtype=torch.float64) / 44100
+    tone = torch.sin(2 * math.pi * 12000 * t).float()
+    assert resample(tone, 44100, 16000)[200:-200].abs().max() < 1e-3
+
+
+def test_resample_upsampling_interpolates_band_limited_signal():
+    t8 = torch.arange(8000, dtype=torch.float64) / 8000
+    t16 = torch.arange(16000, dtype=torch.float64) / 16000
+    upsampled = resample(torch.sin(2 * math.pi * 440 * t8).float(), 8000, 16000)
+    assert upsampled.shape == (16000,)
+    expected = torch.sin(2 * math.pi * 440 * t16).float()
+    torch.testing.assert_close(upsampled[500:-500], expected[500:-500], atol=1e-4, rtol=0)
+
+
+def test_resample_shapes_batching_and_padding():
+    waveform = torch.randn(2, 3, 1001, generator=torch.Generator().manual_seed(0))
+    resampled = resample(waveform, 44100, 16000)
+    assert resampled.shape == (2, 3, math.ceil(1001 * 16000 / 44100))
+    torch.testing.assert_close(resampled[1, 2], resample(waveform[1, 2], 44100, 16000), atol=1e-5, rtol=0)
+    # right zero padding leaves the clip's own outputs unchanged: clips of a padded batch resample together
+    padded = torch.nn.functional.pad(waveform[0, 0], (0, 5000))
+    from_padded = resample(padded, 44100, 16000)[: resampled.shape[-1]]
+    torch.testing.assert_close(from_padded, resampled[0, 0], atol=1e-5, rtol=0)
+    assert resample(waveform, 16000, 16000) is waveform
+
+
+def test_resample_kernel_cached_in_inference_mode_still_supports_autograd():
+    with torch.inference_mode():
+        resample(torch.randn(3000), 22050, 16000)
+    waveform = torch.randn(3000, requires_grad=True)
+    resample(waveform, 22050, 16000).sum().backward()
+    assert waveform.grad is not None and torch.isfinite(waveform.grad).all()
+
+
+def test_resample_rejects_bad_input():
+    with pytest.raises(ValueError, match="`orig_sr` must be a positive whole number"):
+        resample(torch.zeros(1000), 0, 16000)
+    with pytest.raises(ValueError, match="`new_sr` must be a positive whole number"):
+        resample(torch.zeros(1000), 16000, 22050.5)
+    with pytest.raises(TypeError, match="floating point waveform"):
+        resample(torch.zeros(1000, dtype=torch.int16), 44100, 16000)
+
+
+# --- log-mel and batching --------------------------------------------------------------------------------------
+
+
+def test_log_mel_rows_are_independent(ref, fe):
+    batch = torch.stack([ref["noise_1s.wav"], ref["mix_10s.wav"][:16000]])
+    batched = log_mel_spectrogram(batch, fe.mel_filters, fe.window)
+    for row in range(2):
+        assert torch.equal(batched[row], log_mel_spectrogram(batch[row], fe.mel_filters, fe.window))
+    for n_samples, expected in [(400, 1), (559, 1), (560, 2), (16000, 98)]:
+        assert log_mel_spectrogram(torch.zeros(n_samples), fe.mel_filters, fe.window).shape == (80, expected)
+
+
+def test_padded_batch_equals_each_clip_alone(ref, fe):
+    clips = [wav_16k(ref, name) for name in CLIPS_16K]
+    batch = fe(clips, sampling_rate=16000, return_tensors="pt")
+    values, mask = batch["input_values"], batch["attention_mask"]
+    lengths = [n_frames(clip.shape[-1]) for clip in clips]
+    assert values.shape == (5, 80, max(lengths)) and values.dtype == torch.float32
+    assert mask.shape == (5, max(lengths)) and mask.dtype == torch.int32
+    for index, (name, length) in enumerate(zip(CLIPS_16K, lengths)):
+        assert mask[index].tolist() == [1] * length + [0] * (max(lengths) - length)
+        assert max_error(values[index, :, :length], ref[f"{name}.logmel_norm"]) <= ATOL
+        alone = fe(clips[index], sampling_rate=16000, return_tensors="pt")["input_values"][0]
+        assert torch.equal(values[index, :, :length], alone)
+        assert torch.all(values[index, :, length:] == 0.0)
+
+
+def test_padded_batch_with_resampling(ref):
+    fe = MatpacFeatureExtractor(padding_value=-1.5)
+    long, short = ref["sr44k_3s.wav_44100"], ref["sr44k_3s.wav_44100"][:50000]
+    batch = fe([long, short], sampling_rate=44100, return_tensors="pt")
+    short_frames = n_frames(math.ceil(50000 * 16000 / 44100))
+    assert batch["attention_mask"].sum(dim=1).tolist() == [298, short_frames]
+    alone = fe(short, sampling_rate=44100, return_tensors="pt")["input_values"][0]
+    torch.testing.assert_close(batch["input_values"][1, :, :short_frames], alone, atol=1e-5, rtol=0)
+    assert torch.all(batch["input_values"][1, :, short_frames:] == -1.5)
+    assert max_error(batch["input_values"][0], ref["sr44k_3s.logmel_norm"]) <= ATOL
+
+
+def test_multichannel_is_averaged_to_mono(ref, fe):
+    mono = ref["mix_10s.wav"][:32000]
+    other = ref["noise_1s.wav"].repeat(2)
+    stereo = torch.stack([mono, other])  # (channels, samples)
+    expected = fe(stereo.mean(dim=0), sampling_rate=16000, return_tensors="pt")["input_values"]
+    forms = {
+        "list channels-first torch": [stereo],
+        "list channels-last numpy": [stereo.T.numpy()],
+        "list channels-last nested lists": [stereo.T.tolist()],
+        "3-D channels-first": stereo[None],
+        "3-D channels-last numpy": stereo.T[None].numpy(),
+    }
+    for form, audio in forms.items():
+        actual = fe(audio, sampling_rate=16000, return_tensors="pt")["input_values"]
+        assert actual.shape == expected.shape, form
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0, msg=form)
+    single_channel = fe([mono[None]], sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert torch.equal(single_channel, fe(mono, sampling_rate=16000, return_tensors="pt")["input_values"])
+
+
+def test_mixed_mono_and_stereo_list(ref, fe):
+    mono, stereo = ref["noise_1s.wav"], torch.stack([ref["chirp_6p08s.wav"], ref["chirp_6p08s.wav"]], dim=1)
+    batch = fe([mono, stereo], sampling_rate=16000, return_tensors="pt")
+    assert batch["attention_mask"].sum(dim=1).tolist() == [98, 606]
+    torch.testing.assert_close(batch["input_values"][1], ref["chirp_6p08s.logmel_norm"], atol=ATOL, rtol=0)
+
+
+def test_integer_pcm_is_scaled(ref, fe):
+    waveform = ref["mix_10s.wav"].numpy()
+    pcm16 = np.clip(np.round(waveform * 32768), -32768, 32767).astype(np.int16)
+    from_int = fe(pcm16, sampling_rate=16000, return_tensors="np")["input_values"]
+    from_float = fe(pcm16.astype(np.float32) / 32768, sampling_rate=16000, return_tensors="np")["input_values"]
+    assert np.array_equal(from_int, from_float)
+    # 16-bit quantisation noise (~-101 dBFS) only moves the loud mixture's log-mel slightly
+    quantisation_error = max_error(from_int[0], ref["mix_10s.logmel_norm"])
+    print(f"int16 PCM vs float reference: max abs error {quantisation_error:.3g}")
+    assert quantisation_error < 0.05
+
+    codes = np.random.default_rng(0).integers(0, 256, 4000)
+    formats = {
+        np.uint8: (codes.astype(np.uint8), (codes - 128) / 128),
+        np.int8: ((codes - 128).astype(np.int8), (codes - 128) / 128),
+        np.int32: ((codes - 128).astype(np.int32) << 24, (codes - 128) / 128),
+        np.int16: (torch.from_numpy((codes - 128).astype(np.int16) << 8), (codes - 128) / 128),
+    }
+    for dtype, (pcm, expected_float) in formats.items():
+        expected = fe(expected_float.astype(np.float32), sampling_rate=16000, return_tensors="np")["input_values"]
+        actual = fe(pcm, sampling_rate=16000, return_tensors="np")["input_values"]
+        assert np.array_equal(actual, expected), dtype
+
+
+def test_float64_is_cast_to_float32(ref, fe):
+    waveform = ref["clip_0p5s.wav"]
+    from_double = fe(waveform.double().numpy(), sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert from_double.dtype == torch.float32
+    assert torch.equal(from_double, fe(waveform, sampling_rate=16000, return_tensors="pt")["input_values"])
+
+
+def test_numpy_torch_and_list_inputs_agree(ref, fe):
+    clip = ref["clip_0p5s.wav"]
+    batch = torch.stack([clip, ref["noise_1s.wav"][:8000]])
+    expected_one = fe(clip, sampling_rate=16000, return_tensors="np")["input_values"]
+    expected_batch = fe(batch, sampling_rate=16000, return_tensors="np")["input_values"]
+    assert expected_one.shape == (1, 80, 48) and expected_batch.shape == (2, 80, 48)
+    big_endian = clip.numpy().astype(">f4")
+    reversed_view = clip.numpy()[::-1].copy()[::-1]
+    for audio in (clip.numpy(), clip.tolist(), tuple(clip.tolist()), big_endian, reversed_view):
+        assert np.array_equal(fe(audio, sampling_rate=16000, return_tensors="np")["input_values"], expected_one)
+    for audio in (batch.numpy(), batch.tolist(), list(batch), list(batch.numpy()), (batch[0], batch[1].numpy())):
+        assert np.array_equal(fe(audio, sampling_rate=16000, return_tensors="np")["input_values"], expected_batch)
+    assert np.array_equal(expected_batch[0], expected_one[0])
+
+
+def test_return_tensors_variants(ref, fe):
+    clips = [ref["clip_0p5s.wav"], ref["noise_1s.wav"]]
+    as_pt = fe(clips, sampling_rate=16000, return_tensors="pt")
+    assert isinstance(as_pt["input_values"], torch.Tensor) and isinstance(as_pt["attention_mask"], torch.Tensor)
+    as_np = fe(clips, sampling_rate=16000, return_tensors="np")
+    assert isinstance(as_np["input_values"], np.ndarray) and as_np["input_values"].dtype == np.float32
+    assert as_np["attention_mask"].dtype == np.int32 and as_np["attention_mask"].shape == (2, 98)
+    as_lists = fe(clips, sampling_rate=16000)
+    assert isinstance(as_lists["input_values"], list) and len(as_lists["input_values"]) == 2
+    assert all(isinstance(item, np.ndarray) and item.shape == (80, 98) for item in as_lists["input_values"])
+    assert all(isinstance(item, np.ndarray) and item.shape == (98,) for item in as_lists["attention_mask"])
+    for other in (as_np, as_lists):
+        assert np.array_equal(np.stack(other["input_values"]), as_pt["input_values"].numpy())
+        assert np.array_equal(np.stack(other["attention_mask"]), as_pt["attention_mask"].numpy())
+    # BatchFeature converts the list form like any other feature extractor's output
+    assert torch.equal(as_lists.convert_to_tensors("pt")["input_values"], as_pt["input_values"])
+    without_mask = fe(clips, sampling_rate=16000, return_tensors="pt", return_attention_mask=False)
+    assert list(without_mask.keys()) == ["input_values"]
+    assert list(MatpacFeatureExtractor(return_attention_mask=False)(clips[0], sampling_rate=16000).keys()) == [
+        "input_values"
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_device_argument(ref, fe, device):
+    out = fe(ref["clip_0p5s.wav"].numpy(), sampling_rate=44100, return_tensors="pt", device=device)
+    assert out["input_values"].device == torch.device("cpu") and out["attention_mask"].device == torch.device("cpu")
+
+
+def test_save_and_load_round_trip(ref, tmp_path):
+    fe = MatpacFeatureExtractor(padding_value=-1.0, mean=-6.5, std=4.0, f_min=60.0)
+    fe.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert config["feature_extractor_type"] == "MatpacFeatureExtractor"
+    assert "mel_filters" not in config and "window" not in config
+    loaded = MatpacFeatureExtractor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == fe.to_dict()
+    assert torch.equal(loaded.mel_filters, fe.mel_filters) and torch.equal(loaded.window, fe.window)
+    clips = [ref["clip_0p5s.wav"], ref["noise_1s.wav"]]
+    expected = fe(clips, sampling_rate=22050, return_tensors="pt")
+    actual = loaded(clips, sampling_rate=22050, return_tensors="pt")
+    assert torch.equal(actual["input_values"], expected["input_values"])
+    assert torch.equal(actual["attention_mask"], expected["attention_mask"])
+    default = MatpacFeatureExtractor()
+    default.save_pretrained(tmp_path / "default")
+    assert MatpacFeatureExtractor.from_pretrained(tmp_path / "default").to_dict() == default.to_dict()
+
+
+# --- errors and warnings ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "audio, match",
+    [
+        (np.zeros(0, dtype=np.float32), "empty"),
+        ([], "empty"),
+        ([np.zeros(16000), np.zeros(0)], r"Clip 1 is empty"),
+        (torch.zeros(2, 0), "empty"),
+        (torch.zeros(1, 2, 0), "empty"),
+        (np.zeros(399, dtype=np.float32), r"Clip 0 has 399 samples, shorter than one analysis window"),
+        ([np.zeros(16000), np.zeros(300)], r"Clip 1 has 300 samples"),
+        (np.zeros((16000, 2), dtype=np.float32), r"looks like a single multichannel clip: pass it wrapped in a list"),
+        (np.zeros((2, 300), dtype=np.float32), r"looks like a single multichannel clip"),
+        (np.array([0.0] * 800 + [np.nan], dtype=np.float32), r"NaN or infinite samples \(clip indices \[0\]\)"),
+        ([np.zeros(800), np.array([0.0] * 800 + [np.inf])], r"NaN or infinite samples \(clip indices \[1\]\)"),
+        (np.zeros((1, 1, 2, 800), dtype=np.float32), r"1 \(one clip\), 2 .* or 3 .* dimensions, got shape \(1, 1, 2"),
+        (np.array(0.5, dtype=np.float32), r"dimensions, got shape \(\)"),
+        (torch.tensor(0.5), r"dimensions, got shape \(\)"),
+        ([np.zeros((1, 2, 800))], r"clip 0 has shape \(1, 2, 800\)"),
+        (np.zeros((16, 16000), dtype=np.float32)[None], "Could not tell the channel axis"),
+        ([np.zeros((16, 16000))], "Could not tell the channel axis"),
+        ("some_file.wav", "Expected audio as a numpy array, a torch tensor or a list"),
+        (None, "Expected audio as a numpy array"),
+        ({"array": np.zeros(16000), "sampling_rate": 16000}, "Expected audio as a numpy array"),
+        (np.array(["a"] * 800), "must be numeric"),
+        ([["a"] * 800], "must hold numbers"),
+        (["a"] * 800, "got str"),
+        (np.zeros(800, dtype=np.int64), "Unsupported sample type torch.int64"),
+        (torch.zeros(800, dtype=torch.bool), "Unsupported sample type torch.bool"),
+        (np.zeros(800, dtype=np.complex64), "Unsupported sample type"),
+    ],
+)
+def test_bad_audio_raises(fe, audio, match):
+    with pytest.raises(ValueError, match=match):
+        fe(audio, sampling_rate=16000)
+
+
+def test_too_short_after_resampling_says_so(fe):
+    with pytest.raises(ValueError, match=r"Clip 0 has 1000 samples \(363 after resampling to 16000 Hz\)"):
+        fe(np.zeros(1000, dtype=np.float32), sampling_rate=44100)
+
+
+@pytest.mark.parametrize("sampling_rate", [0, -16000, 16000.5, "16000", True])
+def test_bad_sampling_rate_raises(fe, sampling_rate):
+    with pytest.raises(ValueError, match="`sampling_rate` must be a positive whole number of Hz"):
+        fe(np.zeros(1000, dtype=np.float32), sampling_rate=sampling_rate)
+
+
+def test_bad_return_tensors_raises(fe):
+    with pytest.raises(ValueError, match="`return_tensors` must be 'pt', 'np' or None"):
+        fe(np.zeros(1000, dtype=np.float32), sampling_rate=16000, return_tensors="mlx")
+
+
+def test_missing_sampling_rate_warns(fe, caplog):
+    with caplog.at_level(logging.WARNING):
+        assumed = fe(np.zeros(1000, dtype=np.float32), return_tensors="np")
+    assert "assumed to be sampled at 16000 Hz" in caplog.text
+    assert assumed["input_values"].shape == (1, 80, 4)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fe(np.zeros(1000, dtype=np.float32), sampling_rate=16000)
+    assert caplog.text == ""
