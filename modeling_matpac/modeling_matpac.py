@@ -121,9 +121,7 @@ class MatpacEmbeddings(nn.Module):
         self.config = config
         self.patch_embeddings = MatpacPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.position_embeddings = nn.Parameter(
-            torch.zeros(1, config.num_patches + 1, config.hidden_size), requires_grad=False
-        )
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         """`(batch, mel_bins, frames)` with frames a multiple of the patch size -> `(batch, patches, hidden)`."""
@@ -242,9 +240,7 @@ class MatpacPredictor(nn.Module):
         self.config = config
         self.embed = nn.Linear(config.hidden_size, config.predictor_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.predictor_hidden_size))
-        self.position_embeddings = nn.Parameter(
-            torch.zeros(1, config.num_patches + 1, config.predictor_hidden_size), requires_grad=False
-        )
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.predictor_hidden_size))
         self.layers = nn.ModuleList(
             MatpacLayer(
                 config,
@@ -311,6 +307,19 @@ class MatpacPreTrainedModel(PreTrainedModel):
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Loading makes every parameter trainable again: re-freeze what MATPAC never trains."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_fixed_parameters()
+        return loaded
+
+    def freeze_fixed_parameters(self) -> None:
+        """The sin-cos positions are fixed (the authors never optimise them)."""
+        for module in self.modules():
+            if isinstance(module, (MatpacEmbeddings, MatpacPredictor)):
+                module.position_embeddings.requires_grad_(False)
+
     def _init_weights(self, module: nn.Module) -> None:
         """The authors' initialisation: xavier-uniform Linear layers and patch projection, fixed sin-cos positions."""
         if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):
@@ -372,6 +381,7 @@ class MatpacModel(MatpacPreTrainedModel):
         super().__init__(config)
         self.embeddings = MatpacEmbeddings(config)
         self.encoder = MatpacEncoder(config)
+        self.freeze_fixed_parameters()
         self.post_init()
 
     def _chunk(
@@ -494,10 +504,15 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         self.student_head = MatpacProjectionHead(config)
         self.teacher_encoder = MatpacEncoder(config)
         self.teacher_head = MatpacProjectionHead(config)
+        self.register_buffer("center", torch.zeros(1, 1, config.head_num_prototypes))
+        self.freeze_fixed_parameters()
+        self.post_init()
+
+    def freeze_fixed_parameters(self) -> None:
+        """Positions are fixed and the teachers move only by EMA, so none of them is given to the optimizer."""
+        super().freeze_fixed_parameters()
         self.teacher_encoder.requires_grad_(False)
         self.teacher_head.requires_grad_(False)
-        self.register_buffer("center", torch.zeros(1, 1, config.head_num_prototypes))
-        self.post_init()
 
     def teacher_temperature(self, step: int) -> float:
         """Teacher temperature after `step` optimizer updates: a linear warm-up, then constant."""
@@ -624,9 +639,14 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         self.num_labels = config.num_labels
         self.matpac = MatpacModel(config)
         self.classifier = nn.Linear(config.embedding_size, config.num_labels)
-        if config.freeze_encoder:
-            self.matpac.requires_grad_(False)
+        self.freeze_fixed_parameters()
         self.post_init()
+
+    def freeze_fixed_parameters(self) -> None:
+        """With `config.freeze_encoder` only the linear head trains (the paper's probe)."""
+        super().freeze_fixed_parameters()
+        if self.config.freeze_encoder:
+            self.matpac.requires_grad_(False)
 
     @can_return_tuple
     def forward(

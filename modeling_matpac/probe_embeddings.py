@@ -1,0 +1,235 @@
+"""
+Clip embeddings of a frozen encoder for linear probing: batched extraction (GPU when there is one) and an on-disk
+cache keyed by model, task, clips and settings, so that re-running a probe with other hyper-parameters re-encodes
+nothing.
+
+The clip embedding is the paper's: the encoder's time steps (5 frequency patches concatenated) averaged over the
+clip's valid steps, i.e. `pooler_output`. With `layer` another block's output, or the average of all blocks, is pooled
+the same way. Any `AutoModel` whose output has `pooler_output` can be probed with the default layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoFeatureExtractor, AutoModel
+
+from .feature_extraction_matpac import resample
+from .probe_tasks import AudioReadError, ProbeData
+
+
+logger = logging.getLogger(__name__)
+
+LAST_LAYER = "last"
+ALL_LAYERS = "all"
+
+
+def parse_layer(layer: str | int | None) -> str | int:
+    """`"last"` (the paper's embedding), `"all"` (mean of every block's pooled output) or a block number from 1."""
+    if layer is None or str(layer) == LAST_LAYER:
+        return LAST_LAYER
+    if str(layer) == ALL_LAYERS:
+        return ALL_LAYERS
+    try:
+        number = int(layer)
+    except ValueError:
+        raise ValueError(f"--layer must be 'last', 'all' or a block number (1, 2, ...), got {layer!r}.") from None
+    if number < 1:
+        raise ValueError(f"--layer block numbers start at 1, got {number}.")
+    return number
+
+
+def _model_fingerprint(model_name_or_path: str) -> dict:
+    """A local model is identified by its files' names, sizes and modification times (retraining changes them)."""
+    path = Path(model_name_or_path).expanduser()
+    if not path.is_dir():
+        return {"model": model_name_or_path}
+    files = sorted(entry for entry in path.iterdir() if entry.is_file())
+    return {
+        "model": str(path.resolve()),
+        "files": [[entry.name, entry.stat().st_size, entry.stat().st_mtime_ns] for entry in files],
+    }
+
+
+class _ClipDataset(torch.utils.data.Dataset):
+    """Decodes clips in DataLoader workers, resampled to the feature extractor's rate; `None` for unreadable clips."""
+
+    def __init__(self, data: ProbeData, order: np.ndarray, sampling_rate: int):
+        self.data, self.order, self.sampling_rate = data, order, sampling_rate
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, item: int) -> tuple[int, torch.Tensor | None]:
+        position = int(self.order[item])
+        try:
+            waveform, sampling_rate = self.data.audio[position]
+        except AudioReadError as error:
+            logger.warning("%s: skipped clip %s: %s", self.data.task, self.data.ids[position], error)
+            return position, None
+        waveform = resample(torch.from_numpy(waveform), sampling_rate, self.sampling_rate)
+        return position, waveform
+
+
+class _Featurize:
+    """DataLoader collate: log-mel of a batch; a clip the feature extractor refuses is dropped with a warning."""
+
+    def __init__(self, feature_extractor, task: str, ids: list[str]):
+        self.feature_extractor, self.task, self.ids = feature_extractor, task, ids
+
+    def _call(self, waveforms: list[torch.Tensor]):
+        return self.feature_extractor(
+            [waveform.numpy() for waveform in waveforms],
+            sampling_rate=self.feature_extractor.sampling_rate,
+            return_tensors="pt",
+        )
+
+    def __call__(self, batch: list[tuple[int, torch.Tensor | None]]):
+        batch = [(position, waveform) for position, waveform in batch if waveform is not None]
+        if not batch:
+            return [], None
+        try:
+            return [position for position, _ in batch], self._call([waveform for _, waveform in batch])
+        except ValueError:  # find the clip(s) at fault: too short, NaN samples...
+            kept = []
+            for position, waveform in batch:
+                try:
+                    self._call([waveform])
+                    kept.append((position, waveform))
+                except ValueError as error:
+                    logger.warning("%s: skipped clip %s: %s", self.task, self.ids[position], error)
+            if not kept:
+                return [], None
+            return [position for position, _ in kept], self._call([waveform for _, waveform in kept])
+
+
+class EmbeddingExtractor:
+    """Encodes a task's clips with a frozen model; the model is loaded on first use only (a cache hit never loads it)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        layer: str | int | None = LAST_LAYER,
+        device: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ):
+        self.model_name_or_path = model_name_or_path
+        self.layer = parse_layer(layer)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._model = None
+        self._feature_extractor = None
+
+    def _load(self) -> None:
+        try:
+            self._feature_extractor = AutoFeatureExtractor.from_pretrained(self.model_name_or_path)
+            model = AutoModel.from_pretrained(self.model_name_or_path, dtype=torch.float32)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Cannot load the model {self.model_name_or_path!r} ({error}). Pass --model_name_or_path with a saved "
+                "or converted MATPAC directory (the default one is made by `python run_pretraining.py`)."
+            ) from error
+        if self.layer != LAST_LAYER and model.config.model_type != "matpac":
+            raise ValueError(f"--layer {self.layer} needs a MATPAC model; {model.config.model_type} gives pooler_output only.")
+        if self.layer not in (LAST_LAYER, ALL_LAYERS) and self.layer > model.config.num_hidden_layers:
+            raise ValueError(f"--layer {self.layer} is past the model's {model.config.num_hidden_layers} blocks.")
+        self._model = model.eval().requires_grad_(False).to(self.device)
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._load()
+        return self._model
+
+    @property
+    def feature_extractor(self):
+        if self._feature_extractor is None:
+            self._load()
+        return self._feature_extractor
+
+    def cache_key(self, data: ProbeData) -> str:
+        """Hash of everything the embeddings depend on: model files, layer, task, data source and clip list."""
+        description = {
+            **_model_fingerprint(self.model_name_or_path),
+            "layer": self.layer,
+            "task": data.task,
+            "source": data.source,
+            "clips": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
+        }
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+    @torch.inference_mode()
+    def embed(self, features) -> torch.Tensor:
+        """`(batch, dim)` clip embeddings of a featurized batch."""
+        features = features.to(self.device)
+        if self.layer == LAST_LAYER:
+            return self.model(**features).pooler_output
+        outputs = self.model(**features, output_hidden_states=True)
+        # The authors' "layer results": each block's output, the last one after the final LayerNorm.
+        layers = (*outputs.hidden_states[1:-1], outputs.last_hidden_state)
+        weights = outputs.time_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
+        pooled = torch.stack([(state * weights).sum(1) / weights.sum(1).clamp(min=1) for state in layers])
+        return pooled.mean(0) if self.layer == ALL_LAYERS else pooled[self.layer - 1]
+
+    def __call__(self, data: ProbeData) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings `(n_kept, dim)` of the decodable clips and their positions in `data`, in `data`'s order."""
+        durations = np.array([data.audio.duration(i) for i in range(len(data))])
+        order = np.argsort(-durations, kind="stable")  # similar lengths share a batch: little padding
+        loader = torch.utils.data.DataLoader(
+            _ClipDataset(data, order, self.feature_extractor.sampling_rate),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_Featurize(self.feature_extractor, data.task, data.ids),
+        )
+        positions, embeddings = [], []
+        for batch_positions, features in tqdm(loader, desc=f"Encoding {data.task}", unit="batch"):
+            if features is not None:
+                positions += batch_positions
+                embeddings.append(self.embed(features).float().cpu())
+        if not embeddings:
+            raise ValueError(f"{data.task}: none of the {len(data)} clips could be decoded.")
+        positions = np.array(positions)
+        restore = np.argsort(positions)
+        return torch.cat(embeddings).numpy()[restore], positions[restore]
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of the clips at `positions` of the task data, and how long extracting them took."""
+
+    values: np.ndarray
+    positions: np.ndarray
+    seconds: float
+    cached: bool
+
+
+def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: str | Path) -> Embeddings:
+    """Reads the task's embeddings from `cache_dir` or extracts and stores them (`<task>-<key>.npz`)."""
+    key = extractor.cache_key(data)
+    path = Path(cache_dir) / f"{data.task}-{key[:20]}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            if str(cached["key"]) == key:
+                logger.info("%s: using cached embeddings %s", data.task, path)
+                return Embeddings(cached["values"], cached["positions"], float(cached["seconds"]), cached=True)
+    start = time.perf_counter()
+    values, positions = extractor(data)
+    seconds = time.perf_counter() - start
+    logger.info("%s: encoded %d clips in %.1f s (%.2f clips/s)", data.task, len(positions), seconds,
+                len(positions) / seconds)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, key=key, values=values, positions=positions, seconds=seconds)
+    os.replace(partial, path)  # a run killed while writing leaves no truncated cache behind
+    return Embeddings(values, positions, seconds, cached=False)

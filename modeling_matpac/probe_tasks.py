@@ -1,0 +1,593 @@
+"""
+The downstream tasks of the MATPAC paper (Table I) and how to read each one, either from the dataset in its original
+published layout (`data_dir`) or from a script-free copy on the Hugging Face Hub.
+
+Every loader returns a [`ProbeData`]: clip ids, a lazy audio source, targets, and either the official split of each
+clip or its cross-validation fold. Clips whose file is missing or whose label is outside the task's vocabulary are
+skipped with a warning; a missing or malformed layout raises [`ProbeDataError`] saying where to get the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".au", ".aiff", ".aif")
+SPLITS = ("train", "valid", "test")
+
+GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
+US8K_CLASSES = (
+    "air_conditioner", "car_horn", "children_playing", "dog_bark", "drilling",
+    "engine_idling", "gun_shot", "jackhammer", "siren", "street_music",
+)  # fmt: skip
+NSYNTH_FAMILIES = (
+    "bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string", "synth_lead", "vocal",
+)  # fmt: skip
+
+
+class ProbeDataError(ValueError):
+    """The data of a task is missing or not in the expected layout."""
+
+
+class AudioReadError(ValueError):
+    """One clip could not be decoded."""
+
+
+def read_audio(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Decodes a file or encoded bytes with soundfile (no system libraries needed) and averages channels to mono."""
+    try:
+        waveform, sampling_rate = sf.read(
+            io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True
+        )
+    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError or TypeError depending on the fault
+        raise AudioReadError(f"cannot decode {name or source}: {error}") from error
+    if waveform.shape[0] == 0:
+        raise AudioReadError(f"{name or source} holds no samples")
+    return waveform.mean(axis=1), sampling_rate
+
+
+class AudioFiles:
+    """Clips stored as files, decoded on access."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = [str(path) for path in paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return read_audio(self.paths[index])
+
+    def duration(self, index: int) -> float:
+        """Seconds from the file header, 0 when unreadable (the clip is then skipped at decoding)."""
+        try:
+            return sf.info(self.paths[index]).duration
+        except Exception:
+            return 0.0
+
+    def subset(self, indices: np.ndarray) -> AudioFiles:
+        return AudioFiles([self.paths[i] for i in indices])
+
+
+class HubAudio:
+    """Rows of a `datasets.Dataset` whose audio column is read undecoded and decoded with soundfile."""
+
+    def __init__(self, dataset, column: str = "audio", rows: Sequence[int] | None = None):
+        from datasets import Audio
+
+        if dataset.features[column].decode:
+            # datasets decodes with torchcodec, which needs FFmpeg system libraries: keep the encoded bytes instead.
+            dataset = dataset.cast_column(column, Audio(decode=False))
+        self.dataset, self.column = dataset, column
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _encoded(self, index: int) -> tuple[str | bytes, str]:
+        audio = self.dataset[int(self.rows[index])][self.column]
+        name = audio.get("path") or f"row {self.rows[index]}"
+        return (audio["bytes"] if audio.get("bytes") else audio["path"]), name
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return read_audio(*self._encoded(index))
+
+    def duration(self, index: int) -> float:
+        try:
+            encoded, _ = self._encoded(index)
+            return sf.info(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded).duration
+        except Exception:
+            return 0.0
+
+    def subset(self, indices: np.ndarray) -> HubAudio:
+        return HubAudio(self.dataset, self.column, self.rows[np.asarray(indices)])
+
+
+@dataclass
+class ProbeData:
+    """
+    One task's clips. `targets` is `(N,)` class indices for single-label tasks or `(N, C)` multi-hot for multi-label
+    ones; `label_mask` `(N, C)` marks the annotated (clip, class) pairs of partially labelled data (OpenMIC). Exactly
+    one of `split` (official train/valid/test) and `fold` (cross-validation fold number) is set.
+    """
+
+    task: str
+    classes: list[str]
+    ids: list[str]
+    audio: AudioFiles | HubAudio
+    targets: np.ndarray
+    split: np.ndarray | None = None
+    fold: np.ndarray | None = None
+    label_mask: np.ndarray | None = None
+    source: str = ""
+
+    @property
+    def multi_label(self) -> bool:
+        return self.targets.ndim == 2
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, indices: np.ndarray) -> ProbeData:
+        """The clips at `indices`, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return replace(
+            self,
+            ids=[self.ids[i] for i in indices],
+            audio=self.audio.subset(indices),
+            targets=self.targets[indices],
+            split=None if self.split is None else self.split[indices],
+            fold=None if self.fold is None else self.fold[indices],
+            label_mask=None if self.label_mask is None else self.label_mask[indices],
+        )
+
+
+@dataclass
+class Entry:
+    """A clip as a layout lists it: its labels by name and its split name or fold number."""
+
+    clip_id: str
+    path: Path
+    labels: list[str]
+    group: str | int
+    observed: list[str] | None = None  # annotated classes of a partially labelled clip; None means all
+
+
+def _warn_skipped(task: str, reason: str, names: list[str]) -> None:
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        logger.warning("%s: skipped %d clip(s) %s: %s", task, len(names), reason, shown)
+
+
+def build_probe_data(
+    task: str, classes: Sequence[str], entries: Sequence[Entry], *, multi_label: bool, by_fold: bool, source: str
+) -> ProbeData:
+    """Turns layout entries into a [`ProbeData`], skipping (with a warning) missing files and unknown labels."""
+    index = {name: i for i, name in enumerate(classes)}
+    kept, missing, unknown = [], [], []
+    for entry in entries:
+        outside = [label for label in entry.labels + (entry.observed or []) if label not in index]
+        if not entry.path.is_file():
+            missing.append(str(entry.path))
+        elif outside:
+            unknown.append(f"{entry.clip_id} ({', '.join(outside)})")
+        else:
+            kept.append(entry)
+    _warn_skipped(task, "whose audio file is missing", missing)
+    _warn_skipped(task, "with labels outside the task's vocabulary", unknown)
+    several = [entry.clip_id for entry in kept if len(entry.labels) != 1]
+    if not multi_label and several:
+        raise ProbeDataError(f"{task} is single-label but these clips have no or several labels: {several[:5]}")
+    if not kept:
+        raise ProbeDataError(f"{task}: no usable clip found in {source}.")
+
+    if multi_label:
+        targets = np.zeros((len(kept), len(classes)), dtype=np.float32)
+        for row, entry in enumerate(kept):
+            targets[row, [index[label] for label in entry.labels]] = 1.0
+    else:
+        targets = np.array([index[entry.labels[0]] for entry in kept], dtype=np.int64)
+    label_mask = None
+    if any(entry.observed is not None for entry in kept):
+        label_mask = np.zeros((len(kept), len(classes)), dtype=bool)
+        for row, entry in enumerate(kept):
+            label_mask[row, [index[label] for label in (entry.observed or classes)]] = True
+    groups = np.array([entry.group for entry in kept])
+    return ProbeData(
+        task=task,
+        classes=list(classes),
+        ids=[entry.clip_id for entry in kept],
+        audio=AudioFiles([entry.path for entry in kept]),
+        targets=targets,
+        split=None if by_fold else groups.astype(str),
+        fold=groups.astype(np.int64) if by_fold else None,
+        label_mask=label_mask,
+        source=source,
+    )
+
+
+def _require(root: Path, task: "ProbeTask", *relative: str) -> None:
+    """Raises the task's "where to get it" message when any of the layout's files is missing."""
+    absent = [name for name in relative if not (root / name).exists()]
+    if absent:
+        raise ProbeDataError(
+            f"{task.title} not found in {root}: missing {', '.join(absent)}.\n{task.where_to_get()}"
+        )
+
+
+def _read_csv(path: Path, **kwargs) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, **kwargs))
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# Original layouts -------------------------------------------------------------------------------------------------
+
+
+def load_esc50(root: Path) -> ProbeData:
+    task = TASKS["esc50"]
+    _require(root, task, "meta/esc50.csv", "audio")
+    rows = _read_csv(root / "meta/esc50.csv")
+    classes = sorted({row["category"] for row in rows})
+    entries = [
+        Entry(row["filename"], root / "audio" / row["filename"], [row["category"]], int(row["fold"])) for row in rows
+    ]
+    return build_probe_data("esc50", classes, entries, multi_label=False, by_fold=True, source=str(root))
+
+
+def load_us8k(root: Path) -> ProbeData:
+    task = TASKS["us8k"]
+    _require(root, task, "metadata/UrbanSound8K.csv", "audio")
+    entries = [
+        Entry(row["slice_file_name"], root / "audio" / f"fold{row['fold']}" / row["slice_file_name"], [row["class"]],
+              int(row["fold"]))
+        for row in _read_csv(root / "metadata/UrbanSound8K.csv")
+    ]  # fmt: skip
+    return build_probe_data("us8k", US8K_CLASSES, entries, multi_label=False, by_fold=True, source=str(root))
+
+
+def load_gtzan(root: Path) -> ProbeData:
+    """`genres/<genre>/<genre>.000NN.{wav,au}` (the Kaggle copy names the folder `genres_original`) + split lists."""
+    task = TASKS["gtzan"]
+    _require(root, task, *(f"{split}_filtered.txt" for split in SPLITS))
+    audio_root = next((root / name for name in ("genres", "genres_original") if (root / name).is_dir()), root)
+    entries = []
+    for split in SPLITS:
+        for relative in _read_lines(root / f"{split}_filtered.txt"):
+            path = audio_root / relative
+            if not path.is_file() and path.with_suffix(".au").is_file():  # the original tarball ships .au files
+                path = path.with_suffix(".au")
+            entries.append(Entry(relative, path, [Path(relative).parent.name], split))
+    return build_probe_data("gtzan", GTZAN_GENRES, entries, multi_label=False, by_fold=False, source=str(root))
+
+
+def load_nsynth(root: Path) -> ProbeData:
+    task = TASKS["nsynth"]
+    _require(root, task, *(f"nsynth-{split}/examples.json" for split in SPLITS))
+    entries = []
+    for split in SPLITS:
+        examples = json.loads((root / f"nsynth-{split}/examples.json").read_text(encoding="utf-8"))
+        entries += [
+            Entry(key, root / f"nsynth-{split}/audio/{key}.wav", [example["instrument_family_str"]], split)
+            for key, example in examples.items()
+        ]
+    return build_probe_data("nsynth", NSYNTH_FAMILIES, entries, multi_label=False, by_fold=False, source=str(root))
+
+
+def load_openmic(root: Path) -> ProbeData:
+    """Labels from `openmic-2018.npz`: annotated pairs are `Y_mask`, positives `Y_true >= 0.5` among them."""
+    task = TASKS["openmic"]
+    _require(root, task, "openmic-2018.npz", "class-map.json", "partitions/split01_train.csv",
+             "partitions/split01_test.csv")  # fmt: skip
+    class_map = json.loads((root / "class-map.json").read_text(encoding="utf-8"))
+    classes = sorted(class_map, key=class_map.get)
+    with np.load(root / "openmic-2018.npz") as npz:
+        y_true, y_mask, keys = npz["Y_true"], npz["Y_mask"].astype(bool), npz["sample_key"].astype(str)
+    if y_true.shape != (len(keys), len(classes)):
+        raise ProbeDataError(
+            f"OpenMIC: Y_true has shape {y_true.shape}, expected ({len(keys)}, {len(classes)}) from class-map.json."
+        )
+    row_of = {key: row for row, key in enumerate(keys)}
+    entries, unlabelled = [], []
+    for split in ("train", "test"):
+        for key in _read_lines(root / f"partitions/split01_{split}.csv"):
+            if key not in row_of:
+                unlabelled.append(key)
+                continue
+            row = row_of[key]
+            observed = [classes[c] for c in np.flatnonzero(y_mask[row])]
+            positive = [classes[c] for c in np.flatnonzero(y_mask[row] & (y_true[row] >= 0.5))]
+            entries.append(Entry(key, root / "audio" / key[:3] / f"{key}.ogg", positive, split, observed))
+    _warn_skipped("openmic", "listed in the partition but absent from openmic-2018.npz", unlabelled)
+    return build_probe_data("openmic", classes, entries, multi_label=True, by_fold=False, source=str(root))
+
+
+def _load_npy_strings(path: Path) -> list[str]:
+    try:
+        return [str(item) for item in np.load(path, allow_pickle=False)]
+    except ValueError as error:
+        raise ProbeDataError(f"{path} is not a numpy array of strings: {error}") from error
+
+
+def load_mtt(root: Path) -> ProbeData:
+    """
+    `annotations_final.csv` (tab-separated, one 0/1 column per tag) + `mp3/<0-f>/<clip>.mp3` + the standard top-50
+    split of Won et al. (`split/{train,valid,test}.npy` with `"<index>\\t<mp3 path>"` items and `split/tags.npy`).
+    """
+    task = TASKS["mtt"]
+    _require(root, task, "annotations_final.csv", "split/tags.npy", *(f"split/{split}.npy" for split in SPLITS))
+    tags = _load_npy_strings(root / "split/tags.npy")
+    annotations = {row["mp3_path"]: row for row in _read_csv(root / "annotations_final.csv", delimiter="\t")}
+    header = next(iter(annotations.values())).keys() if annotations else ()
+    unknown_tags = [tag for tag in tags if tag not in header]
+    if unknown_tags:
+        raise ProbeDataError(f"MTT: tags of split/tags.npy missing from annotations_final.csv: {unknown_tags}")
+    audio_root = root / "mp3" if (root / "mp3").is_dir() else root
+    entries, unannotated = [], []
+    for split in SPLITS:
+        for item in _load_npy_strings(root / f"split/{split}.npy"):
+            relative = item.split("\t")[-1]
+            if relative not in annotations:
+                unannotated.append(relative)
+                continue
+            labels = [tag for tag in tags if annotations[relative][tag] == "1"]
+            entries.append(Entry(relative, audio_root / relative, labels, split))
+    _warn_skipped("mtt", "absent from annotations_final.csv", unannotated)
+    return build_probe_data("mtt", tags, entries, multi_label=True, by_fold=False, source=str(root))
+
+
+def load_fsd50k(root: Path) -> ProbeData:
+    task = TASKS["fsd50k"]
+    truth = "FSD50K.ground_truth"
+    _require(root, task, f"{truth}/dev.csv", f"{truth}/eval.csv", f"{truth}/vocabulary.csv")
+    with open(root / truth / "vocabulary.csv", newline="", encoding="utf-8") as handle:
+        classes = [row[1] for row in csv.reader(handle)]
+    dev_split = {"train": "train", "val": "valid"}
+    entries = [
+        Entry(row["fname"], root / "FSD50K.dev_audio" / f"{row['fname']}.wav", row["labels"].split(","),
+              dev_split.get(row["split"], row["split"]))
+        for row in _read_csv(root / truth / "dev.csv")
+    ] + [
+        Entry(row["fname"], root / "FSD50K.eval_audio" / f"{row['fname']}.wav", row["labels"].split(","), "test")
+        for row in _read_csv(root / truth / "eval.csv")
+    ]  # fmt: skip
+    return build_probe_data("fsd50k", classes, entries, multi_label=True, by_fold=False, source=str(root))
+
+
+def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
+    """
+    `<class>/<clip>` or `{train,valid,test}/<class>/<clip>` (`validation` and `dev` are read as `valid`). Without
+    split folders the clips get `num_folds` stratified cross-validation folds (fixed seed, so folds are reproducible).
+    """
+    task = TASKS["audiofolder"]
+    if not root.is_dir():
+        raise ProbeDataError(f"{root} is not a directory.\n{task.where_to_get()}")
+    split_names = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
+    split_dirs = {split_names[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in split_names}
+    if split_dirs and not {"train", "test"} <= split_dirs.keys():
+        raise ProbeDataError(f"{root} has split folders {sorted(split_dirs)}: both train/ and test/ are needed.")
+
+    def scan(directory: Path, group: str | int) -> list[Entry]:
+        return [
+            Entry(str(path.relative_to(root)), path, [path.parent.name], group)
+            for path in sorted(directory.glob("*/*"))
+            if path.suffix.lower() in AUDIO_EXTENSIONS
+        ]
+
+    entries = [entry for split, directory in split_dirs.items() for entry in scan(directory, split)]
+    if not split_dirs:
+        from sklearn.model_selection import StratifiedKFold
+
+        entries = scan(root, 0)
+        labels = [entry.labels[0] for entry in entries]
+        if len(entries) < num_folds:
+            raise ProbeDataError(f"{root}: found {len(entries)} clips, need at least {num_folds} for {num_folds} folds.")
+        folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)
+        for fold, (_, test) in enumerate(folds, start=1):
+            for row in test:
+                entries[row].group = fold
+    if not entries:
+        raise ProbeDataError(f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) in {root}/<class>/.\n{task.where_to_get()}")
+    classes = sorted({entry.labels[0] for entry in entries})
+    return build_probe_data(
+        "audiofolder", classes, entries, multi_label=False, by_fold=not split_dirs, source=str(root)
+    )
+
+
+# Hub copies -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """Where a script-free Hub copy keeps what the probe needs: label, clip id, fold and split names."""
+
+    repo_id: str
+    label_column: str
+    id_column: str | None = None
+    fold_column: str | None = None
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "validation", "test": "test"})
+
+
+def load_from_hub(task_name: str, dataset: str | None = None) -> ProbeData:
+    """Loads the task's Hub copy (or `dataset`, a repo id or a local folder in the same layout) with `datasets`."""
+    from datasets import concatenate_datasets, load_dataset
+
+    task = TASKS[task_name]
+    if task.hub is None:
+        raise ProbeDataError(f"{task.title} has no script-free copy on the Hub.\n{task.where_to_get()}")
+    spec, repo = task.hub, dataset or task.hub.repo_id
+    try:
+        parts = {split: load_dataset(repo, split=hub_split) for split, hub_split in spec.splits.items()}
+    except Exception as error:  # offline, unknown repo, or a split that does not exist
+        raise ProbeDataError(
+            f"Cannot load {task.title} from the Hub dataset {repo!r}: {error}\n{task.where_to_get()}"
+        ) from error
+    for split, part in parts.items():
+        needed = (spec.label_column, spec.id_column, spec.fold_column, "audio")
+        missing = [column for column in needed if column and column not in part.features]
+        if missing:
+            raise ProbeDataError(f"{repo} ({split}) lacks the column(s) {missing}; it has {list(part.features)}.")
+
+    rows = concatenate_datasets(list(parts.values()))
+    label_feature = rows.features[spec.label_column]
+    names = [
+        label_feature.int2str(label) if hasattr(label_feature, "int2str") else str(label)
+        for label in rows[spec.label_column]
+    ]
+    ids = (
+        [str(clip_id) for clip_id in rows[spec.id_column]]
+        if spec.id_column
+        else [f"{split}/{row}" for split, part in parts.items() for row in range(len(part))]
+    )
+    by_fold = spec.fold_column is not None
+    groups = np.array(rows[spec.fold_column] if by_fold else [s for s, part in parts.items() for _ in range(len(part))])
+
+    classes = list(task.vocabulary) if task.vocabulary else sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    kept = np.array([row for row, name in enumerate(names) if name in index], dtype=np.int64)
+    unknown = [f"{ids[row]} ({name})" for row, name in enumerate(names) if name not in index]
+    _warn_skipped(task_name, "with labels outside the task's vocabulary", unknown)
+    return ProbeData(
+        task=task_name,
+        classes=classes,
+        ids=[ids[row] for row in kept],
+        audio=HubAudio(rows, rows=kept),
+        targets=np.array([index[names[row]] for row in kept], dtype=np.int64),
+        split=None if by_fold else groups[kept].astype(str),
+        fold=groups[kept].astype(np.int64) if by_fold else None,
+        source=f"hub:{repo}",
+    )
+
+
+# Registry ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeTask:
+    """A downstream task: label type, evaluation, the MATPAC paper's score, and where its data comes from."""
+
+    name: str
+    title: str
+    multi_label: bool
+    paper_score: float | None  # MATPAC's row of Table II of the paper, in %
+    layout: str
+    url: str
+    load_local: Callable[[Path], ProbeData]
+    folder_names: tuple[str, ...] = ()
+    hub: HubSpec | None = None
+    vocabulary: tuple[str, ...] = ()
+
+    @property
+    def metric(self) -> str:
+        return "mAP" if self.multi_label else "accuracy"
+
+    def where_to_get(self) -> str:
+        hub = f" or load the Hub copy `{self.hub.repo_id}` by leaving out --data_dir" if self.hub else ""
+        return f"Get {self.title} from {self.url}{hub}. Expected layout under --data_dir:\n{self.layout}"
+
+
+TASKS: dict[str, ProbeTask] = {
+    task.name: task
+    for task in (
+        ProbeTask(
+            "gtzan", "GTZAN", False, 85.3,
+            "  genres/<genre>/<genre>.000NN.wav (or .au)\n  {train,valid,test}_filtered.txt  (fault-filtered split)",
+            "https://marsyas.info/index.html (audio) and "
+            "https://github.com/jongpillee/music_dataset_split/tree/master/GTZAN_split (split lists)",
+            load_gtzan, ("gtzan", "GTZAN"),
+            HubSpec("confit/gtzan-parquet", "genre"), GTZAN_GENRES,
+        ),
+        ProbeTask(
+            "esc50", "ESC-50", False, 93.5,
+            "  meta/esc50.csv\n  audio/<filename>.wav",
+            "https://github.com/karolpiczak/ESC-50",
+            load_esc50, ("esc50", "ESC-50", "ESC-50-master"),
+            HubSpec("ashraq/esc50", "category", "filename", "fold", {"train": "train"}),
+        ),
+        ProbeTask(
+            "us8k", "UrbanSound8K", False, 89.4,
+            "  metadata/UrbanSound8K.csv\n  audio/fold<N>/<slice_file_name>.wav",
+            "https://urbansounddataset.weebly.com/urbansound8k.html",
+            load_us8k, ("us8k", "UrbanSound8K"),
+            HubSpec("danavery/urbansound8K", "class", "slice_file_name", "fold", {"train": "train"}), US8K_CLASSES,
+        ),
+        ProbeTask(
+            "nsynth", "NSynth (instrument family)", False, 74.3,
+            "  nsynth-{train,valid,test}/examples.json\n  nsynth-{train,valid,test}/audio/<note_str>.wav",
+            "https://magenta.tensorflow.org/datasets/nsynth",
+            load_nsynth, ("nsynth", "NSynth"),
+            HubSpec("jg583/NSynth", "instrument_family_str", "note_str"), NSYNTH_FAMILIES,
+        ),
+        ProbeTask(
+            "openmic", "OpenMIC-2018", True, 85.3,
+            "  openmic-2018.npz  (Y_true, Y_mask, sample_key)\n  class-map.json\n"
+            "  partitions/split01_{train,test}.csv\n  audio/<key[:3]>/<key>.ogg",
+            "https://zenodo.org/records/1432913",
+            load_openmic, ("openmic", "openmic-2018", "OpenMIC-2018"),
+        ),
+        ProbeTask(
+            "mtt", "MagnaTagATune (top-50 tags)", True, 41.1,
+            "  annotations_final.csv\n  mp3/<0-f>/<clip>.mp3\n"
+            "  split/{train,valid,test,tags}.npy  (top-50 split of Won et al., sota-music-tagging-models/split/mtat)",
+            "https://mirg.city.ac.uk/codeapps/the-magnatagatune-dataset (audio, annotations) and "
+            "https://github.com/minzwon/sota-music-tagging-models/tree/master/split/mtat (split)",
+            load_mtt, ("mtt", "magnatagatune", "MagnaTagATune"),
+        ),
+        ProbeTask(
+            "fsd50k", "FSD50K", True, 55.2,
+            "  FSD50K.ground_truth/{dev,eval,vocabulary}.csv\n  FSD50K.dev_audio/<fname>.wav\n"
+            "  FSD50K.eval_audio/<fname>.wav",
+            "https://zenodo.org/records/4060432",
+            load_fsd50k, ("fsd50k", "FSD50K"),
+        ),
+        ProbeTask(
+            "audiofolder", "a folder-per-class dataset", False, None,
+            "  <class>/<clip>.wav  or  {train,valid,test}/<class>/<clip>.wav",
+            "your own data",
+            load_audiofolder,
+        ),
+    )
+}  # fmt: skip
+
+PAPER_TASKS = tuple(name for name, task in TASKS.items() if task.paper_score is not None)
+
+
+def get_task(name: str) -> ProbeTask:
+    if name not in TASKS:
+        raise ProbeDataError(f"Unknown task {name!r}; choose one of {', '.join(TASKS)}.")
+    return TASKS[name]
+
+
+def load_task(name: str, data_dir: str | Path | None = None, hub_dataset: str | None = None) -> ProbeData:
+    """Reads task `name` from `data_dir` (original layout) when given, otherwise from its Hub copy."""
+    task = get_task(name)
+    if data_dir is not None:
+        root = Path(data_dir).expanduser().resolve()
+        if not root.is_dir():
+            raise ProbeDataError(f"--data_dir {root} does not exist.\n{task.where_to_get()}")
+        return task.load_local(root)
+    if name == "audiofolder":
+        raise ProbeDataError("--dataset audiofolder needs --data_dir pointing at the folder-per-class dataset.")
+    return load_from_hub(name, hub_dataset)
+
+
+def find_task_dir(name: str, data_root: str | Path) -> Path | None:
+    """The folder of task `name` inside `data_root` (`--all`), under its key or the name of its official archive."""
+    for folder in get_task(name).folder_names:
+        if (Path(data_root) / folder).is_dir():
+            return Path(data_root) / folder
+    return None

@@ -1,0 +1,338 @@
+"""
+The paper's linear-probe protocol on frozen clip embeddings, its metrics and its results table.
+
+One linear layer on standardised embeddings, Adam (lr 1e-4), batch 128, early stopping on the validation loss keeping
+the best epoch, 5 runs with different seeds, mean and 95 % confidence interval. Multi-label tasks use sigmoid + BCE
+and macro mAP, single-label ones softmax + cross-entropy and accuracy.
+
+Validation rule: tasks with an official validation split use it. Cross-validation tasks (ESC-50, US8K) hold out one
+fold for test and, as EVAR (the M2D/MATPAC evaluation code) does, take the validation set at random from the remaining
+training folds (10 %, re-drawn with each run's seed); EVAR retries its random split until every class is in it, we
+stratify by class, which guarantees the same. OpenMIC, which has only train/test, gets its validation set the same
+way. The standardisation statistics come from the clips the probe is trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from sklearn.metrics import accuracy_score, average_precision_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from .probe_tasks import ProbeData
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeSettings:
+    """Hyper-parameters of the linear probe; the defaults are the paper's protocol."""
+
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate of the probe."})
+    batch_size: int = field(default=128, metadata={"help": "Probe training batch size."})
+    max_epochs: int = field(default=200, metadata={"help": "Epoch limit of one probe training."})
+    patience: int = field(default=20, metadata={"help": "Epochs without a lower validation loss before stopping."})
+    num_runs: int = field(default=5, metadata={"help": "Runs with different seeds (seed, seed + 1, ...)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the first run."})
+    valid_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the training clips used for validation where no split has one."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Device for extraction and probing (default: cuda if available)."})
+
+
+@dataclass
+class Split:
+    """Clip positions of one train/valid/test partition (a fold of a cross-validation task, or the official split)."""
+
+    name: str
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+
+def _carve_validation(positions: np.ndarray, data: ProbeData, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Splits `positions` into train and validation, stratified by class where every class has two clips."""
+    stratify = None if data.multi_label else data.targets[positions]
+    try:
+        train, valid = train_test_split(positions, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError as error:  # a class with a single clip, or fewer validation clips than classes
+        logger.warning("%s: validation set drawn without stratification (%s)", data.task, error)
+        train, valid = train_test_split(positions, test_size=fraction, random_state=seed)
+    return np.sort(train), np.sort(valid)
+
+
+def make_splits(data: ProbeData, seed: int, valid_fraction: float = 0.1) -> list[Split]:
+    """The partitions a run evaluates on: one per fold for cross-validation tasks, else the official one."""
+    everything = np.arange(len(data))
+    if data.fold is not None:
+        splits = []
+        for fold in np.unique(data.fold):
+            train, valid = _carve_validation(everything[data.fold != fold], data, valid_fraction, seed)
+            splits.append(Split(f"fold{fold}", train, valid, everything[data.fold == fold]))
+        return splits
+    train, valid, test = (everything[data.split == name] for name in ("train", "valid", "test"))
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"{data.task}: the data has {len(train)} training and {len(test)} test clips; both are needed.")
+    if len(valid) == 0:
+        train, valid = _carve_validation(train, data, valid_fraction, seed)
+    return [Split("official", train, valid, test)]
+
+
+@dataclass
+class LinearProbe:
+    """A trained probe: standardisation statistics and the linear layer acting on standardised embeddings."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    multi_label: bool
+    best_epoch: int
+
+    def scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """Class probabilities: sigmoid for multi-label tasks, softmax otherwise."""
+        logits = torch.from_numpy(((embeddings - self.mean) / self.scale) @ self.weight.T + self.bias)
+        return (logits.sigmoid() if self.multi_label else logits.softmax(-1)).numpy()
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The same layer acting on raw embeddings: W' = W / scale, b' = b - W' @ mean."""
+        weight = self.weight / self.scale
+        return weight, self.bias - weight @ self.mean
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if targets.ndim == 1:
+        return nn.functional.cross_entropy(logits, targets)
+    losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if mask is None:
+        return losses.mean()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)  # only the annotated (clip, class) pairs count
+
+
+def train_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_valid: np.ndarray,
+    y_valid: np.ndarray,
+    num_classes: int,
+    settings: ProbeSettings,
+    seed: int,
+    mask_train: np.ndarray | None = None,
+    mask_valid: np.ndarray | None = None,
+) -> LinearProbe:
+    """Trains one linear probe and returns it at the epoch with the lowest validation loss."""
+    scaler = StandardScaler().fit(x_train)
+    device = torch.device(settings.device or "cpu")
+
+    def tensor(array: np.ndarray | None, dtype=torch.float32) -> torch.Tensor | None:
+        return None if array is None else torch.as_tensor(array, dtype=dtype, device=device)
+
+    multi_label = y_train.ndim == 2
+    target_dtype = torch.float32 if multi_label else torch.long
+    xt, yt, mt = tensor(scaler.transform(x_train)), tensor(y_train, target_dtype), tensor(mask_train)
+    xv, yv, mv = tensor(scaler.transform(x_valid)), tensor(y_valid, target_dtype), tensor(mask_valid)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = nn.Linear(x_train.shape[1], num_classes).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=settings.learning_rate)
+    best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
+    for epoch in range(1, settings.max_epochs + 1):
+        layer.train()
+        for batch in torch.randperm(len(xt), generator=generator).to(device).split(settings.batch_size):
+            loss = _loss(layer(xt[batch]), yt[batch], None if mt is None else mt[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        layer.eval()
+        with torch.no_grad():
+            valid_loss = _loss(layer(xv), yv, mv).item()
+        if valid_loss < best_loss:
+            best_loss, best_epoch, waited = valid_loss, epoch, 0
+            best_state = {name: value.detach().clone() for name, value in layer.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= settings.patience:
+                break
+    return LinearProbe(
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        weight=best_state["weight"].double().cpu().numpy(),
+        bias=best_state["bias"].double().cpu().numpy(),
+        multi_label=multi_label,
+        best_epoch=best_epoch,
+    )
+
+
+def accuracy(targets: np.ndarray, scores: np.ndarray) -> float:
+    return float(accuracy_score(targets, scores.argmax(axis=1)))
+
+
+def mean_average_precision(targets: np.ndarray, scores: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """
+    Macro average precision over the classes with at least one positive (sklearn scores a class without positives 0,
+    which would bias the mean); with `mask`, each class is scored on its annotated clips only.
+    """
+    mask = np.ones(targets.shape, dtype=bool) if mask is None else mask.astype(bool)
+    per_class = [
+        average_precision_score(targets[mask[:, c], c], scores[mask[:, c], c])
+        for c in range(targets.shape[1])
+        if targets[mask[:, c], c].sum() > 0
+    ]
+    if not per_class:
+        raise ValueError("No class has a positive test clip: mAP is undefined.")
+    return float(np.mean(per_class))
+
+
+def score(data: ProbeData, positions: np.ndarray, probe_scores: np.ndarray) -> float:
+    """The task's metric (mAP or accuracy) on the clips at `positions`."""
+    if data.multi_label:
+        mask = None if data.label_mask is None else data.label_mask[positions]
+        return mean_average_precision(data.targets[positions], probe_scores, mask)
+    return accuracy(data.targets[positions], probe_scores)
+
+
+def confidence_interval(values: list[float], level: float = 0.95) -> float:
+    """Half-width of the Student-t confidence interval of the mean (0 for a single run)."""
+    if len(values) < 2:
+        return 0.0
+    return float(stats.t.ppf((1 + level) / 2, len(values) - 1) * stats.sem(values))
+
+
+@dataclass
+class ProbeOutcome:
+    """Test scores of every run (averaged over folds) and of every fold, plus the first run's first probe."""
+
+    run_scores: list[float]
+    fold_scores: list[list[float]]
+    best_epochs: list[list[int]]
+    first_probe: LinearProbe
+    seconds: float
+
+
+def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -> ProbeOutcome:
+    """Runs the protocol: `num_runs` seeds x every split; `embeddings` are aligned with `data`."""
+    start = time.perf_counter()
+    run_scores, fold_scores, best_epochs, first_probe = [], [], [], None
+    for run in range(settings.num_runs):
+        seed = settings.seed + run
+        scores, epochs = [], []
+        for split in make_splits(data, seed, settings.valid_fraction):
+            masks = (None, None) if data.label_mask is None else (data.label_mask[split.train], data.label_mask[split.valid])
+            probe = train_probe(
+                embeddings[split.train], data.targets[split.train], embeddings[split.valid], data.targets[split.valid],
+                len(data.classes), settings, seed, *masks,
+            )  # fmt: skip
+            if first_probe is None:
+                first_probe = probe
+            scores.append(score(data, split.test, probe.scores(embeddings[split.test])))
+            epochs.append(probe.best_epoch)
+        logger.info("%s run %d (seed %d): %.4f, best epochs %s", data.task, run + 1, seed, np.mean(scores), epochs)
+        run_scores.append(float(np.mean(scores)))
+        fold_scores.append(scores)
+        best_epochs.append(epochs)
+    return ProbeOutcome(run_scores, fold_scores, best_epochs, first_probe, time.perf_counter() - start)
+
+
+@dataclass
+class TaskResult:
+    """One row of the results table; scores in %."""
+
+    task: str
+    metric: str
+    mean: float
+    ci95: float
+    runs: list[float]
+    num_folds: int
+    num_clips: int
+    embedding_dim: int
+    extraction_seconds: float
+    extraction_cached: bool
+    probe_seconds: float
+    paper: float | None = None
+    fold_scores: list[list[float]] = field(default_factory=list)
+
+
+def task_result(data: ProbeData, outcome: ProbeOutcome, embedding_dim: int, extraction_seconds: float,
+                extraction_cached: bool, paper: float | None) -> TaskResult:  # fmt: skip
+    runs = [100 * value for value in outcome.run_scores]
+    return TaskResult(
+        task=data.task,
+        metric="mAP" if data.multi_label else "accuracy",
+        mean=float(np.mean(runs)),
+        ci95=100 * confidence_interval(outcome.run_scores),
+        runs=runs,
+        num_folds=len(outcome.fold_scores[0]),
+        num_clips=len(data),
+        embedding_dim=embedding_dim,
+        extraction_seconds=extraction_seconds,
+        extraction_cached=extraction_cached,
+        probe_seconds=outcome.seconds,
+        paper=paper,
+        fold_scores=[[100 * value for value in run] for run in outcome.fold_scores],
+    )
+
+
+def results_markdown(results: list[TaskResult]) -> str:
+    lines = [
+        "| Task | Metric | Ours (mean ± 95% CI) | Paper (MATPAC) | Runs | Folds | Clips | Dim | Extraction (s) | Probe (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        paper = "-" if result.paper is None else f"{result.paper:.1f}"
+        extraction = f"{result.extraction_seconds:.1f}" + (" (cached)" if result.extraction_cached else "")
+        lines.append(
+            f"| {result.task} | {result.metric} | {result.mean:.2f} ± {result.ci95:.2f} | {paper} | {len(result.runs)} "
+            f"| {result.num_folds} | {result.num_clips} | {result.embedding_dim} | {extraction} "
+            f"| {result.probe_seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(results: list[TaskResult], output_dir: str | Path, settings: dict) -> tuple[Path, Path]:
+    """Writes `results.json` (rows + the run's settings) and `results.md` (the table) to `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path = output_dir / "results.json", output_dir / "results.md"
+    json_path.write_text(json.dumps({"settings": settings, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    markdown_path.write_text(results_markdown(results) + "\n")
+    return json_path, markdown_path
+
+
+def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[str], output_dir: str | Path) -> Path:
+    """
+    Saves `model` (a `MatpacModel`) with `probe` on top as a `MatpacForAudioClassification` directory, loadable by
+    `pipeline("audio-classification")`. The standardisation is folded into the linear layer so that it acts on the raw
+    `pooler_output`.
+    """
+    from .modeling_matpac import MatpacForAudioClassification
+
+    if model.config.model_type != "matpac":
+        raise ValueError(f"--save_head needs a MATPAC encoder, got a {model.config.model_type!r} model.")
+    config = copy.deepcopy(model.config)
+    config.id2label = dict(enumerate(classes))
+    config.label2id = {name: index for index, name in enumerate(classes)}
+    config.problem_type = "multi_label_classification" if probe.multi_label else "single_label_classification"
+    config.freeze_encoder = True
+    classifier = MatpacForAudioClassification(config)
+    classifier.matpac.load_state_dict(model.state_dict())
+    weight, bias = probe.folded()
+    with torch.no_grad():
+        classifier.classifier.weight.copy_(torch.from_numpy(weight))
+        classifier.classifier.bias.copy_(torch.from_numpy(bias))
+    classifier.save_pretrained(output_dir)
+    feature_extractor.save_pretrained(output_dir)
+    return Path(output_dir)
