@@ -321,17 +321,20 @@ class MatpacPreTrainedModel(PreTrainedModel):
                 module.position_embeddings.requires_grad_(False)
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The authors' initialisation: xavier-uniform Linear layers and patch projection, fixed sin-cos positions."""
+        """
+        The authors' initialisation: xavier-uniform Linear layers and patch projection, fixed sin-cos positions, DINO
+        heads. transformers calls this only on modules that own parameters, so the heads are set up from the root.
+        """
         if isinstance(module, nn.Linear) and not parametrize.is_parametrized(module):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, MatpacPatchEmbeddings):
+        elif isinstance(module, nn.Conv2d):
             # Xavier on the (hidden, patch pixels) view, as for a Linear; the bias keeps PyTorch's Conv2d default.
-            weight = module.projection.weight
-            fan_in = weight[0].numel()
-            init.uniform_(weight, -math.sqrt(6.0 / (fan_in + weight.shape[0])), math.sqrt(6.0 / (fan_in + weight.shape[0])))
-            init.uniform_(module.projection.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            fan_in, fan_out = module.weight[0].numel(), module.weight.shape[0]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            init.uniform_(module.weight, -bound, bound)
+            init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -351,19 +354,19 @@ class MatpacPreTrainedModel(PreTrainedModel):
                     self.config.predictor_hidden_size, self.config.num_frequency_patches, self.config.num_time_patches
                 ).unsqueeze(0),
             )
-        elif isinstance(module, MatpacProjectionHead):
-            for layer in module.mlp:
+        elif isinstance(module, MatpacForPreTraining):
+            init.zeros_(module.center)
+            head = module.student_head
+            for layer in head.mlp:
                 if isinstance(layer, nn.Linear):
                     init.trunc_normal_(layer.weight, std=0.02)
                     init.zeros_(layer.bias)
-            weight = module.last_layer.parametrizations.weight
-            init.ones_(weight.original0)
-            bound = 1 / math.sqrt(weight.original1.shape[1])
-            init.uniform_(weight.original1, -bound, bound)
-        elif isinstance(module, MatpacForPreTraining):
-            init.zeros_(module.center)
+            weight_norm_parameters = head.last_layer.parametrizations.weight
+            init.ones_(weight_norm_parameters.original0)
+            bound = 1 / math.sqrt(weight_norm_parameters.original1.shape[1])
+            init.uniform_(weight_norm_parameters.original1, -bound, bound)
             # The teacher head starts as a copy of the student head; the teacher encoder keeps its own draws.
-            for teacher, student in zip(module.teacher_head.parameters(), module.student_head.parameters()):
+            for teacher, student in zip(module.teacher_head.parameters(), head.parameters()):
                 init.copy_(teacher, student)
 
 

@@ -1,0 +1,169 @@
+import math
+
+import pytest
+import torch
+from conftest import FIXTURE_HEADS, FIXTURE_SCHEDULES, FIXTURES, tiny_config_kwargs
+from safetensors.torch import load_file
+
+from modeling_matpac import MatpacConfig, MatpacForPreTraining
+from modeling_matpac.convert import convert_state_dict, infer_config, load_original_state_dict, rename_key
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(FIXTURES / "pretraining.safetensors")
+
+
+def fixture_model(**overrides) -> MatpacForPreTraining:
+    original = load_original_state_dict(FIXTURES / "pretraining_init_state.pt")
+    config = infer_config(original, **FIXTURE_HEADS, **FIXTURE_SCHEDULES, **overrides)
+    return convert_state_dict(original, config, encoder_only=False).train()
+
+
+def run_authors_loop(model, reference, steps=4):
+    """The fixture's procedure: forward, backward, teacher and centre updates, SGD(lr=0.05)."""
+    optimizer = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.05)
+    records = []
+    for step in range(steps):
+        center_used = model.center.clone()
+        outputs = model(reference["input.logmel_norm"], noise=reference[f"step{step}.noise"], step=step)
+        outputs.loss.backward()
+        decays = model.update_teachers(step)
+        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        optimizer.step()
+        optimizer.zero_grad()
+        records.append((outputs, decays, center_used, model.center.clone()))
+    return records
+
+
+def test_four_training_steps_reproduce_the_authors_code(reference):
+    model = fixture_model()
+    errors = {"loss": 0.0, "loss_cls": 0.0, "loss_pred": 0.0, "center": 0.0, "state": 0.0}
+    for step, (outputs, decays, center_used, center_after) in enumerate(run_authors_loop(model, reference)):
+        errors["loss"] = max(errors["loss"], abs(outputs.loss.item() - reference[f"step{step}.loss_total"].item()))
+        for name in ("loss_cls", "loss_pred"):
+            expected = reference[f"step{step}.{name}"].mean().item()
+            errors[name] = max(errors[name], abs(getattr(outputs, name).item() - expected))
+        assert outputs.teacher_temperature.item() == pytest.approx(reference[f"step{step}.teacher_temp"].item())
+        assert outputs.teacher_count.item() == reference[f"step{step}.sample_size"].item() == 399
+        errors["center"] = max(
+            errors["center"],
+            (center_used - reference[f"step{step}.center_used"]).abs().max().item(),
+            (center_after - reference[f"step{step}.center_effective_after"]).abs().max().item(),
+        )
+        for decay, name in zip(decays, ("encoder", "head")):
+            if reference[f"step{step}.ema_{name}_applied"].item():
+                assert decay == pytest.approx(reference[f"step{step}.ema_{name}_decay"].item(), abs=1e-6)
+            else:
+                assert math.isnan(decay)
+    state = model.state_dict()
+    for key, tensor in reference.items():
+        if key.startswith("final.") and key != "final.cls_head_loss.center":
+            errors["state"] = max(errors["state"], (state[rename_key(key[len("final.") :])] - tensor).abs().max().item())
+    print({name: f"{error:.2e}" for name, error in errors.items()})
+    assert max(errors["loss"], errors["loss_cls"], errors["loss_pred"]) <= 1e-4
+    assert errors["center"] <= 1e-6
+    assert errors["state"] <= 1e-5
+    # The centre sums 1 - 0.9^n after n updates, since every teacher distribution sums to one.
+    assert model.center.sum().item() == pytest.approx(1 - 0.9**4, abs=1e-5)
+
+
+def test_updating_teachers_after_the_optimizer_step_is_one_step_off(reference):
+    """The fixture pins the authors' timing: an EMA toward the already-updated student fails it."""
+    model = fixture_model()
+    optimizer = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.05)
+    for step in range(3):
+        outputs = model(reference["input.logmel_norm"], noise=reference[f"step{step}.noise"], step=step)
+        outputs.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_teachers(step)
+        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+    assert abs(outputs.loss_cls.item() - reference["step2.loss_cls"].mean().item()) > 1e-4
+
+
+def test_paper_mode_centres_the_logits(reference):
+    model = fixture_model(center_mode="logits")
+    noise, values = reference["step0.noise"], reference["input.logmel_norm"]
+    with torch.no_grad():
+        outputs = model(values, noise=noise, step=0)
+    teacher_logits = reference["step0.teacher_logits"]
+    torch.testing.assert_close(outputs.teacher_sum, teacher_logits.sum(dim=(0, 1)), atol=1e-4, rtol=1e-5)
+    model.update_center(outputs.teacher_sum, outputs.teacher_count)
+    torch.testing.assert_close(model.center.flatten(), 0.1 * teacher_logits.mean(dim=(0, 1)), atol=1e-6, rtol=1e-5)
+    # With a non-zero centre the step's teacher targets use it: the loss changes, the prediction loss does not.
+    with torch.no_grad():
+        shifted = model(values, noise=noise, step=0)
+    assert abs(shifted.loss_cls - outputs.loss_cls) > 1e-4
+    torch.testing.assert_close(shifted.loss_pred, outputs.loss_pred)
+
+
+def test_schedules():
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs(ema_anneal_end_step=100)))
+    assert model.teacher_temperature(0) == pytest.approx(0.04)
+    assert model.teacher_temperature(9827 // 2) == pytest.approx(0.055, abs=1e-5)
+    assert model.teacher_temperature(10**6) == 0.07
+    assert model.ema_decays(0) == (0.99995, 0.998)
+    assert model.ema_decays(50) == (pytest.approx(0.99997), pytest.approx(0.999))
+    # Past the end each EMA keeps its own end decay (the authors' code gave the head the encoder's).
+    assert model.ema_decays(100) == (0.99999, 1.0)
+    before = [param.clone() for param in model.teacher_head.parameters()]
+    assert math.isnan(model.update_teachers(100)[1])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher_head.parameters()))
+
+
+def test_fresh_model_initialisation():
+    torch.manual_seed(0)
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs()))
+    for teacher, student in zip(model.teacher_head.parameters(), model.student_head.parameters()):
+        assert torch.equal(teacher, student)
+    student_qkv = model.matpac.encoder.layers[0].attention.qkv_proj.weight
+    assert not torch.equal(model.teacher_encoder.layers[0].attention.qkv_proj.weight, student_qkv)
+    assert torch.count_nonzero(model.center) == 0
+    assert torch.all(model.student_head.last_layer.parametrizations.weight.original0 == 1)
+    bias = model.matpac.embeddings.patch_embeddings.projection.bias
+    assert bias.abs().max() <= 1 / 16 and bias.abs().max() > 0
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert "student_head.last_layer.parametrizations.weight.original0" in trainable
+    assert not any(name.startswith("teacher_") or "position_embeddings" in name for name in trainable)
+
+
+def test_masking_is_deterministic_with_noise_and_checks_shapes():
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).eval()
+    values, noise = torch.randn(2, 80, 608), torch.rand(2, 190)
+    with torch.no_grad():
+        first, second = model(values, noise=noise), model(values, noise=noise)
+        other = model(values, noise=torch.rand(2, 190))
+    assert first.loss == second.loss and first.loss != other.loss
+    with pytest.raises(ValueError, match="noise"):
+        model(values, noise=torch.rand(2, 189))
+    with pytest.raises(ValueError, match=r"\(batch, 80, 608\)"):
+        model(torch.randn(2, 80, 600))
+
+
+def test_collapse_statistics_are_consistent():
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(3, 80, 608))
+    prototypes = model.config.head_num_prototypes
+    assert 0 <= outputs.teacher_entropy <= math.log(prototypes) + 1e-5
+    assert 1 <= outputs.teacher_perplexity <= prototypes + 1e-3
+    assert 1 <= outputs.teacher_num_classes <= prototypes
+    assert outputs.teacher_sum.sum().item() == pytest.approx(outputs.teacher_count.item(), rel=1e-5)
+    torch.testing.assert_close(outputs.loss, 0.5 * outputs.loss_cls + 0.5 * outputs.loss_pred)
+
+
+def test_pretraining_model_from_an_encoder_checkpoint_initialises_the_rest(tmp_path):
+    """Missing modules are created on the meta device by from_pretrained: each must get a real initialisation."""
+    torch.manual_seed(0)
+    MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).matpac.save_pretrained(tmp_path)
+    model = MatpacForPreTraining.from_pretrained(tmp_path)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(tensor).all(), name
+    assert torch.all(model.student_head.last_layer.parametrizations.weight.original0 == 1)
+    assert model.student_head.mlp[0].weight.std() == pytest.approx(0.02, rel=0.2)
+    for teacher, student in zip(model.teacher_head.parameters(), model.student_head.parameters()):
+        assert torch.equal(teacher, student)
+    assert torch.count_nonzero(model.center) == 0
+    positions = model.predictor.position_embeddings[0]
+    torch.testing.assert_close(positions[1:, 0], torch.arange(38.0).repeat(5).sin())
