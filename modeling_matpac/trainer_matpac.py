@@ -1,0 +1,132 @@
+"""A `Trainer` that owns MATPAC's teachers: EMA teacher encoder and head, and the centre, once per optimizer step."""
+
+import logging
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .modeling_matpac import MatpacForPreTraining
+
+
+logger = logging.getLogger(__name__)
+
+# Detached model outputs averaged into the logs like `loss` (per micro-batch / accumulation steps, per step, over
+# processes).
+LOGGED_OUTPUTS = (
+    "loss_pred",
+    "loss_cls",
+    "teacher_entropy",
+    "teacher_perplexity",
+    "teacher_num_classes",
+    "target_std",
+    "prediction_std",
+    "teacher_temperature",
+)
+# Batch entries that carry data-pipeline counters, not model inputs.
+DATA_COUNTERS = ("num_skipped_corrupt", "num_skipped_short")
+
+
+class _TeacherUpdateCallback(TrainerCallback):
+    """Runs the teacher and centre updates between the backward and `optimizer.step()` (the authors' timing)."""
+
+    def __init__(self, trainer: "MatpacTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        model = self.trainer.pretraining_model
+        if model.config.ema_anneal_end_step != state.max_steps:
+            logger.info("EMA decays anneal over the whole run: ema_anneal_end_step = %d.", state.max_steps)
+            model.config.ema_anneal_end_step = state.max_steps
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.update_teachers_and_center(state.global_step)
+
+
+class MatpacTrainer(Trainer):
+    """
+    Trains [`MatpacForPreTraining`] with the standard `Trainer` loop. Per optimizer step, after the backward of the
+    last micro-batch: the centre moves toward the teacher statistics summed over all micro-batches and processes,
+    then each teacher moves toward the student weights that produced the step's loss (skipped at step 0). Every
+    process applies the same update, so teachers and centre stay identical under DDP. The schedules are functions of
+    `state.global_step` and `state.max_steps`, so a resumed run needs nothing beyond the model's state dict.
+
+    Single device and DDP are supported (with bf16/fp16 autocast: the teachers and the centre stay fp32). FSDP and
+    DeepSpeed are refused: the EMA would see sharded or partitioned parameters.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.ddp_find_unused_parameters is None:
+            # Every student parameter takes part in the loss; the teachers need no gradients.
+            self.args.ddp_find_unused_parameters = False
+        self.check_supported_setup()
+        self._teacher_sum: torch.Tensor | None = None
+        self._teacher_count: torch.Tensor | None = None
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._steps_at_last_log = self.state.global_step
+        self.add_callback(_TeacherUpdateCallback(self))
+
+    def check_supported_setup(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "MatpacTrainer supports single-device and DDP training only: the teacher EMA is not implemented for "
+                "FSDP or DeepSpeed parameter sharding. Launch with plain DDP (`accelerate launch` without an FSDP or "
+                "DeepSpeed config)."
+            )
+        if not isinstance(self.pretraining_model, MatpacForPreTraining):
+            raise ValueError(f"MatpacTrainer trains a MatpacForPreTraining, got {type(self.pretraining_model).__name__}.")
+
+    @property
+    def pretraining_model(self) -> MatpacForPreTraining:
+        return self.accelerator.unwrap_model(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counters = {name: inputs.pop(name) for name in DATA_COUNTERS if name in inputs}
+        outputs = model(input_values=inputs["input_values"], noise=inputs.get("noise"), step=self.state.global_step)
+        if model.training:
+            self._accumulate(outputs, counters)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _accumulate(self, outputs, counters: dict[str, torch.Tensor]) -> None:
+        """Sums the step's centre statistics and the values to log, as the Trainer sums `loss`."""
+        teacher_sum = outputs.teacher_sum.float()
+        self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
+        count = outputs.teacher_count.float()
+        self._teacher_count = count if self._teacher_count is None else self._teacher_count + count
+        accumulation = self.args.gradient_accumulation_steps
+        for name in LOGGED_OUTPUTS:
+            value = getattr(outputs, name).detach().float() / accumulation
+            self._log_sums[name] = self._log_sums.get(name, 0) + value
+        for name, value in counters.items():
+            # Counters are running totals per data worker: keep the latest.
+            self._log_sums[name] = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).max()
+
+    @torch.no_grad()
+    def update_teachers_and_center(self, step: int) -> None:
+        model = self.pretraining_model
+        if self._teacher_sum is not None:
+            teacher_sum = self.accelerator.reduce(self._teacher_sum, reduction="sum")
+            teacher_count = self.accelerator.reduce(self._teacher_count, reduction="sum")
+            model.update_center(teacher_sum, teacher_count)
+            self._teacher_sum = self._teacher_count = None
+        model.update_teachers(step)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation of a label-free objective: the pre-training loss is the metric."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._log_sums:
+            steps = max(self.state.global_step - self._steps_at_last_log, 1)
+            for name, value in self._log_sums.items():
+                if name in DATA_COUNTERS:
+                    logs[name] = int(self.accelerator.reduce(value, reduction="sum").item())
+                else:
+                    logs[name] = round(self.accelerator.reduce(value, reduction="mean").item() / steps, 6)
+            logs["ema_decay"], logs["head_ema_decay"] = self.pretraining_model.ema_decays(self.state.global_step - 1)
+            self._log_sums = {}
+            self._steps_at_last_log = self.state.global_step
+        super().log(logs, start_time)

@@ -1,0 +1,72 @@
+"""Trains a tiny MATPAC with MatpacTrainer on fixed data and masking; run directly or under `accelerate launch`."""
+
+import os
+import sys
+
+import torch
+from conftest import tiny_config_kwargs
+from transformers import TrainingArguments, set_seed
+
+from modeling_matpac import MatpacConfig, MatpacForPreTraining
+from modeling_matpac.trainer_matpac import MatpacTrainer
+
+
+class FixedCrops(torch.utils.data.Dataset):
+    """Log-mel crops with their own masking noise, so that any split of a batch masks the same patches."""
+
+    def __init__(self, size: int = 16):
+        generator = torch.Generator().manual_seed(0)
+        self.values = torch.randn(size, 80, 608, generator=generator)
+        self.noise = torch.rand(size, 190, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_values": self.values[index], "noise": self.noise[index]}
+
+
+def tiny_model() -> MatpacForPreTraining:
+    set_seed(0)
+    config = MatpacConfig(
+        **tiny_config_kwargs(
+            ema_decay=0.5,
+            ema_end_decay=0.9,
+            head_ema_decay=0.6,
+            head_ema_end_decay=0.95,
+            teacher_temperature_warmup_steps=2,
+        )
+    )
+    return MatpacForPreTraining(config)
+
+
+def train(output_dir, batch_size, accumulation, max_steps, save_steps=None, resume=None, **extra) -> MatpacTrainer:
+    model = tiny_model()
+    args = TrainingArguments(
+        output_dir,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=max_steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        **extra,
+    )
+    trainer = MatpacTrainer(model=model, args=args, train_dataset=FixedCrops())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+if __name__ == "__main__":
+    output_dir = sys.argv[1]
+    trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3)
+    rank = trainer.args.process_index
+    state = {name: tensor.clone() for name, tensor in trainer.pretraining_model.state_dict().items()}
+    torch.save({"state": state, "log_history": trainer.state.log_history}, f"{output_dir}/rank{rank}.pt")

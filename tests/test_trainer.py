@@ -1,0 +1,100 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pretraining_worker import train
+from transformers import TrainingArguments
+
+from modeling_matpac import MatpacForPreTraining, MatpacModel
+from modeling_matpac.trainer_matpac import MatpacTrainer
+
+
+TESTS = Path(__file__).parent
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[name] - second[name]).abs().max().item() for name in first)
+
+
+def test_updates_run_once_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch):
+    calls = []
+    original = MatpacForPreTraining.update_teachers
+
+    def spy(self, step):
+        calls.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(MatpacForPreTraining, "update_teachers", spy)
+    accumulated = train(tmp_path / "ga", batch_size=2, accumulation=2, max_steps=3)
+    assert calls == [0, 1, 2]
+    monkeypatch.setattr(MatpacForPreTraining, "update_teachers", original)
+    whole = train(tmp_path / "whole", batch_size=4, accumulation=1, max_steps=3)
+    # The same global batches give the same run: centre statistics and EMA cover both micro-batches at once.
+    state_ga = accumulated.pretraining_model.state_dict()
+    assert max_difference(state_ga, whole.pretraining_model.state_dict()) < 1e-5
+    assert torch.count_nonzero(state_ga["center"]) > 0
+    assert accumulated.pretraining_model.config.ema_anneal_end_step == 3
+
+
+def test_logs_average_the_losses_like_loss(tmp_path):
+    trainer = train(tmp_path, batch_size=2, accumulation=2, max_steps=3)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:
+        assert entry["loss"] == pytest.approx(0.5 * entry["loss_pred"] + 0.5 * entry["loss_cls"], abs=1e-5)
+        assert 1 <= entry["teacher_num_classes"] <= 24 and entry["teacher_perplexity"] >= 1
+    assert [entry["teacher_temperature"] for entry in logged] == pytest.approx([0.04, 0.055, 0.07])
+    assert [entry["ema_decay"] for entry in logged] == pytest.approx([0.5, 0.5 + 0.4 / 3, 0.5 + 0.8 / 3])
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = train(tmp_path / "straight", batch_size=2, accumulation=2, max_steps=4, save_steps=2)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+    resumed = train(tmp_path / "resumed", batch_size=2, accumulation=2, max_steps=4, resume=str(checkpoint))
+    straight_state = straight.pretraining_model.state_dict()
+    resumed_state = resumed.pretraining_model.state_dict()
+    for name, tensor in straight_state.items():
+        assert torch.equal(tensor, resumed_state[name]), name
+    halfway = MatpacForPreTraining.from_pretrained(checkpoint)
+    assert not torch.equal(halfway.center, straight_state["center"])
+    assert isinstance(MatpacModel.from_pretrained(checkpoint), MatpacModel)
+
+
+def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+        str(TESTS / "pretraining_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+
+    single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3)
+    assert max_difference(ranks[0]["state"], single.pretraining_model.state_dict()) < 1e-5
+    ddp_losses = [entry["loss"] for entry in ranks[0]["log_history"] if "loss" in entry]
+    single_losses = [entry["loss"] for entry in single.state.log_history if "loss" in entry]
+    assert ddp_losses == pytest.approx(single_losses, abs=1e-5)
+
+
+def test_unsupported_setups_are_refused(tmp_path):
+    from pretraining_worker import tiny_model
+
+    args = TrainingArguments(tmp_path, use_cpu=True, report_to=[])
+    encoder = MatpacModel(tiny_model().config)
+    with pytest.raises(ValueError, match="trains a MatpacForPreTraining"):
+        MatpacTrainer(model=encoder, args=args)
+    trainer = MatpacTrainer(model=tiny_model(), args=args)
+    for backend in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        setattr(trainer, backend, True)
+        with pytest.raises(ValueError, match="FSDP or DeepSpeed"):
+            trainer.check_supported_setup()
+        setattr(trainer, backend, False)
