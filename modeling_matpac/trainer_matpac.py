@@ -22,7 +22,7 @@ LOGGED_OUTPUTS = (
     "prediction_std",
     "teacher_temperature",
 )
-# Batch entries that carry data-pipeline counters, not model inputs.
+# Batch entries that count the clips the data pipeline skipped while reading the batch (see `pretraining_data`).
 DATA_COUNTERS = ("num_skipped_corrupt", "num_skipped_short")
 
 
@@ -63,6 +63,8 @@ class MatpacTrainer(Trainer):
         self._teacher_sum: torch.Tensor | None = None
         self._teacher_count: torch.Tensor | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
+        self._skipped_since_log = torch.zeros(len(DATA_COUNTERS))
+        self.skipped_clips = dict.fromkeys(DATA_COUNTERS, 0)
         self._steps_at_last_log = self.state.global_step
         self.add_callback(_TeacherUpdateCallback(self))
 
@@ -97,9 +99,11 @@ class MatpacTrainer(Trainer):
         for name in LOGGED_OUTPUTS:
             value = getattr(outputs, name).detach().float() / accumulation
             self._log_sums[name] = self._log_sums.get(name, 0) + value
-        for name, value in counters.items():
-            # Counters are running totals per data worker: keep the latest.
-            self._log_sums[name] = torch.as_tensor(value, dtype=torch.float32, device=self.args.device).max()
+        for index, name in enumerate(DATA_COUNTERS):
+            if name in counters:
+                counter = counters[name]
+                self._skipped_since_log = self._skipped_since_log.to(counter.device)
+                self._skipped_since_log[index] += counter.sum()
 
     @torch.no_grad()
     def update_teachers_and_center(self, step: int) -> None:
@@ -122,10 +126,12 @@ class MatpacTrainer(Trainer):
         if "loss" in logs and self._log_sums:
             steps = max(self.state.global_step - self._steps_at_last_log, 1)
             for name, value in self._log_sums.items():
-                if name in DATA_COUNTERS:
-                    logs[name] = int(self.accelerator.reduce(value, reduction="sum").item())
-                else:
-                    logs[name] = round(self.accelerator.reduce(value, reduction="mean").item() / steps, 6)
+                logs[name] = round(self.accelerator.reduce(value, reduction="mean").item() / steps, 6)
+            skipped = self.accelerator.reduce(self._skipped_since_log.to(self.args.device), reduction="sum")
+            for name, count in zip(DATA_COUNTERS, skipped.tolist()):
+                self.skipped_clips[name] += int(count)
+                logs[name] = self.skipped_clips[name]
+            self._skipped_since_log.zero_()
             logs["ema_decay"], logs["head_ema_decay"] = self.pretraining_model.ema_decays(self.state.global_step - 1)
             self._log_sums = {}
             self._steps_at_last_log = self.state.global_step

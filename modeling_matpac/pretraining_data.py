@@ -1,0 +1,631 @@
+# Copyright 2025 The matpac authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Audio sources -> batches of normalised log-mel crops for MATPAC pre-training.
+
+Every clip is decoded with `soundfile` (no FFmpeg, torchcodec or torchaudio), averaged to mono, resampled to 16 kHz and
+cropped at random to 6.08 s (`400 + 607 * 160 = 97,520` samples, exactly 608 frames), once per clip and epoch. Clips
+shorter than the crop are skipped (the authors keep only clips of at least 6.08 s); undecodable clips are skipped with
+a warning. Neither stops a run: both are counted, see below.
+
+Determinism. The order of an epoch depends on `(seed, epoch)` and a clip's crop on `(seed, epoch, clip)` only, never on
+the number of processes or DataLoader workers (which only decide how clips are grouped into batches), so a run resumed
+from a checkpoint with the same processes and workers sees the same batches as the uninterrupted run.
+
+Distribution. Each "consumer" (a DataLoader worker of a process, or the process itself without workers) reads its own
+part of every epoch: clips with random access (files of a folder, rows of a map-style `datasets.Dataset`) are dealt
+round-robin from the epoch's permutation; a streamed `datasets.IterableDataset` is split by whole shards when it has at
+least as many shards as there are consumers, else every consumer reads all shards and keeps every n-th clip. Each clip
+is thus used exactly once per epoch. The dataset repeats epochs forever (`infinite=True`), so that processes whose
+shares differ in length never run dry at different times and hang DDP; each consumer moves on to its next epoch on its
+own (shares differing by a clip or a shard make consumers drift apart by that much per epoch). The Trainer then needs
+`max_steps` (convert epochs with `dataset_size`, which counts clips before skipping). Two ways to run it under
+`accelerate launch`:
+
+- `rank=0, world_size=1` on every process, accelerate's default `dispatch_batches=True` for iterable datasets: the
+  workers of process 0 decode everything and accelerate hands each process a different slice of their batches.
+  Nothing to change in the Trainer, but all decoding happens on one process (the other processes' workers only
+  prefetch a few batches).
+- `rank=process_index, world_size=num_processes` with `TrainingArguments(accelerator_config={"dispatch_batches":
+  False})`: every process decodes only its own share. accelerate then wraps any torch `IterableDataset` in an
+  `IterableDatasetShard` that would keep only `1 / num_processes` of each process's share, so the Trainer must make
+  that wrapper a pass-through after `accelerator.prepare` (`dataloader.dataset.num_processes = 1`,
+  `dataloader.dataset.process_index = 0`), as `Trainer` does for a rank-aware `BatchRebalanceSampler`.
+
+Skip counts. DataLoader workers are separate processes, so counters cannot be read from the dataset object. Each
+example instead carries how many clips were skipped (too short, undecodable) since its consumer's previous example;
+`collate_pretraining_batch` keeps these as `(batch,)` tensors, which survive accelerate's dispatching and slicing.
+Summed over batches and processes they give exact totals: the Trainer must pop `num_skipped_short` and
+`num_skipped_corrupt` from the batch before calling the model (and needs `remove_unused_columns=False`).
+"""
+
+import glob
+import io
+import os
+import wave
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import fsspec.asyn
+import numpy as np
+import soundfile as sf
+import torch
+from transformers.utils import logging
+
+from .feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram, resample
+
+
+logger = logging.get_logger(__name__)
+
+SAMPLING_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+SHARD_FORMATS = {".parquet": "parquet", ".tar": "webdataset"}
+
+AudioSource = Sequence[str | os.PathLike] | datasets.Dataset | datasets.IterableDataset
+
+
+class AudioDecodeError(ValueError):
+    """A clip that cannot be decoded into audio samples: empty, corrupt, in an unknown format or non-finite."""
+
+
+def _open_sound_file(audio: bytes | str | os.PathLike) -> sf.SoundFile:
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        if len(audio) == 0:
+            raise AudioDecodeError("the audio data is empty (0 bytes)")
+        file = io.BytesIO(audio)
+    elif isinstance(audio, (str, os.PathLike)):
+        if os.path.isfile(audio) and os.path.getsize(audio) == 0:
+            raise AudioDecodeError(f"{os.fspath(audio)} is empty (0 bytes)")
+        file = os.fspath(audio)
+    else:
+        raise TypeError(f"Expected audio as bytes or a file path, got {type(audio).__name__}.")
+    try:
+        return sf.SoundFile(file)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise AudioDecodeError(f"soundfile cannot open the audio: {error}") from error
+
+
+def _read_samples(sound_file: sf.SoundFile) -> np.ndarray:
+    """All samples of an open file as float32 `(channels, samples)`."""
+    try:
+        samples = sound_file.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise AudioDecodeError(f"soundfile cannot decode the audio: {error}") from error
+    if samples.shape[0] == 0:
+        raise AudioDecodeError("the audio has no samples")
+    if not np.isfinite(samples).all():
+        raise AudioDecodeError("the audio has NaN or infinite samples")
+    return np.ascontiguousarray(samples.T)
+
+
+def decode_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
+    """
+    Decode an audio file (wav, flac, ogg, mp3, ... whatever libsndfile reads) from its bytes or its path.
+
+    Returns:
+        `(waveform, sampling_rate)`: float32 samples `(channels, samples)` in [-1, 1] and the file's rate in Hz.
+
+    Raises:
+        `AudioDecodeError`: the data is empty, corrupt, not audio, has no samples or has non-finite samples.
+    """
+    with _open_sound_file(data) as sound_file:
+        return _read_samples(sound_file), sound_file.samplerate
+
+
+def _length_at_16k(num_samples: int, sampling_rate: int) -> int:
+    """Samples after resampling to 16 kHz, as `resample` returns them."""
+    return -(-num_samples * SAMPLING_RATE // sampling_rate)
+
+
+def to_mono_16k(waveform: np.ndarray | torch.Tensor, sampling_rate: int) -> torch.Tensor:
+    """Average the channels of `waveform` `(channels, samples)` (or mono `(samples,)`) and resample it to 16 kHz."""
+    waveform = torch.as_tensor(waveform, dtype=torch.float32)
+    if waveform.ndim == 2:
+        waveform = waveform.mean(dim=0)
+    elif waveform.ndim != 1:
+        raise ValueError(f"Expected a waveform (channels, samples) or (samples,), got shape {tuple(waveform.shape)}.")
+    return resample(waveform, sampling_rate, SAMPLING_RATE).contiguous()
+
+
+def list_audio_files(directory: str | os.PathLike) -> list[Path]:
+    """All audio files (wav, flac, ogg, mp3) under `directory`, recursively, in the sorted order of their paths."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Audio folder {os.fspath(directory)!r} does not exist or is not a directory.")
+    files = [path for path in root.rglob("*") if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()]
+    if not files:
+        message = f"No audio file ({', '.join(AUDIO_EXTENSIONS)}) under {os.fspath(root)!r}."
+        if any(path.suffix in SHARD_FORMATS for path in root.rglob("*")):
+            message += " It holds parquet or webdataset shards: pass them as `data_files` instead."
+        raise ValueError(message)
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def _resolve_shard_files(data_files: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], str]:
+    """Expand files, folders and glob patterns into sorted shard paths, and tell their `datasets` builder."""
+    patterns = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    if not patterns:
+        raise ValueError("`data_files` is empty: expected parquet or webdataset (.tar) shards.")
+    files = set()
+    for pattern in map(os.fspath, patterns):
+        if os.path.isdir(pattern):
+            matches = [
+                path
+                for path in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                if Path(path).suffix in SHARD_FORMATS
+            ]
+        else:
+            matches = glob.glob(pattern, recursive=True)
+        matches = [os.path.abspath(path) for path in matches if os.path.isfile(path)]
+        if not matches:
+            raise FileNotFoundError(f"No shard file matches {pattern!r}.")
+        files.update(matches)
+    suffixes = {Path(path).suffix for path in files}
+    if len(suffixes) != 1 or not suffixes <= SHARD_FORMATS.keys():
+        raise ValueError(
+            f"`data_files` must all be parquet (.parquet) or all webdataset (.tar) shards, got {sorted(suffixes)}."
+        )
+    return sorted(files), SHARD_FORMATS[suffixes.pop()]
+
+
+def load_audio_source(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    data_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    split: str = "train",
+    streaming: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> AudioSource:
+    """
+    Open one pre-training audio source, given by exactly one of:
+
+    - `dataset_name`: a Hub dataset (with `dataset_config_name` and `split`), streamed unless `streaming=False`
+      (which a webdataset-format Hub dataset does not support without torchcodec);
+    - `data_dir`: a local folder of audio files, read lazily file by file (`streaming` does not apply);
+    - `data_files`: local parquet or webdataset `.tar` shards (files, folders or glob patterns), loaded into the
+      `datasets` cache unless `streaming=True`, so that the dataset size is known.
+
+    The result is what `MatpacPretrainingDataset` takes as `source`.
+    """
+    given = [
+        name
+        for name, value in [("dataset_name", dataset_name), ("data_dir", data_dir), ("data_files", data_files)]
+        if value is not None
+    ]
+    if len(given) != 1:
+        raise ValueError(
+            "Expected exactly one audio source: `dataset_name` (a Hub dataset), `data_dir` (a folder of audio files) "
+            f"or `data_files` (parquet or webdataset .tar shards); got {', '.join(given) or 'none'}."
+        )
+    if dataset_config_name is not None and dataset_name is None:
+        raise ValueError("`dataset_config_name` only applies to a Hub dataset given by `dataset_name`.")
+    if data_dir is not None:
+        return list_audio_files(data_dir)
+    if dataset_name is not None:
+        return datasets.load_dataset(
+            dataset_name, dataset_config_name, split=split, streaming=streaming is not False, cache_dir=cache_dir
+        )
+    files, builder = _resolve_shard_files(data_files)
+    features = None
+    if builder == "webdataset":
+        # `datasets` types the audio members of a tar as `Audio`, whose encoding needs torchcodec even for raw bytes:
+        # read them as plain bytes instead.
+        inferred = datasets.load_dataset(
+            builder, data_files={split: files}, split=split, streaming=True, cache_dir=cache_dir
+        ).features
+        features = datasets.Features(
+            {
+                name: datasets.Value("binary") if isinstance(feature, datasets.Audio) else feature
+                for name, feature in inferred.items()
+            }
+        )
+    return datasets.load_dataset(
+        builder,
+        data_files={split: files},
+        split=split,
+        streaming=bool(streaming),
+        features=features,
+        cache_dir=cache_dir,
+    )
+
+
+def _audio_column(features: datasets.Features | None, audio_column: str | None) -> str:
+    """
+    The requested column, else the only `Audio` column, else the only column named like an audio file extension (a
+    webdataset's, read as bytes by `load_audio_source`), else "audio".
+    """
+    if features is None:
+        return audio_column or "audio"
+    if audio_column is None:
+        audio_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Audio)]
+        if not audio_columns:
+            audio_columns = [name for name in features if f".{name.lower()}" in AUDIO_EXTENSIONS]
+        audio_column = audio_columns[0] if len(audio_columns) == 1 else "audio"
+    if audio_column not in features:
+        raise ValueError(
+            f"The dataset has no audio column {audio_column!r}; its columns are {list(features)}. Pass the column "
+            "that holds the audio files as `audio_column`."
+        )
+    return audio_column
+
+
+def _undecoded(
+    dataset: datasets.Dataset | datasets.IterableDataset, audio_column: str | None
+) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
+    """Keep only the audio column, as undecoded bytes/paths: `soundfile` decodes them, not torchcodec."""
+    column = _audio_column(dataset.features, audio_column)
+    dataset = dataset.select_columns([column]).with_format(None)
+    if dataset.features is not None and isinstance(dataset.features[column], datasets.Audio):
+        if isinstance(dataset, datasets.IterableDataset):
+            # Streaming re-encodes each example with the features; an `Audio` feature's encoder needs torchcodec.
+            storage = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+            dataset = dataset.cast_column(column, storage)
+        else:
+            dataset = dataset.cast_column(column, datasets.Audio(decode=False))
+    return dataset, column
+
+
+@dataclass(frozen=True)
+class _Clip:
+    key: tuple[int, ...]  # where the clip sits in its source; seeds its crops
+    clip_id: str
+    value: object  # bytes, a path, or a datasets audio value {"bytes", "path"}
+
+
+def _audio_payload(value: object) -> bytes | str | os.PathLike:
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            return value["path"]
+        raise AudioDecodeError("the row has neither audio bytes nor a path")
+    if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
+        return value
+    raise TypeError(
+        f"Expected audio as bytes, a path or a {{'bytes', 'path'}} dict, got {type(value).__name__}: point "
+        "`audio_column` at a column of undecoded audio files."
+    )
+
+
+class _IndexedClips:
+    """Clips with random access: each epoch is a permutation dealt round-robin to the consumers."""
+
+    def __init__(self, items: Sequence[str | os.PathLike] | datasets.Dataset, column: str | None = None):
+        self.items = items
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def iter_epoch(self, seed: int, epoch: int, shuffle: bool, consumer: int, num_consumers: int) -> Iterator[_Clip]:
+        order = np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else np.arange(len(self))
+        for index in order[consumer::num_consumers].tolist():
+            if self.column is None:
+                yield _Clip((index,), os.fspath(self.items[index]), self.items[index])
+            else:
+                yield _Clip((index,), str(index), self.items[index][self.column])
+
+
+class _StreamedClips:
+    """Clips of a sharded stream: whole shards per consumer when there are enough shards, else every n-th clip."""
+
+    def __init__(self, dataset: datasets.IterableDataset, column: str):
+        self.dataset = dataset
+        self.column = column
+
+    def _shard(self, shard: int) -> Iterator[object]:
+        # `iter` rather than `for row in dataset`: in a DataLoader worker, the latter splits the shards among the
+        # workers once more.
+        rows = self.dataset.shard(num_shards=self.dataset.num_shards, index=shard).iter(batch_size=1)
+        return (row[self.column][0] for row in rows)
+
+    def iter_epoch(self, seed: int, epoch: int, shuffle: bool, consumer: int, num_consumers: int) -> Iterator[_Clip]:
+        num_shards = self.dataset.num_shards
+        order = np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle else np.arange(num_shards)
+        if num_shards >= num_consumers:
+            for shard in order[consumer::num_consumers].tolist():
+                for row, value in enumerate(self._shard(shard)):
+                    yield _Clip((shard, row), f"{shard}/{row}", value)
+            return
+        position = 0
+        for shard in order.tolist():
+            for row, value in enumerate(self._shard(shard)):
+                if position % num_consumers == consumer:
+                    yield _Clip((shard, row), f"{shard}/{row}", value)
+                position += 1
+
+
+class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
+    """
+    Normalised log-mel crops `(80, num_frames)` for MATPAC pre-training: one random crop per clip and epoch.
+
+    Yields dicts with `input_values` (float32 `(80, num_frames)`), `num_skipped_short` and `num_skipped_corrupt` (clips
+    skipped since this consumer's previous example) and `clip_id` (a file path, a row index, or `"shard/row"`). See
+    the module docstring for how epochs are split among processes and DataLoader workers.
+
+    Args:
+        source (list of paths, `datasets.Dataset` or `datasets.IterableDataset`):
+            Audio files, or a dataset with a column of audio files (bytes or paths; not decoded by `datasets`), for
+            instance from `load_audio_source`. A streamed dataset must not be split by node already.
+        audio_column (`str`, *optional*):
+            The dataset's audio column; defaults to its only `Audio` column, else its only column named like an audio
+            file extension (webdataset), else "audio".
+        feature_extractor (`MatpacFeatureExtractor`, *optional*):
+            Log-mel settings and normalisation statistics; defaults to MATPAC's.
+        num_frames (`int`, *optional*, defaults to 608):
+            Frames per crop; a crop has `n_fft + (num_frames - 1) * hop_length` samples at 16 kHz.
+        seed (`int`, *optional*, defaults to 0):
+            Seeds the order of every epoch and every crop.
+        shuffle (`bool`, *optional*, defaults to `True`):
+            Whether to permute the clips (the shards, for a stream) at every epoch.
+        infinite (`bool`, *optional*, defaults to `True`):
+            Repeat epochs forever (training, with `max_steps`), or stop after the epoch set by `set_epoch`.
+        rank (`int`, *optional*, defaults to 0):
+            This process's index among the `world_size` processes that each read their own share of the data.
+        world_size (`int`, *optional*, defaults to 1):
+            Number of processes that each read their own share of the data (1 when accelerate dispatches batches).
+    """
+
+    def __init__(
+        self,
+        source: AudioSource,
+        audio_column: str | None = None,
+        feature_extractor: MatpacFeatureExtractor | None = None,
+        num_frames: int = 608,
+        seed: int = 0,
+        shuffle: bool = True,
+        infinite: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"Expected 0 <= rank < world_size, got rank={rank} and world_size={world_size}.")
+        if seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {seed}.")
+        if num_frames < 1:
+            raise ValueError(f"`num_frames` must be positive, got {num_frames}.")
+        self.feature_extractor = feature_extractor if feature_extractor is not None else MatpacFeatureExtractor()
+        if self.feature_extractor.sampling_rate != SAMPLING_RATE:
+            raise ValueError(f"The feature extractor must work at {SAMPLING_RATE} Hz, like the crops.")
+        self.crop_length = self.feature_extractor.n_fft + (num_frames - 1) * self.feature_extractor.hop_length
+        self.seed = seed
+        self.shuffle = shuffle
+        self.infinite = infinite
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+        self._streamed = isinstance(source, datasets.IterableDataset)
+        self._declared_size = self._declared_num_examples(source) if self._streamed else None
+        if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+            dataset, column = _undecoded(source, audio_column)
+            self._clips = _StreamedClips(dataset, column) if self._streamed else _IndexedClips(dataset, column)
+        elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+            self._clips = _IndexedClips(list(source))
+        else:
+            raise TypeError(
+                "Expected `source` as a list of audio file paths, a `datasets.Dataset` or a `datasets.IterableDataset`"
+                f", got {type(source).__name__}."
+            )
+        if not self._streamed and len(self._clips) == 0:
+            raise ValueError("The audio source is empty: expected at least one clip.")
+
+    @staticmethod
+    def _declared_num_examples(dataset: datasets.IterableDataset) -> int | None:
+        splits = dataset.info.splits
+        split = str(dataset.split) if dataset.split is not None else None
+        if splits and split in splits and splits[split].num_examples:
+            return splits[split].num_examples
+        return None
+
+    @property
+    def dataset_size(self) -> int | None:
+        """
+        Clips per epoch before skipping short and undecodable ones, to convert epochs to steps: exact for files and
+        map-style datasets, as declared by the dataset card for a stream, `None` when unknown.
+        """
+        return self._declared_size if self._streamed else len(self._clips)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration starts from (the Trainer calls this through accelerate)."""
+        if epoch < 0:
+            raise ValueError(f"`epoch` must be non-negative, got {epoch}.")
+        self.epoch = epoch
+
+    def _crop(self, clip: _Clip, epoch: int) -> torch.Tensor | None:
+        """The normalised log-mel of the clip's crop for `epoch`, or `None` if the clip is shorter than a crop."""
+        with _open_sound_file(_audio_payload(clip.value)) as sound_file:
+            # The header gives the length: short clips are skipped without decoding them.
+            if _length_at_16k(sound_file.frames, sound_file.samplerate) < self.crop_length:
+                return None
+            waveform, sampling_rate = _read_samples(sound_file), sound_file.samplerate
+        waveform = to_mono_16k(waveform, sampling_rate)
+        if waveform.shape[-1] < self.crop_length:  # the header over-stated the length
+            return None
+        rng = np.random.default_rng([self.seed, epoch, *clip.key])
+        start = int(rng.integers(waveform.shape[-1] - self.crop_length + 1))
+        crop = waveform[None, start : start + self.crop_length]
+        extractor = self.feature_extractor
+        log_mel = log_mel_spectrogram(
+            crop, extractor.mel_filters, extractor.window, extractor.hop_length, extractor.log_offset
+        )
+        return ((log_mel - extractor.mean) / extractor.std)[0]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        consumer, num_consumers = self.rank * num_workers + worker_id, self.world_size * num_workers
+        if self._streamed and worker is not None:
+            # Like `datasets` does in its own workers: a lock inherited from the parent process can hang remote reads.
+            fsspec.asyn.reset_lock()
+
+        warned = set()
+        epoch = self.epoch
+        short = corrupt = 0
+        while True:
+            counts = {"crops": 0, "short": 0, "corrupt": 0}  # of this epoch, for the log
+            for clip in self._clips.iter_epoch(self.seed, epoch, self.shuffle, consumer, num_consumers):
+                try:
+                    input_values = self._crop(clip, epoch)
+                except AudioDecodeError as error:
+                    corrupt += 1
+                    counts["corrupt"] += 1
+                    if clip.clip_id not in warned:
+                        warned.add(clip.clip_id)
+                        logger.warning(f"Skipping undecodable audio clip {clip.clip_id}: {error}")
+                    continue
+                if input_values is None:
+                    short += 1
+                    counts["short"] += 1
+                    continue
+                yield {
+                    "input_values": input_values,
+                    "num_skipped_short": short,
+                    "num_skipped_corrupt": corrupt,
+                    "clip_id": clip.clip_id,
+                }
+                short = corrupt = 0
+                counts["crops"] += 1
+            logger.debug(
+                f"Data consumer {consumer}/{num_consumers} finished epoch {epoch}: {counts['crops']} crops, "
+                f"{counts['short']} clips too short, {counts['corrupt']} undecodable."
+            )
+            if not self.infinite:
+                return
+            if counts["crops"] == 0:
+                raise RuntimeError(
+                    f"Data consumer {consumer} of {num_consumers} (rank {self.rank} of {self.world_size}, DataLoader "
+                    f"worker {worker_id} of {num_workers}) found no usable clip in epoch {epoch} "
+                    f"({counts['short']} shorter than {self.crop_length} samples at 16 kHz, {counts['corrupt']} "
+                    "undecodable): it would loop forever. Use more (or longer) clips, or fewer processes or workers."
+                )
+            epoch += 1
+
+
+def collate_pretraining_batch(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """
+    Stack examples of `MatpacPretrainingDataset` into `input_values` `(batch, 80, num_frames)`, with the skip counts
+    as `(batch,)` int64 tensors (summed, they are the clips skipped while this batch was read).
+    """
+    if "num_skipped_short" not in examples[0]:
+        raise KeyError(
+            "The examples have no skip counts: `Trainer` removed them as inputs unknown to the model. Set "
+            "`remove_unused_columns=False` and pop the counts from the batch in `compute_loss`."
+        )
+    return {
+        "input_values": torch.stack([example["input_values"] for example in examples]),
+        "num_skipped_short": torch.tensor([example["num_skipped_short"] for example in examples], dtype=torch.int64),
+        "num_skipped_corrupt": torch.tensor(
+            [example["num_skipped_corrupt"] for example in examples], dtype=torch.int64
+        ),
+    }
+
+
+def _synthesize(kind: str, rng: np.random.Generator, sampling_rate: int, num_samples: int) -> np.ndarray:
+    """One mono float64 signal of a kind with its own time-frequency structure, so that patches are predictable."""
+    nyquist_margin = 0.45 * sampling_rate
+    signal = np.zeros(num_samples)
+    start = 0
+    while start < num_samples:
+        length = int(rng.uniform(0.2, 1.2) * sampling_rate)
+        if num_samples - start - length < 0.2 * sampling_rate:  # the last segment takes the rest
+            length = num_samples - start
+        time = np.arange(length) / sampling_rate
+        if kind == "harmonic":  # a note with harmonics and an attack-decay envelope
+            f0 = 110.0 * 2 ** (rng.integers(0, 36) / 12)
+            rolloff = rng.uniform(0.5, 2.0)
+            note = sum(
+                h**-rolloff * np.sin(2 * np.pi * h * f0 * time + rng.uniform(0, 2 * np.pi))
+                for h in range(1, int(rng.integers(1, 9)) + 1)
+                if h * f0 < nyquist_margin
+            )
+            segment = note * (1 - np.exp(-time / 0.01)) * np.exp(-time / rng.uniform(0.1, 0.8))
+        elif kind == "chirp":  # an exponential sweep
+            low, high = np.exp(rng.uniform(np.log(100), np.log(min(6000, nyquist_margin)), size=2))
+            frequency = low * (high / low) ** (time / time[-1])
+            segment = np.sin(2 * np.pi * np.cumsum(frequency) / sampling_rate) * np.hanning(length)
+        elif kind == "noise_bursts":  # band-pass noise bursts between silences
+            spectrum = np.fft.rfft(rng.standard_normal(length))
+            frequencies = np.fft.rfftfreq(length, 1 / sampling_rate)
+            centre = np.exp(rng.uniform(np.log(200), np.log(min(6000, nyquist_margin))))
+            band = np.exp(-0.5 * (np.log(np.maximum(frequencies, 1.0) / centre) / rng.uniform(0.1, 0.5)) ** 2)
+            segment = np.fft.irfft(spectrum * band, length) * np.hanning(length)
+            segment[int(length * rng.uniform(0.3, 0.9)) :] = 0.0
+        else:  # "am_tone": an amplitude-modulated tone with vibrato
+            carrier = rng.uniform(200, 3000)
+            vibrato = carrier * 0.01 * np.sin(2 * np.pi * rng.uniform(3, 7) * time)
+            depth, rate = rng.uniform(0.3, 1.0), rng.uniform(2, 16)
+            segment = (1 + depth * np.sin(2 * np.pi * rate * time)) * np.sin(
+                2 * np.pi * np.cumsum(carrier + vibrato) / sampling_rate
+            )
+        signal[start : start + length] = segment / max(np.abs(segment).max(), 1e-9)
+        start += length
+    return signal
+
+
+def generate_builtin_corpus(output_dir: str | os.PathLike, num_clips: int = 32, seed: int = 0) -> list[Path]:
+    """
+    Write a small synthetic corpus of 6.5-8 s wav clips (16, 22.05 and 44.1 kHz, mono and stereo: harmonic notes,
+    chirps, noise bursts and AM tones) for a pre-training run without any download.
+
+    The files are bitwise identical for the same `num_clips` and `seed`: they are built with numpy, quantised to 16-bit
+    PCM and written with the standard library's `wave`. About 0.55 MB per clip.
+
+    Returns:
+        The paths of the clips, sorted (train on these rather than on the folder, which may hold older files).
+    """
+    if num_clips < 1:
+        raise ValueError(f"`num_clips` must be positive, got {num_clips}.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    kinds = ("harmonic", "chirp", "noise_bursts", "am_tone")
+    sampling_rates = (16000, 22050, 44100)
+    paths = []
+    for index in range(num_clips):
+        rng = np.random.default_rng([seed, index])
+        # Periods 4, 3 and 5: every combination of kind, rate and channels occurs among 60 clips.
+        kind, sampling_rate = kinds[index % 4], sampling_rates[index % 3]
+        num_channels = 2 if index % 5 in (1, 3) else 1
+        num_samples = int(rng.uniform(6.5, 8.0) * sampling_rate)
+        signal = _synthesize(kind, rng, sampling_rate, num_samples)
+        channels = [signal]
+        if num_channels == 2:
+            delay = int(rng.integers(1, 32))
+            channels.append(rng.uniform(0.6, 1.0) * np.concatenate([np.zeros(delay), signal[:-delay]]))
+        audio = np.stack(channels, axis=1) + 0.002 * rng.standard_normal((num_samples, num_channels))
+        audio *= rng.uniform(0.3, 0.9) / np.abs(audio).max()
+        pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
+        path = output_dir / f"{index:03d}_{kind}.wav"
+        with wave.open(os.fspath(path), "wb") as wav_file:
+            wav_file.setnchannels(num_channels)
+            wav_file.setsampwidth(2)
+            wav_file.setframerate(sampling_rate)
+            wav_file.writeframes(pcm.tobytes())
+        paths.append(path)
+    return sorted(paths)
+
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "AudioDecodeError",
+    "MatpacPretrainingDataset",
+    "collate_pretraining_batch",
+    "decode_audio",
+    "generate_builtin_corpus",
+    "list_audio_files",
+    "load_audio_source",
+    "to_mono_16k",
+]

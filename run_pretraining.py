@@ -1,0 +1,302 @@
+#!/usr/bin/env python
+"""
+Pre-trains MATPAC on audio with `MatpacTrainer`, on one device or many (`accelerate launch run_pretraining.py ...`).
+
+Without a data source (`python run_pretraining.py`) it trains a small MATPAC for a few minutes on a built-in synthetic
+corpus, generated on the fly, and saves a model that `AutoModel.from_pretrained` and `run_probe.py` can use. With a
+source, the defaults are the paper's best recipe (ViT-B, 300 epochs, batch 2048 = 8 x 256, AdamW 3e-4, cosine with
+20 warm-up epochs, clipping 3.0, teacher temperature warm-up over 10 epochs):
+
+    accelerate launch run_pretraining.py --dataset_name agkphysics/AudioSet --dataset_config_name unbalanced \
+        --max_steps 294816 --warmup_steps 19654 --teacher_temperature_warmup_steps 9827 --bf16
+    python run_pretraining.py --train_dir /data/my_audio --num_train_epochs 100
+"""
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
+from modeling_matpac.pretraining_data import (
+    MatpacPretrainingDataset,
+    collate_pretraining_batch,
+    generate_builtin_corpus,
+    load_audio_source,
+)
+from modeling_matpac.trainer_matpac import MatpacTrainer
+
+
+logger = logging.getLogger(__name__)
+
+MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "TEMPLATE.md"
+DATA_SOURCE_FLAGS = ("--dataset_name", "--train_dir", "--train_files")
+# The built-in default: a small model and a short schedule that run in a few minutes on a laptop CPU. Prepended to
+# the command line when no data source is given, so that any flag the user passes still wins.
+BUILTIN_DEFAULT_FLAGS = [
+    "--config_overrides",
+    "hidden_size=192,num_hidden_layers=4,num_attention_heads=3,intermediate_size=768,"
+    "predictor_hidden_size=96,predictor_num_hidden_layers=2,predictor_num_attention_heads=3,"
+    "predictor_intermediate_size=384,head_hidden_size=256,head_bottleneck_size=64,head_num_prototypes=256,"
+    "ema_decay=0.99,ema_end_decay=0.999,head_ema_decay=0.99",
+    "--per_device_train_batch_size", "16",
+    "--max_steps", "60",
+    "--learning_rate", "1e-3",
+    "--warmup_steps", "10",
+    "--teacher_temperature_warmup_steps", "20",
+    "--logging_steps", "10",
+    "--save_steps", "30",
+    "--save_total_limit", "1",
+]  # fmt: skip
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A MatpacForPreTraining checkpoint to continue from, or a MatpacModel (student encoder) to start "
+            "from; a fresh model when not given."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config fields to change for a fresh model, e.g. 'hidden_size=384,num_attention_heads=6'."},
+    )
+    teacher_temperature_warmup_epochs: float = field(
+        default=10.0, metadata={"help": "Epochs of the teacher temperature warm-up (n_tau; 10 in the best model)."}
+    )
+    teacher_temperature_warmup_steps: int | None = field(
+        default=None, metadata={"help": "The warm-up in optimizer steps; wins over the epochs."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub audio dataset, e.g. an AudioSet mirror."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    dataset_split: str = field(default="train", metadata={"help": "The split to train on."})
+    streaming: bool = field(
+        default=True, metadata={"help": "Stream the Hub dataset (or local shards with --train_files)."}
+    )
+    train_dir: str | None = field(default=None, metadata={"help": "A local folder of audio files (searched recursively)."})
+    train_files: list[str] | None = field(
+        default=None, metadata={"help": "Local parquet or webdataset (.tar) shards: files, folders or glob patterns."}
+    )
+    audio_column: str | None = field(default=None, metadata={"help": "The dataset's audio column."})
+    builtin_corpus_clips: int = field(
+        default=48, metadata={"help": "Clips of the built-in corpus, used when no data source is given."}
+    )
+
+
+@dataclass
+class MatpacTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's recipe as defaults."""
+
+    output_dir: str = field(default="outputs/matpac-default", metadata={"help": "Where checkpoints and the model go."})
+    per_device_train_batch_size: int = 256
+    learning_rate: float = 3e-4
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-6
+    weight_decay: float = 0.05
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 3.0
+    num_train_epochs: float = 300.0
+    warmup_epochs: float = field(
+        default=20.0, metadata={"help": "Learning-rate warm-up in epochs; --warmup_steps wins when given."}
+    )
+    logging_steps: float = 50
+    save_steps: float = 5000
+    remove_unused_columns: bool = False
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MatpacTrainingArguments, bool]:
+    builtin = not any(arg.split("=")[0] in DATA_SOURCE_FLAGS for arg in argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, MatpacTrainingArguments))
+    arguments = parser.parse_args_into_dataclasses((BUILTIN_DEFAULT_FLAGS if builtin else []) + argv)
+    return (*arguments, builtin)
+
+
+def build_config(model_args: ModelArguments) -> MatpacConfig:
+    config = MatpacConfig()
+    if model_args.config_overrides:
+        overrides = dict(item.split("=", 1) for item in model_args.config_overrides.split(","))
+        unknown = sorted(name for name in overrides if not hasattr(config, name))
+        if unknown:
+            raise ValueError(f"--config_overrides names fields MatpacConfig does not have: {unknown}")
+        typed = {name: type(getattr(config, name))(value) for name, value in overrides.items()}
+        config = MatpacConfig(**{**config.to_diff_dict(), **typed})
+    return config
+
+
+def load_model(model_args: ModelArguments) -> MatpacForPreTraining:
+    if model_args.model_name_or_path is None:
+        return MatpacForPreTraining(build_config(model_args))
+    if model_args.config_overrides:
+        raise ValueError("--config_overrides applies to a fresh model, not to --model_name_or_path.")
+    return MatpacForPreTraining.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+
+
+def resolve_schedules(
+    model_args: ModelArguments, training_args: MatpacTrainingArguments, config: MatpacConfig, dataset_size: int | None
+) -> None:
+    """Turns the recipe's epochs into optimizer steps, or asks for steps when the dataset size is unknown."""
+    global_batch = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
+    )
+    steps_per_epoch = math.ceil(dataset_size / global_batch) if dataset_size else None
+    if training_args.max_steps <= 0:
+        if steps_per_epoch is None:
+            raise ValueError(
+                "The dataset's size is unknown (a stream without a declared size): give the schedule in steps with "
+                "--max_steps, --warmup_steps and --teacher_temperature_warmup_steps."
+            )
+        training_args.max_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    if training_args.warmup_steps == 0 and training_args.warmup_epochs > 0:
+        if steps_per_epoch is None:
+            raise ValueError("--warmup_epochs needs a dataset of known size: give --warmup_steps instead.")
+        training_args.warmup_steps = round(training_args.warmup_epochs * steps_per_epoch)
+    if model_args.teacher_temperature_warmup_steps is not None:
+        config.teacher_temperature_warmup_steps = model_args.teacher_temperature_warmup_steps
+    elif steps_per_epoch is not None:
+        config.teacher_temperature_warmup_steps = round(model_args.teacher_temperature_warmup_epochs * steps_per_epoch)
+    else:
+        raise ValueError("--teacher_temperature_warmup_epochs needs a dataset of known size: give the steps instead.")
+    logger.info(
+        "Schedule: %d optimizer steps of %d clips (%s steps per epoch), %d warm-up steps, teacher temperature "
+        "warm-up over %d steps.",
+        training_args.max_steps,
+        global_batch,
+        steps_per_epoch if steps_per_epoch is not None else "unknown",
+        training_args.warmup_steps,
+        config.teacher_temperature_warmup_steps,
+    )
+
+
+def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size: int | None) -> None:
+    model, args = trainer.pretraining_model, trainer.args
+    config = model.config
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    card = MODEL_CARD_TEMPLATE.read_text().format(
+        model_name=Path(args.output_dir).name,
+        model_id=args.output_dir,
+        license="apache-2.0",
+        description=f"Pre-trained for {trainer.state.global_step} steps on {data_description}.",
+        sampling_rate=config.sampling_rate,
+        num_mel_bins=config.num_mel_bins,
+        patch_size=config.patch_size,
+        num_frames=config.num_frames,
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        embedding_size=config.embedding_size,
+        num_parameters=f"{model.matpac.num_parameters():,}",
+        dataset_name=data_description,
+        num_train_clips=dataset_size if dataset_size is not None else "unknown (streamed)",
+        crop_seconds=config.num_frames * config.hop_length / config.sampling_rate,
+        num_train_steps=trainer.state.global_step,
+        global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type,
+        weight_decay=args.weight_decay,
+        mask_ratio=config.mask_ratio,
+        loss_pred_weight=config.loss_pred_weight,
+        head_num_prototypes=config.head_num_prototypes,
+        ema_decay=config.ema_decay,
+        ema_end_decay=config.ema_end_decay,
+        final_loss=f"{losses[-1]:.4f}" if losses else "not logged",
+        evaluation="Not evaluated yet: run `run_probe.py` on this directory and paste its `results.md` here.",
+    )
+    (Path(args.output_dir) / "README.md").write_text(card)
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, training_args, builtin = parse_arguments(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
+    datasets.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    if builtin:
+        corpus_dir = Path(training_args.output_dir) / "builtin_corpus"
+        logger.info(
+            "No data source given (--dataset_name, --train_dir or --train_files): training a small MATPAC on a "
+            "built-in synthetic corpus of %d clips in %s.",
+            data_args.builtin_corpus_clips,
+            corpus_dir,
+        )
+        with training_args.main_process_first(desc="built-in corpus"):
+            source = generate_builtin_corpus(corpus_dir, num_clips=data_args.builtin_corpus_clips)
+        data_description = f"the built-in synthetic corpus ({data_args.builtin_corpus_clips} clips)"
+    else:
+        source = load_audio_source(
+            dataset_name=data_args.dataset_name,
+            dataset_config_name=data_args.dataset_config_name,
+            data_dir=data_args.train_dir,
+            data_files=data_args.train_files,
+            split=data_args.dataset_split,
+            streaming=data_args.streaming if data_args.dataset_name or data_args.train_files else None,
+            cache_dir=None,
+        )
+        data_description = data_args.dataset_name or data_args.train_dir or ", ".join(data_args.train_files)
+
+    model = load_model(model_args)
+    config = model.config
+    feature_extractor = MatpacFeatureExtractor(
+        feature_size=config.num_mel_bins,
+        sampling_rate=config.sampling_rate,
+        n_fft=config.n_fft,
+        hop_length=config.hop_length,
+        f_min=config.f_min,
+        f_max=config.f_max,
+        log_offset=config.log_offset,
+        mean=config.lms_mean,
+        std=config.lms_std,
+    )
+    train_dataset = MatpacPretrainingDataset(
+        source,
+        audio_column=data_args.audio_column,
+        feature_extractor=feature_extractor,
+        num_frames=config.num_frames,
+        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+    )
+    resolve_schedules(model_args, training_args, config, train_dataset.dataset_size)
+    logger.info("Pre-training a MATPAC encoder of %s parameters.", f"{model.matpac.num_parameters():,}")
+
+    trainer = MatpacTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=collate_pretraining_batch,
+        processing_class=feature_extractor,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_model_card(trainer, data_description, train_dataset.dataset_size)
+        logger.info(
+            "Saved the model to %s: load the encoder with AutoModel.from_pretrained(%r) after `import modeling_matpac`.",
+            training_args.output_dir,
+            training_args.output_dir,
+        )
+
+
+if __name__ == "__main__":
+    main()

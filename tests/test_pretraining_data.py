@@ -1,0 +1,562 @@
+"""Tests of the pre-training data pipeline: decoding, cropping, skipping, determinism, sharding and sources."""
+
+import os
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import io
+import json
+import logging
+import socket
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
+
+from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
+from modeling_matpac.pretraining_data import (
+    AudioDecodeError,
+    MatpacPretrainingDataset,
+    collate_pretraining_batch,
+    decode_audio,
+    generate_builtin_corpus,
+    list_audio_files,
+    load_audio_source,
+    to_mono_16k,
+)
+
+
+CROP = 97_520  # 400 + 607 * 160 samples: exactly 608 frames
+
+
+def _signal(num_samples: int, num_channels: int = 1, seed: int = 0) -> np.ndarray:
+    """Noise plus a tone, `(samples, channels)` float32 in [-0.6, 0.6]."""
+    rng = np.random.default_rng(seed)
+    tone = np.sin(2 * np.pi * rng.uniform(200, 2000) * np.arange(num_samples) / 16000)
+    audio = 0.3 * tone[:, None] + 0.1 * rng.standard_normal((num_samples, num_channels))
+    return np.clip(audio, -0.6, 0.6).astype(np.float32)
+
+
+def _write(path: Path, num_samples: int, sampling_rate: int = 16000, num_channels: int = 1, seed: int = 0, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, _signal(num_samples, num_channels, seed), sampling_rate, **kw)
+    return path
+
+
+def _wav_bytes(num_samples: int, sampling_rate: int = 16000, seed: int = 0, audio_format: str = "WAV") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, _signal(num_samples, seed=seed), sampling_rate, format=audio_format)
+    return buffer.getvalue()
+
+
+def _ids_and_crops(examples) -> dict[str, torch.Tensor]:
+    pairs = [(example["clip_id"], example["input_values"]) for example in examples]
+    assert len({clip_id for clip_id, _ in pairs}) == len(pairs), "a clip was yielded twice"
+    return dict(pairs)
+
+
+def _keep_examples(examples: list[dict]) -> list[dict]:
+    return examples
+
+
+@pytest.fixture(scope="module")
+def extractor() -> MatpacFeatureExtractor:
+    return MatpacFeatureExtractor()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@pytest.mark.parametrize(
+    "audio_format, subtype, exact",
+    [("WAV", "PCM_16", True), ("FLAC", "PCM_16", True), ("OGG", "VORBIS", False), ("MP3", "MPEG_LAYER_III", False)],
+)
+def test_decode_audio_formats(tmp_path, audio_format, subtype, exact):
+    samples = _signal(22050, num_channels=2)
+    path = tmp_path / f"clip.{audio_format.lower()}"
+    sf.write(path, samples, 22050, format=audio_format, subtype=subtype)
+
+    for data in (path, str(path), path.read_bytes()):
+        waveform, sampling_rate = decode_audio(data)
+        assert sampling_rate == 22050
+        assert waveform.dtype == np.float32 and waveform.shape[0] == 2 and waveform.flags.c_contiguous
+        if exact:
+            assert waveform.shape == (2, 22050)
+            np.testing.assert_allclose(waveform, samples.T, atol=1 / 32768)
+        else:  # lossy codecs: same length give or take the codec's padding, same waveform roughly
+            assert abs(waveform.shape[1] - 22050) <= 2304
+            assert np.abs(waveform).max() > 0.3
+
+
+def test_decode_audio_rejects_corrupt_empty_and_non_finite(tmp_path):
+    random_bytes = np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    (tmp_path / "empty.wav").write_bytes(b"")
+    no_samples = tmp_path / "no_samples.wav"
+    sf.write(no_samples, np.zeros((0, 1), np.float32), 16000)
+    nan_wav = tmp_path / "nan.wav"
+    sf.write(nan_wav, np.array([0.1, np.nan, 0.2] * 200, np.float32), 16000, subtype="FLOAT")
+
+    for data, reason in [
+        (random_bytes, "cannot open"),
+        (b"", "empty"),
+        (tmp_path / "empty.wav", "empty"),
+        (tmp_path / "missing.wav", "cannot open"),
+        (no_samples, "no samples"),
+        (nan_wav, "NaN"),
+    ]:
+        with pytest.raises(AudioDecodeError, match=reason):
+            decode_audio(data)
+    with pytest.raises(TypeError, match="bytes or a file path"):
+        decode_audio(np.zeros(10))
+
+
+def test_to_mono_16k_averages_channels_and_resamples():
+    stereo = torch.from_numpy(_signal(16000, num_channels=2).T.copy())
+    assert torch.equal(to_mono_16k(stereo, 16000), stereo.mean(dim=0))
+    assert torch.equal(to_mono_16k(stereo[0].numpy(), 16000), stereo[0])
+
+    resampled = to_mono_16k(_signal(66150, num_channels=2).T, 44100)  # 1.5 s at 44.1 kHz
+    assert resampled.shape == (24000,) and resampled.dtype == torch.float32
+    assert to_mono_16k(np.zeros((1, 44101), np.float32), 44100).shape == (16001,)  # ceil(44101 * 16000 / 44100)
+    with pytest.raises(ValueError, match="shape"):
+        to_mono_16k(np.zeros((1, 2, 3)), 16000)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Crops
+
+
+def _first_frame_start(crop: torch.Tensor, waveform: torch.Tensor, extractor) -> int:
+    """The sample where `crop` starts in `waveform`, found by matching its first log-mel frame at every offset."""
+    frames = waveform[: waveform.shape[0] - CROP + 400].unfold(0, 400, 1)
+    first = log_mel_spectrogram(frames, extractor.mel_filters, extractor.window, 160, extractor.log_offset)[..., 0]
+    distances = ((first - extractor.mean) / extractor.std - crop[:, 0]).abs().sum(dim=1)
+    return int(distances.argmin())
+
+
+def test_crops_are_the_feature_extractor_on_a_random_window(tmp_path, extractor):
+    files = [
+        _write(tmp_path / "a.wav", 112_000, seed=1),  # 7 s at 16 kHz
+        _write(tmp_path / "b.flac", 300_000, 44100, num_channels=2, seed=2),  # 6.8 s of stereo at 44.1 kHz
+    ]
+    examples = list(MatpacPretrainingDataset(files, shuffle=False, infinite=False))
+    assert [example["clip_id"] for example in examples] == [str(path) for path in files]
+
+    starts = []
+    for example, path in zip(examples, files, strict=True):
+        crop = example["input_values"]
+        assert crop.shape == (80, 608) and crop.dtype == torch.float32
+        waveform = to_mono_16k(*decode_audio(path))
+        start = _first_frame_start(crop, waveform, extractor)
+        expected = extractor(waveform[start : start + CROP].numpy(), sampling_rate=16000, return_tensors="pt")
+        torch.testing.assert_close(crop, expected["input_values"][0], atol=1e-6, rtol=0)
+        starts.append(start)
+    assert starts[0] > 0 or starts[1] > 0  # random windows, not the clips' beginnings
+
+
+def test_crops_depend_only_on_seed_epoch_and_clip(tmp_path):
+    files = [_write(tmp_path / f"{index}.wav", 110_000 + 1000 * index, seed=index) for index in range(4)]
+
+    def epoch_crops(seed: int, epoch: int) -> dict[str, torch.Tensor]:
+        dataset = MatpacPretrainingDataset(files, seed=seed, infinite=False)
+        dataset.set_epoch(epoch)
+        return _ids_and_crops(dataset)
+
+    epoch_2 = epoch_crops(seed=0, epoch=2)
+    assert epoch_2.keys() == {str(path) for path in files}
+    again, epoch_3, other_seed = epoch_crops(0, 2), epoch_crops(0, 3), epoch_crops(1, 2)
+    for clip_id, crop in epoch_2.items():
+        assert torch.equal(crop, again[clip_id])
+        assert not torch.allclose(crop, epoch_3[clip_id])
+        assert not torch.allclose(crop, other_seed[clip_id])
+
+    # The infinite stream started at epoch 2 goes on with epoch 3, in each epoch's own shuffled order.
+    infinite = MatpacPretrainingDataset(files, seed=0)
+    infinite.set_epoch(2)
+    stream = iter(infinite)
+    for expected in (epoch_2, epoch_3):
+        got = [next(stream) for _ in range(4)]
+        assert {example["clip_id"] for example in got} == expected.keys()
+        for example in got:
+            assert torch.equal(example["input_values"], expected[example["clip_id"]])
+    orders = []
+    for epoch in range(4):
+        dataset = MatpacPretrainingDataset(files, infinite=False)
+        dataset.set_epoch(epoch)
+        orders.append(tuple(example["clip_id"] for example in dataset))
+    assert len(set(orders)) > 1
+
+
+def test_short_clips_are_skipped_and_counted(tmp_path):
+    files = [
+        _write(tmp_path / "a_short.wav", CROP - 1),
+        _write(tmp_path / "b_exact.wav", CROP, seed=1),
+        _write(tmp_path / "c_short_44k.wav", 268_700, 44100),  # 97,488 samples once at 16 kHz
+        _write(tmp_path / "d_long.wav", 120_000, seed=2),
+    ]
+    examples = list(MatpacPretrainingDataset(files, shuffle=False, infinite=False))
+
+    assert [Path(example["clip_id"]).name for example in examples] == ["b_exact.wav", "d_long.wav"]
+    assert [example["num_skipped_short"] for example in examples] == [1, 1]
+    assert [example["num_skipped_corrupt"] for example in examples] == [0, 0]
+    waveform, _ = decode_audio(files[1])  # a clip of exactly one crop is the crop
+    exact = MatpacFeatureExtractor()(waveform[0], sampling_rate=16000, return_tensors="pt")
+    torch.testing.assert_close(examples[0]["input_values"], exact["input_values"][0], atol=1e-6, rtol=0)
+
+
+def test_corrupt_and_empty_files_are_skipped_with_a_warning(tmp_path, caplog):
+    files = [
+        _write(tmp_path / "a_valid.wav", 100_000, seed=1),
+        tmp_path / "b_random_bytes.wav",
+        tmp_path / "c_empty.wav",
+        tmp_path / "d_nan.wav",
+        _write(tmp_path / "e_valid.flac", 100_000, seed=2),
+    ]
+    files[1].write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    files[2].write_bytes(b"")
+    sf.write(files[3], np.full(100_000, np.nan, np.float32), 16000, subtype="FLOAT")
+
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining_data"):
+        stream = iter(MatpacPretrainingDataset(files, shuffle=False))
+        examples = [next(stream) for _ in range(4)]  # two epochs: the run goes on past the bad files
+
+    assert [Path(example["clip_id"]).name for example in examples] == ["a_valid.wav", "e_valid.flac"] * 2
+    assert [example["num_skipped_corrupt"] for example in examples] == [0, 3, 0, 3]
+    assert [example["num_skipped_short"] for example in examples] == [0, 0, 0, 0]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 3  # once per clip, not once per epoch
+    for name, reason in [("b_random_bytes", "cannot open"), ("c_empty", "empty"), ("d_nan", "NaN")]:
+        assert any(name in message and reason in message for message in warnings), (name, warnings)
+
+
+def test_collate_stacks_crops_and_keeps_skip_counts_per_example():
+    examples = [
+        {
+            "input_values": torch.full((80, 608), float(index)),
+            "num_skipped_short": index,
+            "num_skipped_corrupt": 1,
+            "clip_id": str(index),
+        }
+        for index in range(3)
+    ]
+    batch = collate_pretraining_batch(examples)
+    assert batch.keys() == {"input_values", "num_skipped_short", "num_skipped_corrupt"}
+    assert batch["input_values"].shape == (3, 80, 608) and batch["input_values"][2, 5, 7] == 2.0
+    assert batch["num_skipped_short"].tolist() == [0, 1, 2] and batch["num_skipped_short"].dtype == torch.int64
+    assert int(batch["num_skipped_corrupt"].sum()) == 3
+    trimmed = [{"input_values": example["input_values"]} for example in examples]  # what remove_unused_columns does
+    with pytest.raises(KeyError, match="remove_unused_columns=False"):
+        collate_pretraining_batch(trimmed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distribution over processes and DataLoader workers
+
+
+def _folder_with_bad_clips(directory: Path, num_valid: int) -> list[Path]:
+    for index in range(num_valid):
+        _write(directory / f"clip_{index:02d}.wav", 98_000 + 500 * index, seed=index)
+    _write(directory / "short.wav", 50_000)
+    (directory / "corrupt.wav").write_bytes(b"RIFF not really a wav file")
+    return list_audio_files(directory)
+
+
+def _parquet_shards(directory: Path, rows_per_shard: list[int]) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard, num_rows in enumerate(rows_per_shard):
+        audio = [
+            {"bytes": _wav_bytes(98_000 + 100 * row, seed=100 * shard + row), "path": f"{shard}_{row}.wav"}
+            for row in range(num_rows)
+        ]
+        pq.write_table(pa.table({"audio": audio, "label": list(range(num_rows))}), directory / f"{shard:02d}.parquet")
+    return sorted(str(path) for path in directory.glob("*.parquet"))
+
+
+def _read_everything(source, world_size: int, num_workers: int, epoch: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The examples of one epoch of each process, each read through a DataLoader with `num_workers` workers."""
+    per_rank = []
+    for rank in range(world_size):
+        dataset = MatpacPretrainingDataset(source, rank=rank, world_size=world_size, infinite=False)
+        dataset.set_epoch(epoch)
+        per_rank.append(_ids_and_crops(DataLoader(dataset, batch_size=None, num_workers=num_workers)))
+    return per_rank
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 0)])
+def test_each_clip_is_read_once_per_epoch_by_exactly_one_process_and_worker(tmp_path, world_size, num_workers):
+    files = _folder_with_bad_clips(tmp_path, num_valid=9)
+    reference = _read_everything(files, world_size=1, num_workers=0)[0]
+    assert len(reference) == 9
+
+    per_rank = _read_everything(files, world_size, num_workers)
+    counts = Counter(clip_id for crops in per_rank for clip_id in crops)
+    assert counts == Counter(reference.keys())  # every valid clip once, across all processes and workers
+    assert all(len(crops) >= 2 for crops in per_rank)
+    for crops in per_rank:  # the same crops as without sharding
+        for clip_id, crop in crops.items():
+            assert torch.equal(crop, reference[clip_id])
+
+
+@pytest.mark.parametrize("rows_per_shard", [[3, 1, 4], [2, 3, 1, 2, 2]], ids=["3-shards", "5-shards"])
+def test_streamed_shards_are_split_without_duplicates_or_gaps(tmp_path, rows_per_shard):
+    # 3 shards < 4 consumers: every consumer reads every 4th clip; 5 shards: whole shards per consumer.
+    files = _parquet_shards(tmp_path / "shards", rows_per_shard)
+    source = load_audio_source(data_files=files, streaming=True)
+    assert source.num_shards == len(rows_per_shard)
+
+    per_rank = _read_everything(source, world_size=2, num_workers=2)
+    counts = Counter(clip_id for crops in per_rank for clip_id in crops)
+    expected = Counter(f"{shard}/{row}" for shard, num_rows in enumerate(rows_per_shard) for row in range(num_rows))
+    assert counts == expected
+    reference = _read_everything(source, world_size=1, num_workers=0)[0]
+    for crops in per_rank:
+        for clip_id, crop in crops.items():
+            assert torch.equal(crop, reference[clip_id])
+
+
+def test_accelerate_recipe_without_batch_dispatching(tmp_path):
+    """The module docstring's recipe: rank-aware datasets, accelerate's `IterableDatasetShard` made a pass-through."""
+    files = _folder_with_bad_clips(tmp_path, num_valid=7)
+
+    def clip_ids(rank: int, pass_through: bool) -> list[str]:
+        dataset = MatpacPretrainingDataset(files, rank=rank, world_size=2, infinite=False)
+        # Batches of one: at the end of a finite epoch, `IterableDatasetShard` pads an incomplete batch with repeats.
+        loader = DataLoader(dataset, batch_size=1, collate_fn=_keep_examples)
+        loader = prepare_data_loader(
+            loader, num_processes=2, process_index=rank, put_on_device=False, dispatch_batches=False
+        )
+        if pass_through:
+            loader.dataset.num_processes, loader.dataset.process_index = 1, 0
+        return [example["clip_id"] for batch in loader for example in batch]
+
+    read = [clip_id for rank in (0, 1) for clip_id in clip_ids(rank, pass_through=True)]
+    assert sorted(read) == [str(path) for path in files if "clip_" in path.name]
+    resharded = [clip_id for rank in (0, 1) for clip_id in clip_ids(rank, pass_through=False)]
+    assert len(set(resharded)) < 7  # left as is, accelerate would drop part of every process's share
+
+
+class _CollateWithClipIndex:
+    """`collate_pretraining_batch` plus each clip's index in `files`, as a tensor that accelerate can dispatch."""
+
+    def __init__(self, files: list[Path]):
+        self.index = {str(path): index for index, path in enumerate(files)}
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_pretraining_batch(examples)
+        batch["clip_index"] = torch.tensor([self.index[example["clip_id"]] for example in examples])
+        return batch
+
+
+def _read_under_accelerate(clip_dir: str, output: str, num_steps: int = 6) -> None:
+    """Run by each process of `accelerate launch`: read `num_steps` batches with both recipes of pretraining_data."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    accelerator = Accelerator(cpu=True)
+    files = list_audio_files(clip_dir)
+    read = {}
+    for recipe in ("dispatch_batches", "per_process"):
+        dispatch = recipe == "dispatch_batches"
+        rank, world_size = (0, 1) if dispatch else (accelerator.process_index, accelerator.num_processes)
+        dataset = MatpacPretrainingDataset(files, rank=rank, world_size=world_size)
+        loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=_CollateWithClipIndex(files))
+        loader = prepare_data_loader(
+            loader,
+            device=accelerator.device,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            put_on_device=True,
+            dispatch_batches=dispatch,
+        )
+        if not dispatch:
+            loader.dataset.num_processes, loader.dataset.process_index = 1, 0
+        batches = iter(loader)
+        steps = [next(batches)["clip_index"].tolist() for _ in range(num_steps)]
+        read[recipe] = gather_object([steps])
+    if accelerator.is_main_process:
+        Path(output).write_text(json.dumps(read))
+
+
+def test_both_recipes_under_accelerate_launch_read_every_clip_once_per_epoch(tmp_path):
+    files = [_write(tmp_path / "clips" / f"{index}.wav", 98_000 + 300 * index, seed=index) for index in range(8)]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        __file__, str(tmp_path / "clips"), str(tmp_path / "read.json"),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    for recipe, per_rank in json.loads((tmp_path / "read.json").read_text()).items():
+        assert [len(steps) for steps in per_rank] == [6, 6], recipe
+        # 2 processes x 2 clips per step: each pair of steps is one epoch of the 8 clips, each clip once.
+        for first_step in (0, 2, 4):
+            epoch = [index for steps in per_rank for step in steps[first_step : first_step + 2] for index in step]
+            assert sorted(epoch) == list(range(len(files))), (recipe, per_rank)
+
+
+def test_an_endless_consumer_without_usable_clips_fails_loudly(tmp_path):
+    files = [_write(tmp_path / "only.wav", 100_000)]
+    assert next(iter(MatpacPretrainingDataset(files, rank=0, world_size=2)))["clip_id"] == str(files[0])
+    with pytest.raises(RuntimeError, match="no usable clip in epoch 0"):
+        next(iter(MatpacPretrainingDataset(files, rank=1, world_size=2)))
+    assert list(MatpacPretrainingDataset(files, rank=1, world_size=2, infinite=False)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _webdataset_shards(directory: Path, rows_per_shard: list[int]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for shard, num_rows in enumerate(rows_per_shard):
+        with tarfile.open(directory / f"{shard:02d}.tar", "w") as tar:
+            for row in range(num_rows):
+                audio = b"corrupt!" if (shard, row) == (0, 1) else _wav_bytes(99_000, seed=row, audio_format="FLAC")
+                for name, data in [(f"s{shard}_{row}.flac", audio), (f"s{shard}_{row}.json", b'{"row": %d}' % row)]:
+                    member = tarfile.TarInfo(name)
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    return sorted(directory.glob("*.tar"))
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-cache", "streaming"])
+def test_webdataset_shards(tmp_path, streaming):
+    _webdataset_shards(tmp_path / "wds", [3, 2])
+    source = load_audio_source(data_files=tmp_path / "wds", streaming=streaming, cache_dir=tmp_path / "cache")
+    dataset = MatpacPretrainingDataset(source, shuffle=False, infinite=False)
+
+    assert dataset.dataset_size == (None if streaming else 5)
+    examples = list(dataset)
+    assert len(examples) == 4 and sum(example["num_skipped_corrupt"] for example in examples) == 1
+    assert all(example["input_values"].shape == (80, 608) for example in examples)
+
+
+def _parquet_with_audio_feature(directory: Path, num_rows: int) -> None:
+    """Parquet as Hub audio datasets store it: a {bytes, path} column declared as an `Audio` feature."""
+    directory.mkdir(parents=True, exist_ok=True)
+    audio = [{"bytes": _wav_bytes(150_000, 22050, seed=row), "path": f"{row}.wav"} for row in range(num_rows)]
+    features = {"audio": {"_type": "Audio"}, "label": {"dtype": "int64", "_type": "Value"}}
+    table = pa.table({"audio": audio, "label": list(range(num_rows))})
+    table = table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    pq.write_table(table, directory / "train-00000-of-00001.parquet")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-cache", "streaming"])
+def test_parquet_shards(tmp_path, streaming):
+    _parquet_shards(tmp_path / "plain", [2, 1])
+    _parquet_with_audio_feature(tmp_path / "typed", 3)
+    for pattern, num_rows in [(str(tmp_path / "plain" / "*.parquet"), 3), (tmp_path / "typed", 3)]:
+        source = load_audio_source(data_files=pattern, streaming=streaming, cache_dir=tmp_path / "cache")
+        dataset = MatpacPretrainingDataset(source, infinite=False)
+        assert dataset.dataset_size == (None if streaming else num_rows)
+        examples = list(dataset)
+        assert len(examples) == num_rows
+        assert all(example["input_values"].shape == (80, 608) for example in examples)
+
+    with pytest.raises(ValueError, match="no audio column 'sound'.*'audio', 'label'"):
+        MatpacPretrainingDataset(source, audio_column="sound")
+
+
+HUB_README = """---
+dataset_info:
+  features:
+  - name: audio
+    dtype: audio
+  - name: label
+    dtype: int64
+  splits:
+  - name: train
+    num_examples: 3
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*
+---
+"""
+
+
+def test_hub_style_dataset_name_streams_by_default(tmp_path):
+    """`dataset_name` takes the Hub path of `load_dataset`; a local dataset repository exercises it offline."""
+    _parquet_with_audio_feature(tmp_path / "hub_dataset" / "data", 3)
+    (tmp_path / "hub_dataset" / "README.md").write_text(HUB_README)
+    source = load_audio_source(dataset_name=str(tmp_path / "hub_dataset"), split="train")
+    assert type(source).__name__ == "IterableDataset"
+    dataset = MatpacPretrainingDataset(source, infinite=False)
+    assert dataset.dataset_size == 3  # as the dataset card declares it, so that epochs can be converted to steps
+    assert len(list(dataset)) == 3
+
+
+def test_builtin_corpus_is_deterministic_and_usable(tmp_path):
+    first = generate_builtin_corpus(tmp_path / "first")
+    second = generate_builtin_corpus(tmp_path / "second")
+    assert len(first) == 32 and [path.name for path in first] == [path.name for path in second]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second, strict=True))
+    assert sum(path.stat().st_size for path in first) < 20e6
+    other_seed = generate_builtin_corpus(tmp_path / "other", num_clips=2, seed=1)
+    assert other_seed[0].read_bytes() != first[0].read_bytes()
+
+    infos = [sf.info(path) for path in first]
+    assert {info.samplerate for info in infos} == {16000, 22050, 44100}
+    assert {info.channels for info in infos} == {1, 2}
+    assert all(6.5 <= info.duration <= 8.0 for info in infos)
+    examples = list(MatpacPretrainingDataset(list_audio_files(tmp_path / "first"), infinite=False))
+    assert len(examples) == 32 and sum(example["num_skipped_short"] for example in examples) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_sources_fail_with_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_audio_files(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No audio file"):
+        list_audio_files(tmp_path / "empty")
+    _parquet_shards(tmp_path / "shards", [1])
+    with pytest.raises(ValueError, match="pass them as `data_files`"):
+        load_audio_source(data_dir=tmp_path / "shards")
+
+    with pytest.raises(ValueError, match="exactly one audio source.*got none"):
+        load_audio_source()
+    with pytest.raises(ValueError, match="got dataset_name, data_dir"):
+        load_audio_source(dataset_name="some/dataset", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="only applies to a Hub dataset"):
+        load_audio_source(dataset_config_name="balanced", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="No shard file matches"):
+        load_audio_source(data_files=str(tmp_path / "nowhere" / "*.parquet"))
+    (tmp_path / "table.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=r"all be parquet .* or all webdataset .*\['\.csv'\]"):
+        load_audio_source(data_files=tmp_path / "table.csv")
+
+    files = [_write(tmp_path / "clip.wav", 100_000)]
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        MatpacPretrainingDataset(files, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="empty"):
+        MatpacPretrainingDataset([])
+    with pytest.raises(TypeError, match="list of audio file paths"):
+        MatpacPretrainingDataset(str(tmp_path))
+    with pytest.raises(ValueError, match="non-negative"):
+        MatpacPretrainingDataset(files).set_epoch(-1)
+
+
+if __name__ == "__main__":
+    _read_under_accelerate(*sys.argv[1:])
