@@ -93,27 +93,26 @@ class _Featurize:
             return_tensors="pt",
         )
 
+    def _accepts(self, position: int, waveform: torch.Tensor) -> bool:
+        try:
+            self._call([waveform])
+            return True
+        except ValueError as error:
+            logger.warning("%s: skipped clip %s: %s", self.task, self.ids[position], error)
+            return False
+
     def __call__(self, batch: list[tuple[int, torch.Tensor | None]]):
         batch = [(position, waveform) for position, waveform in batch if waveform is not None]
-        if not batch:
-            return [], None
         try:
-            return [position for position, _ in batch], self._call([waveform for _, waveform in batch])
+            features = self._call([waveform for _, waveform in batch]) if batch else None
         except ValueError:  # find the clip(s) at fault: too short, NaN samples...
-            kept = []
-            for position, waveform in batch:
-                try:
-                    self._call([waveform])
-                    kept.append((position, waveform))
-                except ValueError as error:
-                    logger.warning("%s: skipped clip %s: %s", self.task, self.ids[position], error)
-            if not kept:
-                return [], None
-            return [position for position, _ in kept], self._call([waveform for _, waveform in kept])
+            batch = [(position, waveform) for position, waveform in batch if self._accepts(position, waveform)]
+            features = self._call([waveform for _, waveform in batch]) if batch else None
+        return [position for position, _ in batch], features
 
 
 class EmbeddingExtractor:
-    """Encodes a task's clips with a frozen model; the model is loaded on first use only (a cache hit never loads it)."""
+    """Encodes a task's clips with a frozen model, loaded on first use only (a cache hit never loads it)."""
 
     def __init__(
         self,
@@ -141,7 +140,9 @@ class EmbeddingExtractor:
                 "or converted MATPAC directory (the default one is made by `python run_pretraining.py`)."
             ) from error
         if self.layer != LAST_LAYER and model.config.model_type != "matpac":
-            raise ValueError(f"--layer {self.layer} needs a MATPAC model; {model.config.model_type} gives pooler_output only.")
+            raise ValueError(
+                f"--layer {self.layer} needs a MATPAC model; {model.config.model_type} gives pooler_output only."
+            )
         if self.layer not in (LAST_LAYER, ALL_LAYERS) and self.layer > model.config.num_hidden_layers:
             raise ValueError(f"--layer {self.layer} is past the model's {model.config.num_hidden_layers} blocks.")
         self._model = model.eval().requires_grad_(False).to(self.device)
@@ -226,8 +227,9 @@ def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: s
     start = time.perf_counter()
     values, positions = extractor(data)
     seconds = time.perf_counter() - start
-    logger.info("%s: encoded %d clips in %.1f s (%.2f clips/s)", data.task, len(positions), seconds,
-                len(positions) / seconds)  # fmt: skip
+    logger.info(
+        "%s: encoded %d clips in %.1f s (%.2f clips/s)", data.task, len(positions), seconds, len(positions) / seconds
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
     np.savez(partial, key=key, values=values, positions=positions, seconds=seconds)

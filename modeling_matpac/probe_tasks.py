@@ -28,12 +28,30 @@ SPLITS = ("train", "valid", "test")
 
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
 US8K_CLASSES = (
-    "air_conditioner", "car_horn", "children_playing", "dog_bark", "drilling",
-    "engine_idling", "gun_shot", "jackhammer", "siren", "street_music",
-)  # fmt: skip
+    "air_conditioner",
+    "car_horn",
+    "children_playing",
+    "dog_bark",
+    "drilling",
+    "engine_idling",
+    "gun_shot",
+    "jackhammer",
+    "siren",
+    "street_music",
+)
 NSYNTH_FAMILIES = (
-    "bass", "brass", "flute", "guitar", "keyboard", "mallet", "organ", "reed", "string", "synth_lead", "vocal",
-)  # fmt: skip
+    "bass",
+    "brass",
+    "flute",
+    "guitar",
+    "keyboard",
+    "mallet",
+    "organ",
+    "reed",
+    "string",
+    "synth_lead",
+    "vocal",
+)
 
 
 class ProbeDataError(ValueError):
@@ -44,17 +62,27 @@ class AudioReadError(ValueError):
     """One clip could not be decoded."""
 
 
+def _readable(source: str | Path | bytes):
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
 def read_audio(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
     """Decodes a file or encoded bytes with soundfile (no system libraries needed) and averages channels to mono."""
     try:
-        waveform, sampling_rate = sf.read(
-            io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True
-        )
+        waveform, sampling_rate = sf.read(_readable(source), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError or TypeError depending on the fault
         raise AudioReadError(f"cannot decode {name or source}: {error}") from error
     if waveform.shape[0] == 0:
         raise AudioReadError(f"{name or source} holds no samples")
     return waveform.mean(axis=1), sampling_rate
+
+
+def audio_duration(source: str | Path | bytes) -> float:
+    """Seconds, from the header; 0 when unreadable (the clip is then skipped when decoded)."""
+    try:
+        return sf.info(_readable(source)).duration
+    except Exception:
+        return 0.0
 
 
 class AudioFiles:
@@ -70,11 +98,7 @@ class AudioFiles:
         return read_audio(self.paths[index])
 
     def duration(self, index: int) -> float:
-        """Seconds from the file header, 0 when unreadable (the clip is then skipped at decoding)."""
-        try:
-            return sf.info(self.paths[index]).duration
-        except Exception:
-            return 0.0
+        return audio_duration(self.paths[index])
 
     def subset(self, indices: np.ndarray) -> AudioFiles:
         return AudioFiles([self.paths[i] for i in indices])
@@ -104,11 +128,7 @@ class HubAudio:
         return read_audio(*self._encoded(index))
 
     def duration(self, index: int) -> float:
-        try:
-            encoded, _ = self._encoded(index)
-            return sf.info(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded).duration
-        except Exception:
-            return 0.0
+        return audio_duration(self._encoded(index)[0])
 
     def subset(self, indices: np.ndarray) -> HubAudio:
         return HubAudio(self.dataset, self.column, self.rows[np.asarray(indices)])
@@ -171,7 +191,7 @@ def _warn_skipped(task: str, reason: str, names: list[str]) -> None:
 
 
 def build_probe_data(
-    task: str, classes: Sequence[str], entries: Sequence[Entry], *, multi_label: bool, by_fold: bool, source: str
+    task: ProbeTask, classes: Sequence[str], entries: Sequence[Entry], *, by_fold: bool, source: Path
 ) -> ProbeData:
     """Turns layout entries into a [`ProbeData`], skipping (with a warning) missing files and unknown labels."""
     index = {name: i for i, name in enumerate(classes)}
@@ -184,15 +204,15 @@ def build_probe_data(
             unknown.append(f"{entry.clip_id} ({', '.join(outside)})")
         else:
             kept.append(entry)
-    _warn_skipped(task, "whose audio file is missing", missing)
-    _warn_skipped(task, "with labels outside the task's vocabulary", unknown)
+    _warn_skipped(task.name, "whose audio file is missing", missing)
+    _warn_skipped(task.name, "with labels outside the task's vocabulary", unknown)
     several = [entry.clip_id for entry in kept if len(entry.labels) != 1]
-    if not multi_label and several:
-        raise ProbeDataError(f"{task} is single-label but these clips have no or several labels: {several[:5]}")
+    if not task.multi_label and several:
+        raise ProbeDataError(f"{task.name} is single-label but these clips have no or several labels: {several[:5]}")
     if not kept:
-        raise ProbeDataError(f"{task}: no usable clip found in {source}.")
+        raise ProbeDataError(f"{task.name}: no usable clip found in {source}.")
 
-    if multi_label:
+    if task.multi_label:
         targets = np.zeros((len(kept), len(classes)), dtype=np.float32)
         for row, entry in enumerate(kept):
             targets[row, [index[label] for label in entry.labels]] = 1.0
@@ -205,7 +225,7 @@ def build_probe_data(
             label_mask[row, [index[label] for label in (entry.observed or classes)]] = True
     groups = np.array([entry.group for entry in kept])
     return ProbeData(
-        task=task,
+        task=task.name,
         classes=list(classes),
         ids=[entry.clip_id for entry in kept],
         audio=AudioFiles([entry.path for entry in kept]),
@@ -213,22 +233,25 @@ def build_probe_data(
         split=None if by_fold else groups.astype(str),
         fold=groups.astype(np.int64) if by_fold else None,
         label_mask=label_mask,
-        source=source,
+        source=str(source),
     )
 
 
-def _require(root: Path, task: "ProbeTask", *relative: str) -> None:
+def _require(root: Path, task: ProbeTask, *relative: str) -> None:
     """Raises the task's "where to get it" message when any of the layout's files is missing."""
     absent = [name for name in relative if not (root / name).exists()]
     if absent:
-        raise ProbeDataError(
-            f"{task.title} not found in {root}: missing {', '.join(absent)}.\n{task.where_to_get()}"
-        )
+        raise ProbeDataError(f"{task.title} not found in {root}: missing {', '.join(absent)}.\n{task.where_to_get()}")
 
 
-def _read_csv(path: Path, **kwargs) -> list[dict[str, str]]:
+def _read_csv(path: Path, columns: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
+    """The rows of a CSV with a header, which must name `columns`."""
     with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle, **kwargs))
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        missing = [column for column in columns if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ProbeDataError(f"{path} lacks the column(s) {missing}; its header is {reader.fieldnames}.")
+        return list(reader)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -241,23 +264,27 @@ def _read_lines(path: Path) -> list[str]:
 def load_esc50(root: Path) -> ProbeData:
     task = TASKS["esc50"]
     _require(root, task, "meta/esc50.csv", "audio")
-    rows = _read_csv(root / "meta/esc50.csv")
+    rows = _read_csv(root / "meta/esc50.csv", ("filename", "fold", "category"))
     classes = sorted({row["category"] for row in rows})
     entries = [
         Entry(row["filename"], root / "audio" / row["filename"], [row["category"]], int(row["fold"])) for row in rows
     ]
-    return build_probe_data("esc50", classes, entries, multi_label=False, by_fold=True, source=str(root))
+    return build_probe_data(task, classes, entries, by_fold=True, source=root)
 
 
 def load_us8k(root: Path) -> ProbeData:
     task = TASKS["us8k"]
     _require(root, task, "metadata/UrbanSound8K.csv", "audio")
     entries = [
-        Entry(row["slice_file_name"], root / "audio" / f"fold{row['fold']}" / row["slice_file_name"], [row["class"]],
-              int(row["fold"]))
-        for row in _read_csv(root / "metadata/UrbanSound8K.csv")
-    ]  # fmt: skip
-    return build_probe_data("us8k", US8K_CLASSES, entries, multi_label=False, by_fold=True, source=str(root))
+        Entry(
+            row["slice_file_name"],
+            root / "audio" / f"fold{row['fold']}" / row["slice_file_name"],
+            [row["class"]],
+            int(row["fold"]),
+        )
+        for row in _read_csv(root / "metadata/UrbanSound8K.csv", ("slice_file_name", "fold", "class"))
+    ]
+    return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
 
 
 def load_gtzan(root: Path) -> ProbeData:
@@ -272,7 +299,7 @@ def load_gtzan(root: Path) -> ProbeData:
             if not path.is_file() and path.with_suffix(".au").is_file():  # the original tarball ships .au files
                 path = path.with_suffix(".au")
             entries.append(Entry(relative, path, [Path(relative).parent.name], split))
-    return build_probe_data("gtzan", GTZAN_GENRES, entries, multi_label=False, by_fold=False, source=str(root))
+    return build_probe_data(task, task.vocabulary, entries, by_fold=False, source=root)
 
 
 def load_nsynth(root: Path) -> ProbeData:
@@ -285,17 +312,22 @@ def load_nsynth(root: Path) -> ProbeData:
             Entry(key, root / f"nsynth-{split}/audio/{key}.wav", [example["instrument_family_str"]], split)
             for key, example in examples.items()
         ]
-    return build_probe_data("nsynth", NSYNTH_FAMILIES, entries, multi_label=False, by_fold=False, source=str(root))
+    return build_probe_data(task, task.vocabulary, entries, by_fold=False, source=root)
 
 
 def load_openmic(root: Path) -> ProbeData:
     """Labels from `openmic-2018.npz`: annotated pairs are `Y_mask`, positives `Y_true >= 0.5` among them."""
     task = TASKS["openmic"]
-    _require(root, task, "openmic-2018.npz", "class-map.json", "partitions/split01_train.csv",
-             "partitions/split01_test.csv")  # fmt: skip
+    _require(
+        root, task, "openmic-2018.npz", "class-map.json", "partitions/split01_train.csv", "partitions/split01_test.csv"
+    )
     class_map = json.loads((root / "class-map.json").read_text(encoding="utf-8"))
     classes = sorted(class_map, key=class_map.get)
-    with np.load(root / "openmic-2018.npz") as npz:
+    # The official file stores `sample_key` as an object (pickled) array.
+    with np.load(root / "openmic-2018.npz", allow_pickle=True) as npz:
+        absent = {"Y_true", "Y_mask", "sample_key"} - set(npz.files)
+        if absent:
+            raise ProbeDataError(f"openmic-2018.npz lacks {sorted(absent)}; it has {npz.files}.")
         y_true, y_mask, keys = npz["Y_true"], npz["Y_mask"].astype(bool), npz["sample_key"].astype(str)
     if y_true.shape != (len(keys), len(classes)):
         raise ProbeDataError(
@@ -313,7 +345,7 @@ def load_openmic(root: Path) -> ProbeData:
             positive = [classes[c] for c in np.flatnonzero(y_mask[row] & (y_true[row] >= 0.5))]
             entries.append(Entry(key, root / "audio" / key[:3] / f"{key}.ogg", positive, split, observed))
     _warn_skipped("openmic", "listed in the partition but absent from openmic-2018.npz", unlabelled)
-    return build_probe_data("openmic", classes, entries, multi_label=True, by_fold=False, source=str(root))
+    return build_probe_data(task, classes, entries, by_fold=False, source=root)
 
 
 def _load_npy_strings(path: Path) -> list[str]:
@@ -331,11 +363,8 @@ def load_mtt(root: Path) -> ProbeData:
     task = TASKS["mtt"]
     _require(root, task, "annotations_final.csv", "split/tags.npy", *(f"split/{split}.npy" for split in SPLITS))
     tags = _load_npy_strings(root / "split/tags.npy")
-    annotations = {row["mp3_path"]: row for row in _read_csv(root / "annotations_final.csv", delimiter="\t")}
-    header = next(iter(annotations.values())).keys() if annotations else ()
-    unknown_tags = [tag for tag in tags if tag not in header]
-    if unknown_tags:
-        raise ProbeDataError(f"MTT: tags of split/tags.npy missing from annotations_final.csv: {unknown_tags}")
+    rows = _read_csv(root / "annotations_final.csv", ("mp3_path", *tags), delimiter="\t")
+    annotations = {row["mp3_path"]: row for row in rows}
     audio_root = root / "mp3" if (root / "mp3").is_dir() else root
     entries, unannotated = [], []
     for split in SPLITS:
@@ -347,7 +376,7 @@ def load_mtt(root: Path) -> ProbeData:
             labels = [tag for tag in tags if annotations[relative][tag] == "1"]
             entries.append(Entry(relative, audio_root / relative, labels, split))
     _warn_skipped("mtt", "absent from annotations_final.csv", unannotated)
-    return build_probe_data("mtt", tags, entries, multi_label=True, by_fold=False, source=str(root))
+    return build_probe_data(task, tags, entries, by_fold=False, source=root)
 
 
 def load_fsd50k(root: Path) -> ProbeData:
@@ -358,14 +387,18 @@ def load_fsd50k(root: Path) -> ProbeData:
         classes = [row[1] for row in csv.reader(handle)]
     dev_split = {"train": "train", "val": "valid"}
     entries = [
-        Entry(row["fname"], root / "FSD50K.dev_audio" / f"{row['fname']}.wav", row["labels"].split(","),
-              dev_split.get(row["split"], row["split"]))
-        for row in _read_csv(root / truth / "dev.csv")
+        Entry(
+            row["fname"],
+            root / "FSD50K.dev_audio" / f"{row['fname']}.wav",
+            row["labels"].split(","),
+            dev_split.get(row["split"], row["split"]),
+        )
+        for row in _read_csv(root / truth / "dev.csv", ("fname", "labels", "split"))
     ] + [
         Entry(row["fname"], root / "FSD50K.eval_audio" / f"{row['fname']}.wav", row["labels"].split(","), "test")
-        for row in _read_csv(root / truth / "eval.csv")
-    ]  # fmt: skip
-    return build_probe_data("fsd50k", classes, entries, multi_label=True, by_fold=False, source=str(root))
+        for row in _read_csv(root / truth / "eval.csv", ("fname", "labels"))
+    ]
+    return build_probe_data(task, classes, entries, by_fold=False, source=root)
 
 
 def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
@@ -388,24 +421,28 @@ def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
             if path.suffix.lower() in AUDIO_EXTENSIONS
         ]
 
-    entries = [entry for split, directory in split_dirs.items() for entry in scan(directory, split)]
+    if split_dirs:
+        entries = [entry for split, directory in split_dirs.items() for entry in scan(directory, split)]
+    else:
+        entries = scan(root, 0)
+    if not entries:
+        raise ProbeDataError(
+            f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) in {root}/<class>/.\n{task.where_to_get()}"
+        )
     if not split_dirs:
         from sklearn.model_selection import StratifiedKFold
 
-        entries = scan(root, 0)
-        labels = [entry.labels[0] for entry in entries]
         if len(entries) < num_folds:
-            raise ProbeDataError(f"{root}: found {len(entries)} clips, need at least {num_folds} for {num_folds} folds.")
+            raise ProbeDataError(
+                f"{root}: found {len(entries)} clips, need at least {num_folds} for {num_folds} folds."
+            )
+        labels = [entry.labels[0] for entry in entries]
         folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)
         for fold, (_, test) in enumerate(folds, start=1):
             for row in test:
                 entries[row].group = fold
-    if not entries:
-        raise ProbeDataError(f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) in {root}/<class>/.\n{task.where_to_get()}")
     classes = sorted({entry.labels[0] for entry in entries})
-    return build_probe_data(
-        "audiofolder", classes, entries, multi_label=False, by_fold=not split_dirs, source=str(root)
-    )
+    return build_probe_data(task, classes, entries, by_fold=not split_dirs, source=root)
 
 
 # Hub copies -------------------------------------------------------------------------------------------------------
@@ -454,7 +491,9 @@ def load_from_hub(task_name: str, dataset: str | None = None) -> ProbeData:
         else [f"{split}/{row}" for split, part in parts.items() for row in range(len(part))]
     )
     by_fold = spec.fold_column is not None
-    groups = np.array(rows[spec.fold_column] if by_fold else [s for s, part in parts.items() for _ in range(len(part))])
+    groups = np.array(
+        rows[spec.fold_column] if by_fold else [s for s, part in parts.items() for _ in range(len(part))]
+    )
 
     classes = list(task.vocabulary) if task.vocabulary else sorted(set(names))
     index = {name: i for i, name in enumerate(classes)}
@@ -491,10 +530,6 @@ class ProbeTask:
     hub: HubSpec | None = None
     vocabulary: tuple[str, ...] = ()
 
-    @property
-    def metric(self) -> str:
-        return "mAP" if self.multi_label else "accuracy"
-
     def where_to_get(self) -> str:
         hub = f" or load the Hub copy `{self.hub.repo_id}` by leaving out --data_dir" if self.hub else ""
         return f"Get {self.title} from {self.url}{hub}. Expected layout under --data_dir:\n{self.layout}"
@@ -504,64 +539,107 @@ TASKS: dict[str, ProbeTask] = {
     task.name: task
     for task in (
         ProbeTask(
-            "gtzan", "GTZAN", False, 85.3,
-            "  genres/<genre>/<genre>.000NN.wav (or .au)\n  {train,valid,test}_filtered.txt  (fault-filtered split)",
-            "https://marsyas.info/index.html (audio) and "
+            name="gtzan",
+            title="GTZAN",
+            multi_label=False,
+            paper_score=85.3,
+            layout="  genres/<genre>/<genre>.000NN.wav (or .au)\n"
+            "  {train,valid,test}_filtered.txt  (fault-filtered split)",
+            url="https://marsyas.info/index.html (audio) and "
             "https://github.com/jongpillee/music_dataset_split/tree/master/GTZAN_split (split lists)",
-            load_gtzan, ("gtzan", "GTZAN"),
-            HubSpec("confit/gtzan-parquet", "genre"), GTZAN_GENRES,
+            load_local=load_gtzan,
+            folder_names=("gtzan", "GTZAN"),
+            hub=HubSpec("confit/gtzan-parquet", label_column="genre"),
+            vocabulary=GTZAN_GENRES,
         ),
         ProbeTask(
-            "esc50", "ESC-50", False, 93.5,
-            "  meta/esc50.csv\n  audio/<filename>.wav",
-            "https://github.com/karolpiczak/ESC-50",
-            load_esc50, ("esc50", "ESC-50", "ESC-50-master"),
-            HubSpec("ashraq/esc50", "category", "filename", "fold", {"train": "train"}),
+            name="esc50",
+            title="ESC-50",
+            multi_label=False,
+            paper_score=93.5,
+            layout="  meta/esc50.csv\n  audio/<filename>.wav",
+            url="https://github.com/karolpiczak/ESC-50",
+            load_local=load_esc50,
+            folder_names=("esc50", "ESC-50", "ESC-50-master"),
+            hub=HubSpec(
+                "ashraq/esc50", "category", id_column="filename", fold_column="fold", splits={"train": "train"}
+            ),
         ),
         ProbeTask(
-            "us8k", "UrbanSound8K", False, 89.4,
-            "  metadata/UrbanSound8K.csv\n  audio/fold<N>/<slice_file_name>.wav",
-            "https://urbansounddataset.weebly.com/urbansound8k.html",
-            load_us8k, ("us8k", "UrbanSound8K"),
-            HubSpec("danavery/urbansound8K", "class", "slice_file_name", "fold", {"train": "train"}), US8K_CLASSES,
+            name="us8k",
+            title="UrbanSound8K",
+            multi_label=False,
+            paper_score=89.4,
+            layout="  metadata/UrbanSound8K.csv\n  audio/fold<N>/<slice_file_name>.wav",
+            url="https://urbansounddataset.weebly.com/urbansound8k.html",
+            load_local=load_us8k,
+            folder_names=("us8k", "UrbanSound8K"),
+            hub=HubSpec(
+                "danavery/urbansound8K",
+                "class",
+                id_column="slice_file_name",
+                fold_column="fold",
+                splits={"train": "train"},
+            ),
+            vocabulary=US8K_CLASSES,
         ),
         ProbeTask(
-            "nsynth", "NSynth (instrument family)", False, 74.3,
-            "  nsynth-{train,valid,test}/examples.json\n  nsynth-{train,valid,test}/audio/<note_str>.wav",
-            "https://magenta.tensorflow.org/datasets/nsynth",
-            load_nsynth, ("nsynth", "NSynth"),
-            HubSpec("jg583/NSynth", "instrument_family_str", "note_str"), NSYNTH_FAMILIES,
+            name="nsynth",
+            title="NSynth (instrument family)",
+            multi_label=False,
+            paper_score=74.3,
+            layout="  nsynth-{train,valid,test}/examples.json\n  nsynth-{train,valid,test}/audio/<note_str>.wav",
+            url="https://magenta.tensorflow.org/datasets/nsynth",
+            load_local=load_nsynth,
+            folder_names=("nsynth", "NSynth"),
+            hub=HubSpec("jg583/NSynth", "instrument_family_str", id_column="note_str"),
+            vocabulary=NSYNTH_FAMILIES,
         ),
         ProbeTask(
-            "openmic", "OpenMIC-2018", True, 85.3,
-            "  openmic-2018.npz  (Y_true, Y_mask, sample_key)\n  class-map.json\n"
+            name="openmic",
+            title="OpenMIC-2018",
+            multi_label=True,
+            paper_score=85.3,
+            layout="  openmic-2018.npz  (Y_true, Y_mask, sample_key)\n  class-map.json\n"
             "  partitions/split01_{train,test}.csv\n  audio/<key[:3]>/<key>.ogg",
-            "https://zenodo.org/records/1432913",
-            load_openmic, ("openmic", "openmic-2018", "OpenMIC-2018"),
+            url="https://zenodo.org/records/1432913",
+            load_local=load_openmic,
+            folder_names=("openmic", "openmic-2018", "OpenMIC-2018"),
         ),
         ProbeTask(
-            "mtt", "MagnaTagATune (top-50 tags)", True, 41.1,
-            "  annotations_final.csv\n  mp3/<0-f>/<clip>.mp3\n"
+            name="mtt",
+            title="MagnaTagATune (top-50 tags)",
+            multi_label=True,
+            paper_score=41.1,
+            layout="  annotations_final.csv\n  mp3/<0-f>/<clip>.mp3\n"
             "  split/{train,valid,test,tags}.npy  (top-50 split of Won et al., sota-music-tagging-models/split/mtat)",
-            "https://mirg.city.ac.uk/codeapps/the-magnatagatune-dataset (audio, annotations) and "
+            url="https://mirg.city.ac.uk/codeapps/the-magnatagatune-dataset (audio, annotations) and "
             "https://github.com/minzwon/sota-music-tagging-models/tree/master/split/mtat (split)",
-            load_mtt, ("mtt", "magnatagatune", "MagnaTagATune"),
+            load_local=load_mtt,
+            folder_names=("mtt", "magnatagatune", "MagnaTagATune"),
         ),
         ProbeTask(
-            "fsd50k", "FSD50K", True, 55.2,
-            "  FSD50K.ground_truth/{dev,eval,vocabulary}.csv\n  FSD50K.dev_audio/<fname>.wav\n"
+            name="fsd50k",
+            title="FSD50K",
+            multi_label=True,
+            paper_score=55.2,
+            layout="  FSD50K.ground_truth/{dev,eval,vocabulary}.csv\n  FSD50K.dev_audio/<fname>.wav\n"
             "  FSD50K.eval_audio/<fname>.wav",
-            "https://zenodo.org/records/4060432",
-            load_fsd50k, ("fsd50k", "FSD50K"),
+            url="https://zenodo.org/records/4060432",
+            load_local=load_fsd50k,
+            folder_names=("fsd50k", "FSD50K"),
         ),
         ProbeTask(
-            "audiofolder", "a folder-per-class dataset", False, None,
-            "  <class>/<clip>.wav  or  {train,valid,test}/<class>/<clip>.wav",
-            "your own data",
-            load_audiofolder,
+            name="audiofolder",
+            title="a folder-per-class dataset",
+            multi_label=False,
+            paper_score=None,
+            layout="  <class>/<clip>.wav  or  {train,valid,test}/<class>/<clip>.wav",
+            url="your own data",
+            load_local=load_audiofolder,
         ),
     )
-}  # fmt: skip
+}
 
 PAPER_TASKS = tuple(name for name, task in TASKS.items() if task.paper_score is not None)
 

@@ -2,14 +2,15 @@
 The paper's linear-probe protocol on frozen clip embeddings, its metrics and its results table.
 
 One linear layer on standardised embeddings, Adam (lr 1e-4), batch 128, early stopping on the validation loss keeping
-the best epoch, 5 runs with different seeds, mean and 95 % confidence interval. Multi-label tasks use sigmoid + BCE
-and macro mAP, single-label ones softmax + cross-entropy and accuracy.
+the best epoch (at most 200 epochs, patience 20, EVAR's settings for M2D), 5 runs with different seeds, mean and 95 %
+confidence interval. Multi-label tasks use sigmoid + BCE and macro mAP, single-label ones softmax + cross-entropy and
+accuracy.
 
 Validation rule: tasks with an official validation split use it. Cross-validation tasks (ESC-50, US8K) hold out one
-fold for test and, as EVAR (the M2D/MATPAC evaluation code) does, take the validation set at random from the remaining
-training folds (10 %, re-drawn with each run's seed); EVAR retries its random split until every class is in it, we
-stratify by class, which guarantees the same. OpenMIC, which has only train/test, gets its validation set the same
-way. The standardisation statistics come from the clips the probe is trained on.
+fold for test and, as EVAR (the evaluation code of M2D, on which MATPAC builds) does, draw the validation set at
+random from the remaining folds (10 %, re-drawn with each run's seed); EVAR retries its random split until every class
+is in it, we stratify by class, which guarantees the same. OpenMIC, which has only train/test, gets its validation set
+the same way. The standardisation statistics come from the clips the probe is trained on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from .probe_embeddings import Embeddings
 from .probe_tasks import ProbeData
 
 
@@ -49,7 +51,9 @@ class ProbeSettings:
     valid_fraction: float = field(
         default=0.1, metadata={"help": "Share of the training clips used for validation where no split has one."}
     )
-    device: str | None = field(default=None, metadata={"help": "Device for extraction and probing (default: cuda if available)."})
+    device: str | None = field(
+        default=None, metadata={"help": "Device for extraction and probing (default: cuda if available)."}
+    )
 
 
 @dataclass
@@ -68,7 +72,7 @@ def _carve_validation(positions: np.ndarray, data: ProbeData, fraction: float, s
     try:
         train, valid = train_test_split(positions, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as error:  # a class with a single clip, or fewer validation clips than classes
-        logger.warning("%s: validation set drawn without stratification (%s)", data.task, error)
+        logger.debug("%s: validation set drawn without stratification (%s)", data.task, error)
         train, valid = train_test_split(positions, test_size=fraction, random_state=seed)
     return np.sort(train), np.sort(valid)
 
@@ -84,7 +88,9 @@ def make_splits(data: ProbeData, seed: int, valid_fraction: float = 0.1) -> list
         return splits
     train, valid, test = (everything[data.split == name] for name in ("train", "valid", "test"))
     if len(train) == 0 or len(test) == 0:
-        raise ValueError(f"{data.task}: the data has {len(train)} training and {len(test)} test clips; both are needed.")
+        raise ValueError(
+            f"{data.task}: the data has {len(train)} training and {len(test)} test clips; both are needed."
+        )
     if len(valid) == 0:
         train, valid = _carve_validation(train, data, valid_fraction, seed)
     return [Split("official", train, valid, test)]
@@ -100,6 +106,7 @@ class LinearProbe:
     bias: np.ndarray
     multi_label: bool
     best_epoch: int
+    valid_losses: list[float]
 
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """Class probabilities: sigmoid for multi-label tasks, softmax otherwise."""
@@ -149,7 +156,7 @@ def train_probe(
         layer = nn.Linear(x_train.shape[1], num_classes).to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(layer.parameters(), lr=settings.learning_rate)
-    best_loss, best_epoch, best_state, waited = math.inf, 0, None, 0
+    valid_losses, best_epoch, best_state = [], 0, None
     for epoch in range(1, settings.max_epochs + 1):
         layer.train()
         for batch in torch.randperm(len(xt), generator=generator).to(device).split(settings.batch_size):
@@ -159,14 +166,12 @@ def train_probe(
             optimizer.step()
         layer.eval()
         with torch.no_grad():
-            valid_loss = _loss(layer(xv), yv, mv).item()
-        if valid_loss < best_loss:
-            best_loss, best_epoch, waited = valid_loss, epoch, 0
+            valid_losses.append(_loss(layer(xv), yv, mv).item())
+        if valid_losses[-1] < min(valid_losses[:-1], default=math.inf):
+            best_epoch = epoch
             best_state = {name: value.detach().clone() for name, value in layer.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= settings.patience:
-                break
+        elif epoch - best_epoch >= settings.patience:
+            break
     return LinearProbe(
         mean=scaler.mean_,
         scale=scaler.scale_,
@@ -174,6 +179,7 @@ def train_probe(
         bias=best_state["bias"].double().cpu().numpy(),
         multi_label=multi_label,
         best_epoch=best_epoch,
+        valid_losses=valid_losses,
     )
 
 
@@ -231,11 +237,21 @@ def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -
         seed = settings.seed + run
         scores, epochs = [], []
         for split in make_splits(data, seed, settings.valid_fraction):
-            masks = (None, None) if data.label_mask is None else (data.label_mask[split.train], data.label_mask[split.valid])
+            masks = (
+                (None, None)
+                if data.label_mask is None
+                else (data.label_mask[split.train], data.label_mask[split.valid])
+            )
             probe = train_probe(
-                embeddings[split.train], data.targets[split.train], embeddings[split.valid], data.targets[split.valid],
-                len(data.classes), settings, seed, *masks,
-            )  # fmt: skip
+                embeddings[split.train],
+                data.targets[split.train],
+                embeddings[split.valid],
+                data.targets[split.valid],
+                len(data.classes),
+                settings,
+                seed,
+                *masks,
+            )
             if first_probe is None:
                 first_probe = probe
             scores.append(score(data, split.test, probe.scores(embeddings[split.test])))
@@ -266,8 +282,8 @@ class TaskResult:
     fold_scores: list[list[float]] = field(default_factory=list)
 
 
-def task_result(data: ProbeData, outcome: ProbeOutcome, embedding_dim: int, extraction_seconds: float,
-                extraction_cached: bool, paper: float | None) -> TaskResult:  # fmt: skip
+def task_result(data: ProbeData, outcome: ProbeOutcome, embeddings: Embeddings, paper: float | None) -> TaskResult:
+    """The table row of a task; `data` holds the clips that were embedded."""
     runs = [100 * value for value in outcome.run_scores]
     return TaskResult(
         task=data.task,
@@ -277,9 +293,9 @@ def task_result(data: ProbeData, outcome: ProbeOutcome, embedding_dim: int, extr
         runs=runs,
         num_folds=len(outcome.fold_scores[0]),
         num_clips=len(data),
-        embedding_dim=embedding_dim,
-        extraction_seconds=extraction_seconds,
-        extraction_cached=extraction_cached,
+        embedding_dim=embeddings.values.shape[1],
+        extraction_seconds=embeddings.seconds,
+        extraction_cached=embeddings.cached,
         probe_seconds=outcome.seconds,
         paper=paper,
         fold_scores=[[100 * value for value in run] for run in outcome.fold_scores],
@@ -287,19 +303,35 @@ def task_result(data: ProbeData, outcome: ProbeOutcome, embedding_dim: int, extr
 
 
 def results_markdown(results: list[TaskResult]) -> str:
-    lines = [
-        "| Task | Metric | Ours (mean ± 95% CI) | Paper (MATPAC) | Runs | Folds | Clips | Dim | Extraction (s) | Probe (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        "Task",
+        "Metric",
+        "Ours (mean ± 95% CI)",
+        "Paper (MATPAC)",
+        "Runs",
+        "Folds",
+        "Clips",
+        "Dim",
+        "Extraction (s)",
+        "Probe (s)",
+    )
+    rows = [header, ("---",) * len(header)]
     for result in results:
-        paper = "-" if result.paper is None else f"{result.paper:.1f}"
-        extraction = f"{result.extraction_seconds:.1f}" + (" (cached)" if result.extraction_cached else "")
-        lines.append(
-            f"| {result.task} | {result.metric} | {result.mean:.2f} ± {result.ci95:.2f} | {paper} | {len(result.runs)} "
-            f"| {result.num_folds} | {result.num_clips} | {result.embedding_dim} | {extraction} "
-            f"| {result.probe_seconds:.1f} |"
+        rows.append(
+            (
+                result.task,
+                result.metric,
+                f"{result.mean:.2f} ± {result.ci95:.2f}",
+                "-" if result.paper is None else f"{result.paper:.1f}",
+                len(result.runs),
+                result.num_folds,
+                result.num_clips,
+                result.embedding_dim,
+                f"{result.extraction_seconds:.1f}" + (" (cached)" if result.extraction_cached else ""),
+                f"{result.probe_seconds:.1f}",
+            )
         )
-    return "\n".join(lines)
+    return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
 def write_results(results: list[TaskResult], output_dir: str | Path, settings: dict) -> tuple[Path, Path]:

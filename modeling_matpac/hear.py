@@ -1,0 +1,65 @@
+"""
+The HEAR 2021 API (https://hearbenchmark.com/hear-api.html) for MATPAC, so that evaluation kits such as
+`hear-eval-kit` can use a saved or converted model:
+
+    python -m heareval.embeddings.runner modeling_matpac.hear --model /path/to/matpac
+
+Timestamp embeddings are the encoder's time steps (the 5 frequency patches of a 16-frame column concatenated, one
+step per 160 ms); the scene embedding is their mean, the paper's clip embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .feature_extraction_matpac import MatpacFeatureExtractor
+from .modeling_matpac import MatpacModel
+
+
+class MatpacHearModel(nn.Module):
+    """A MATPAC encoder with its front end and the attributes HEAR requires."""
+
+    def __init__(self, model: MatpacModel, feature_extractor: MatpacFeatureExtractor):
+        super().__init__()
+        self.model = model.eval()
+        self.feature_extractor = feature_extractor
+        self.sample_rate = feature_extractor.sampling_rate
+        self.scene_embedding_size = model.config.embedding_size
+        self.timestamp_embedding_size = model.config.embedding_size
+
+    def step_centres_ms(self, num_steps: int, device: torch.device) -> torch.Tensor:
+        """Centre of each time step: a step spans 16 frames, from its first frame's start to its last frame's end."""
+        hop, window = self.feature_extractor.hop_length, self.feature_extractor.n_fft
+        frames_per_step = self.model.config.patch_size
+        first_sample = torch.arange(num_steps, device=device) * frames_per_step * hop
+        end_sample = first_sample + (frames_per_step - 1) * hop + window
+        return (first_sample + end_sample) / 2 * 1000 / self.sample_rate
+
+    @torch.no_grad()
+    def forward(self, audio: torch.Tensor):
+        if audio.ndim != 2:
+            raise ValueError(f"HEAR audio must be (n_sounds, n_samples), got shape {tuple(audio.shape)}.")
+        device = next(self.model.parameters()).device
+        features = self.feature_extractor(audio, sampling_rate=self.sample_rate, return_tensors="pt", device=device)
+        return self.model(**features)
+
+
+def load_model(model_file_path: str = "", **kwargs) -> MatpacHearModel:
+    """Loads a MATPAC directory (saved with `save_pretrained` or converted from the authors' checkpoint)."""
+    if not model_file_path:
+        raise ValueError("Pass the MATPAC model directory as model_file_path (hear-eval-kit: --model DIR).")
+    model = MatpacModel.from_pretrained(model_file_path, dtype=torch.float32, **kwargs)
+    return MatpacHearModel(model, MatpacFeatureExtractor.from_pretrained(model_file_path))
+
+
+def get_timestamp_embeddings(audio: torch.Tensor, model: MatpacHearModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(n_sounds, n_steps, 3840)` embeddings and `(n_sounds, n_steps)` timestamps in milliseconds."""
+    last_hidden_state = model(audio).last_hidden_state
+    timestamps = model.step_centres_ms(last_hidden_state.shape[1], last_hidden_state.device)
+    return last_hidden_state, timestamps.expand(last_hidden_state.shape[0], -1)
+
+
+def get_scene_embeddings(audio: torch.Tensor, model: MatpacHearModel) -> torch.Tensor:
+    """`(n_sounds, 3840)`: the mean of the timestamp embeddings, MATPAC's clip embedding."""
+    return model(audio).pooler_output

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""
+Linear probing of a frozen MATPAC encoder (or any `AutoModel` with a `pooler_output`) on the MATPAC paper's seven
+downstream tasks, following the paper's protocol: see `modeling_matpac/probing.py` for the protocol and the
+validation rule, `modeling_matpac/probe_tasks.py` for the tasks and their expected data layouts.
+
+    python run_probe.py --dataset esc50 --data_dir /data/ESC-50-master
+    python run_probe.py --dataset gtzan                    # the Hub copy of GTZAN
+    python run_probe.py --all --data_dir /data             # every task found under /data/<task>/
+    python run_probe.py --dataset audiofolder --data_dir /data/my_sounds --save_head outputs/my-classifier
+
+Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing.
+"""
+
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract, parse_layer
+from modeling_matpac.probe_tasks import PAPER_TASKS, TASKS, ProbeDataError, find_task_dir, get_task, load_task
+from modeling_matpac.probing import (
+    ProbeSettings,
+    TaskResult,
+    evaluate,
+    results_markdown,
+    save_classifier,
+    task_result,
+    write_results,
+)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="outputs/matpac-default",
+        metadata={
+            "help": "A saved or converted MATPAC directory (or any AutoModel whose outputs have pooler_output)."
+        },
+    )
+    layer: str = field(
+        default="last",
+        metadata={"help": "Embedding to probe: 'last' (the paper's), a block number from 1, or 'all' (their mean)."},
+    )
+    extraction_batch_size: int = field(default=8, metadata={"help": "Clips encoded per forward pass."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding audio during extraction."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={"help": "Task to probe.", "choices": list(TASKS)})
+    all: bool = field(default=False, metadata={"help": "Probe every paper task whose data is found."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dataset in its original layout (with --all: a folder holding one folder per task). "
+            "Without it, tasks are read from their Hub copy."
+        },
+    )
+    hub_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Another Hub repo id (or local folder) with the layout of the task's Hub copy."},
+    )
+    output_dir: str = field(default="outputs/probe", metadata={"help": "Where results.json and results.md go."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Embedding cache (default: <output_dir>/embeddings)."}
+    )
+    save_head: str | None = field(
+        default=None,
+        metadata={
+            "help": "Save the first run's probe with the encoder as a MatpacForAudioClassification directory here "
+            "(with --all, one sub-folder per task)."
+        },
+    )
+
+
+def load_data(name: str, data_args: DataArguments):
+    """The task's data: from `--data_dir` (with `--all`, its task folder there), else from its Hub copy."""
+    if data_args.all and data_args.data_dir is not None:
+        task_dir = find_task_dir(name, data_args.data_dir)
+        if task_dir is None:
+            raise ProbeDataError(f"no {' or '.join(get_task(name).folder_names)} folder in {data_args.data_dir}")
+        return load_task(name, task_dir)
+    return load_task(name, data_args.data_dir, data_args.hub_dataset)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSettings) -> list[TaskResult]:
+    if data_args.all == (data_args.dataset is not None):
+        raise ValueError("Pass either --dataset NAME or --all.")
+    if data_args.all and data_args.hub_dataset:
+        raise ValueError("--hub_dataset names one task's data: use it with --dataset, not --all.")
+    layer = parse_layer(model_args.layer)
+    if data_args.save_head and layer != "last":
+        raise ValueError("--save_head puts the probe on pooler_output (the last layer): leave --layer at 'last'.")
+
+    extractor = EmbeddingExtractor(
+        model_args.model_name_or_path,
+        layer=layer,
+        device=settings.device,
+        batch_size=model_args.extraction_batch_size,
+        num_workers=model_args.dataloader_num_workers,
+    )
+    settings.device = str(extractor.device)
+    cache_dir = data_args.cache_dir or str(Path(data_args.output_dir) / "embeddings")
+    results = []
+    for name in PAPER_TASKS if data_args.all else [data_args.dataset]:
+        try:
+            data = load_data(name, data_args)
+        except ProbeDataError as error:
+            if not data_args.all:
+                raise
+            logger.warning("%s: skipped, %s", name, str(error).splitlines()[0])
+            continue
+        logger.info("%s: %d clips from %s", name, len(data), data.source)
+        embeddings = load_or_extract(data, extractor, cache_dir)
+        data = data.select(embeddings.positions)
+        outcome = evaluate(data, embeddings.values, settings)
+        results.append(task_result(data, outcome, embeddings, paper=get_task(name).paper_score))
+        if data_args.save_head:
+            directory = Path(data_args.save_head) / name if data_args.all else Path(data_args.save_head)
+            save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, directory)
+            logger.info("%s: saved the probe as an audio classifier in %s", name, directory)
+    if not results:
+        raise ProbeDataError(f"No task data found (data_dir={data_args.data_dir}).")
+
+    print(results_markdown(results))
+    run_settings = {"model": asdict(model_args), "data": asdict(data_args), "probe": asdict(settings)}
+    json_path, markdown_path = write_results(results, data_args.output_dir, run_settings)
+    logger.info("Results written to %s and %s", json_path, markdown_path)
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[TaskResult]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, ProbeSettings))
+    model_args, data_args, settings = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        level=logging.INFO,
+    )
+    try:
+        return run(model_args, data_args, settings)
+    except (ProbeDataError, ValueError) as error:
+        sys.exit(f"run_probe.py: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

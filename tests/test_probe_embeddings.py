@@ -1,0 +1,151 @@
+"""Embedding extraction and its cache, with a tiny random MATPAC encoder."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_matpac import MatpacFeatureExtractor, MatpacModel
+from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract, parse_layer
+from modeling_matpac.probe_tasks import load_task
+from test_probe_tasks import make_task, save_tiny_matpac, write_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_matpac(tmp_path_factory.mktemp("tiny-matpac"))
+
+
+@pytest.fixture(scope="module")
+def us8k(tmp_path_factory):
+    """30 clips of 0.4, 0.5 and 0.6 s: batches mix lengths."""
+    return load_task("us8k", make_task("us8k", tmp_path_factory.mktemp("UrbanSound8K")))
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    calls = []
+    original = MatpacModel.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MatpacModel, "forward", counting_forward)
+    return calls
+
+
+def reference_embedding(model_dir, waveform: np.ndarray) -> torch.Tensor:
+    """The clip alone through the feature extractor and the model: the paper's embedding by definition."""
+    model = MatpacModel.from_pretrained(model_dir).eval()
+    features = MatpacFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        return model(**features, output_hidden_states=True)
+
+
+def test_embeddings_do_not_depend_on_batching(tiny_model, us8k):
+    one_by_one, positions = EmbeddingExtractor(tiny_model, batch_size=1)(us8k)
+    batched, batched_positions = EmbeddingExtractor(tiny_model, batch_size=7)(us8k)
+    np.testing.assert_array_equal(positions, np.arange(30))
+    np.testing.assert_array_equal(batched_positions, positions)
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    expected = reference_embedding(tiny_model, us8k.audio[4][0]).pooler_output[0]
+    np.testing.assert_allclose(batched[4], expected.numpy(), atol=1e-5)
+
+
+def test_layers(tiny_model, us8k):
+    clip = us8k.select(np.array([5]))
+    outputs = reference_embedding(tiny_model, clip.audio[0][0])
+    block1 = outputs.hidden_states[1].mean(1)[0]  # one clip: every time step is valid
+    last = outputs.last_hidden_state.mean(1)[0]
+    embeddings = {
+        layer: EmbeddingExtractor(tiny_model, layer=layer)(clip)[0][0] for layer in ("1", "2", "last", "all")
+    }
+    np.testing.assert_allclose(embeddings["1"], block1.numpy(), atol=1e-5)
+    np.testing.assert_allclose(embeddings["2"], last.numpy(), atol=1e-5)  # the last block after the final norm
+    np.testing.assert_allclose(embeddings["last"], last.numpy(), atol=1e-5)
+    np.testing.assert_allclose(embeddings["all"], ((block1 + last) / 2).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="past the model's 2 blocks"):
+        EmbeddingExtractor(tiny_model, layer=3)(clip)
+
+
+def test_parse_layer_rejects_nonsense():
+    assert parse_layer(None) == "last" and parse_layer("all") == "all" and parse_layer("3") == 3
+    with pytest.raises(ValueError, match="must be 'last', 'all' or a block number"):
+        parse_layer("middle")
+    with pytest.raises(ValueError, match="start at 1"):
+        parse_layer(0)
+
+
+def test_cache_is_reused_without_running_the_model(tiny_model, us8k, tmp_path, forward_calls):
+    extractor = EmbeddingExtractor(tiny_model, batch_size=8)
+    first = load_or_extract(us8k, extractor, tmp_path)
+    assert not first.cached and len(forward_calls) == 4  # 30 clips in batches of 8
+    assert len(list(tmp_path.glob("us8k-*.npz"))) == 1
+
+    fresh = EmbeddingExtractor(tiny_model, batch_size=8)  # a new run: nothing loaded in memory
+    second = load_or_extract(us8k, fresh, tmp_path)
+    assert second.cached and len(forward_calls) == 4 and fresh._model is None
+    np.testing.assert_array_equal(second.values, first.values)
+    assert second.seconds == pytest.approx(first.seconds)
+
+    load_or_extract(us8k, EmbeddingExtractor(tiny_model, layer="all", batch_size=30), tmp_path)  # other layer: a miss
+    assert len(forward_calls) == 5 and len(list(tmp_path.glob("us8k-*.npz"))) == 2
+    load_or_extract(us8k.select(np.arange(10)), extractor, tmp_path)  # other clips: a miss
+    assert len(forward_calls) == 7
+
+
+def test_retrained_model_invalidates_the_cache(tmp_path, us8k):
+    model_dir = save_tiny_matpac(tmp_path / "model", seed=0)
+    key = EmbeddingExtractor(model_dir).cache_key(us8k)
+    save_tiny_matpac(model_dir, seed=1)
+    assert EmbeddingExtractor(model_dir).cache_key(us8k) != key
+
+
+def test_corrupt_and_too_short_clips_are_skipped(tiny_model, tmp_path, caplog):
+    root = make_task("esc50", tmp_path / "esc50")
+    (root / "audio/2-1021-A-1.wav").write_bytes(b"RIFF\x00\x00 definitely not audio")
+    write_clip(root / "audio/4-1042-A-2.wav", 2, seconds=0.01)  # less than one 25 ms analysis window
+    data = load_task("esc50", root)
+    caplog.set_level(logging.WARNING)
+    embeddings, positions = EmbeddingExtractor(tiny_model, batch_size=4)(data)
+    assert len(positions) == len(data) - 2 == embeddings.shape[0]
+    assert [data.ids[i] for i in sorted(set(range(len(data))) - set(positions))] == [
+        "2-1021-A-1.wav",
+        "4-1042-A-2.wav",
+    ]
+    assert "skipped clip 2-1021-A-1.wav: cannot decode" in caplog.text
+    assert "skipped clip 4-1042-A-2.wav: Clip 0 has 160 samples" in caplog.text
+    assert "shorter than one analysis window" in caplog.text
+
+
+def test_a_missing_model_gives_a_clear_error(us8k, tmp_path):
+    with pytest.raises(ValueError, match="Cannot load the model .*run_pretraining.py"):
+        EmbeddingExtractor(str(tmp_path / "no-model"))(us8k)
+
+
+def test_any_automodel_with_a_pooler_output(tmp_path, us8k):
+    """A non-MATPAC encoder (a tiny random AST) is probed through its own feature extractor and pooler_output."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    config = ASTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_mel_bins=32,
+        max_length=64,
+    )
+    model, feature_extractor = ASTModel(config).eval(), ASTFeatureExtractor(num_mel_bins=32, max_length=64)
+    model.save_pretrained(tmp_path)
+    feature_extractor.save_pretrained(tmp_path)
+    clips = us8k.select(np.array([0, 1, 2]))
+    embeddings, _ = EmbeddingExtractor(str(tmp_path), batch_size=2)(clips)
+    with torch.no_grad():
+        expected = model(
+            **feature_extractor(clips.audio[1][0], sampling_rate=16000, return_tensors="pt")
+        ).pooler_output
+    np.testing.assert_allclose(embeddings[1], expected[0].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="--layer all needs a MATPAC model"):
+        EmbeddingExtractor(str(tmp_path), layer="all")(clips)

@@ -1,0 +1,231 @@
+"""run_probe.py end to end on fake copies of the seven tasks; the saved probe as an audio-classification pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_matpac import MatpacModel
+from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract
+from modeling_matpac.probe_tasks import PAPER_TASKS, TASKS, load_task
+from modeling_matpac.probing import ProbeSettings, evaluate, save_classifier
+from test_probe_tasks import make_task, save_tiny_matpac
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run_probe.py is a script at the repository root, outside the package
+import run_probe  # noqa: E402
+
+
+FAST = ["--num_runs", "2", "--max_epochs", "4", "--patience", "2", "--learning_rate", "0.01"]
+OFFICIAL_FOLDERS = {
+    "gtzan": "gtzan",
+    "esc50": "ESC-50-master",
+    "us8k": "UrbanSound8K",
+    "nsynth": "nsynth",
+    "openmic": "openmic-2018",
+    "mtt": "magnatagatune",
+    "fsd50k": "FSD50K",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny_matpac(tmp_path_factory.mktemp("tiny-matpac")))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    for task, folder in OFFICIAL_FOLDERS.items():
+        make_task(task, root / folder)
+    return root
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    calls = []
+    original = MatpacModel.forward
+    monkeypatch.setattr(MatpacModel, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
+
+
+def test_esc50_end_to_end_then_cached_rerun(tiny_model, data_root, tmp_path, forward_calls):
+    args = [
+        "--dataset",
+        "esc50",
+        "--data_dir",
+        str(data_root / "ESC-50-master"),
+        "--model_name_or_path",
+        tiny_model,
+        "--output_dir",
+        str(tmp_path),
+        *FAST,
+    ]
+    (result,) = run_probe.main(args)
+    assert len(forward_calls) == 2  # 15 clips, batches of 8
+    assert (result.task, result.metric, result.num_folds, result.num_clips) == ("esc50", "accuracy", 5, 15)
+    assert result.embedding_dim == 160 and result.paper == 93.5 and not result.extraction_cached
+    assert all(0 <= run <= 100 for run in result.runs) and len(result.runs) == 2
+    assert result.mean == pytest.approx(np.mean(result.runs))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"][0]["runs"] == pytest.approx(result.runs)
+    assert saved["settings"]["probe"]["learning_rate"] == 0.01 and saved["settings"]["model"]["layer"] == "last"
+    table = (tmp_path / "results.md").read_text()
+    assert f"| esc50 | accuracy | {result.mean:.2f} ± {result.ci95:.2f} | 93.5 | 2 | 5 | 15 | 160 |" in table
+
+    # Other probe hyper-parameters: the embeddings come from the cache, the model never runs.
+    (rerun,) = run_probe.main([*args, "--learning_rate", "0.001", "--num_runs", "3"])
+    assert len(forward_calls) == 2 and rerun.extraction_cached and len(rerun.runs) == 3
+    assert "(cached)" in (tmp_path / "results.md").read_text()
+
+
+def test_all_tasks_found_under_their_official_folder_names(tiny_model, data_root, tmp_path):
+    results = run_probe.main(
+        [
+            "--all",
+            "--data_dir",
+            str(data_root),
+            "--model_name_or_path",
+            tiny_model,
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
+    assert [r.task for r in results] == list(PAPER_TASKS)
+    assert {r.task: r.metric for r in results} == {
+        "gtzan": "accuracy",
+        "esc50": "accuracy",
+        "us8k": "accuracy",
+        "nsynth": "accuracy",
+        "openmic": "mAP",
+        "mtt": "mAP",
+        "fsd50k": "mAP",
+    }
+    assert {r.task: r.num_folds for r in results} == {t: {"esc50": 5, "us8k": 10}.get(t, 1) for t in PAPER_TASKS}
+    assert {r.task: r.paper for r in results} == {t: TASKS[t].paper_score for t in PAPER_TASKS}
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {task} |" in table for task in PAPER_TASKS)
+
+
+def test_all_skips_tasks_without_data(tiny_model, tmp_path, caplog):
+    make_task("nsynth", tmp_path / "data" / "nsynth")
+    results = run_probe.main(
+        [
+            "--all",
+            "--data_dir",
+            str(tmp_path / "data"),
+            "--model_name_or_path",
+            tiny_model,
+            "--output_dir",
+            str(tmp_path / "out"),
+            *FAST,
+        ]
+    )
+    assert [r.task for r in results] == ["nsynth"]
+    assert "openmic: skipped, no openmic or openmic-2018 or OpenMIC-2018 folder" in caplog.text
+    assert f"esc50: skipped, no esc50 or ESC-50 or ESC-50-master folder in {tmp_path / 'data'}" in caplog.text
+
+
+def test_all_without_data_dir_reads_the_hub_copies(tiny_model, tmp_path, caplog):
+    with pytest.raises(SystemExit, match="No task data found"):
+        run_probe.main(["--all", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)])
+    assert "gtzan: skipped, Cannot load GTZAN from the Hub dataset 'confit/gtzan-parquet'" in caplog.text  # offline
+    assert "mtt: skipped, MagnaTagATune (top-50 tags) has no script-free copy on the Hub" in caplog.text
+
+
+def test_saved_head_is_an_audio_classification_pipeline(tiny_model, data_root, tmp_path):
+    from transformers import pipeline
+
+    data = load_task("nsynth", data_root / "nsynth")
+    extractor = EmbeddingExtractor(tiny_model)
+    embeddings = load_or_extract(data, extractor, tmp_path / "cache")
+    outcome = evaluate(data, embeddings.values, ProbeSettings(num_runs=1, max_epochs=5, learning_rate=0.01))
+    save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, tmp_path / "head")
+
+    classifier = pipeline("audio-classification", model=str(tmp_path / "head"), top_k=None)
+    clip = 7
+    predictions = classifier(data.audio[clip][0])
+    expected = outcome.first_probe.scores(embeddings.values[clip : clip + 1])[0]
+    assert {p["label"]: p["score"] for p in predictions} == pytest.approx(dict(zip(data.classes, expected)), abs=1e-5)
+    config = json.loads((tmp_path / "head/config.json").read_text())
+    assert config["problem_type"] == "single_label_classification" and config["id2label"]["3"] == "guitar"
+
+
+def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data_root, tmp_path):
+    run_probe.main(
+        [
+            "--dataset",
+            "fsd50k",
+            "--data_dir",
+            str(data_root / "FSD50K"),
+            "--model_name_or_path",
+            tiny_model,
+            "--output_dir",
+            str(tmp_path),
+            "--save_head",
+            str(tmp_path / "head"),
+            *FAST,
+        ]
+    )
+    from transformers import AutoModelForAudioClassification
+
+    model = AutoModelForAudioClassification.from_pretrained(tmp_path / "head")
+    assert model.config.problem_type == "multi_label_classification"
+    assert [model.config.id2label[i] for i in range(4)] == ["Bark", "Guitar", "Speech", "Wind"]
+    encoder = MatpacModel.from_pretrained(tiny_model)
+    torch.testing.assert_close(model.matpac.state_dict(), encoder.state_dict())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "Pass either --dataset NAME or --all"),
+        (["--dataset", "esc50", "--data_dir", "{empty}"], "ESC-50 not found .* missing meta/esc50.csv"),
+        (["--dataset", "openmic"], "OpenMIC-2018 has no script-free copy on the Hub"),
+        (["--dataset", "audiofolder"], "audiofolder needs --data_dir"),
+        (
+            ["--dataset", "esc50", "--layer", "2", "--save_head", "x", "--data_dir", "{empty}"],
+            "leave --layer at 'last'",
+        ),
+        (["--dataset", "esc50", "--layer", "top"], "--layer must be 'last', 'all' or a block number"),
+        (["--all", "--hub_dataset", "x"], "use it with --dataset, not --all"),
+    ],
+)
+def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):
+    args = [arg.replace("{empty}", str(tmp_path)) for arg in args]
+    with pytest.raises(SystemExit, match=message):
+        run_probe.main([*args, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path)])
+
+
+def test_unknown_dataset_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_probe.main(["--dataset", "esc100"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'esc100'" in capsys.readouterr().err
+
+
+def test_command_line(tiny_model, data_root, tmp_path):
+    command = [
+        sys.executable,
+        "run_probe.py",
+        "--dataset",
+        "gtzan",
+        "--data_dir",
+        str(data_root / "gtzan"),
+        "--model_name_or_path",
+        tiny_model,
+        "--output_dir",
+        str(tmp_path),
+        *FAST,
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "| gtzan | accuracy |" in done.stdout and "| 85.3 |" in done.stdout
+    assert json.loads((tmp_path / "results.json").read_text())["results"][0]["num_clips"] == 24

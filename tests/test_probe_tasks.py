@@ -1,0 +1,419 @@
+"""
+Task loaders on small fake copies of each dataset's original layout: the builders below write a few generated clips
+per class with the official file names, CSVs and split lists (they are shared with the other probing tests).
+"""
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from modeling_matpac.probe_tasks import (
+    GTZAN_GENRES,
+    PAPER_TASKS,
+    AudioReadError,
+    ProbeDataError,
+    find_task_dir,
+    load_task,
+    read_audio,
+)
+
+
+def write_clip(path: Path, label_index: int, seconds: float = 0.5, sampling_rate: int = 16000, seed: int = 0):
+    """A tone whose pitch depends on the class, plus a little noise: classes are separable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * sampling_rate)) / sampling_rate
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.shape)
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 220 * (label_index + 1) * t) + noise).astype(np.float32), sampling_rate)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list], delimiter: str = ",", quoting=csv.QUOTE_MINIMAL):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter=delimiter, quoting=quoting)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+ESC50_CLASSES = ["dog", "rain", "rooster"]
+
+
+def make_esc50(root: Path) -> Path:
+    """meta/esc50.csv + audio/, 5 folds x 3 classes x 1 clip at 44.1 kHz (as the real data)."""
+    rows = []
+    for fold in range(1, 6):
+        for target, category in enumerate(ESC50_CLASSES):
+            name = f"{fold}-{1000 + 10 * fold + target}-A-{target}.wav"
+            write_clip(root / "audio" / name, target, sampling_rate=44100, seed=fold)
+            rows.append([name, fold, target, category, "False", 1000 + 10 * fold + target, "A"])
+    write_csv(root / "meta/esc50.csv", ["filename", "fold", "target", "category", "esc10", "src_file", "take"], rows)
+    return root
+
+
+US8K_FAKE = ["dog_bark", "siren", "street_music"]
+
+
+def make_us8k(root: Path) -> Path:
+    """metadata/UrbanSound8K.csv + audio/fold<N>/, 10 folds x 3 classes, clips of different lengths."""
+    from modeling_matpac.probe_tasks import US8K_CLASSES
+
+    rows = []
+    for fold in range(1, 11):
+        for index, name in enumerate(US8K_FAKE):
+            class_id = US8K_CLASSES.index(name)
+            file_name = f"{100 + fold}-{class_id}-0-{index}.wav"
+            write_clip(root / f"audio/fold{fold}" / file_name, index, seconds=0.4 + 0.1 * index, seed=fold)
+            rows.append([file_name, 100 + fold, 0.0, 1.0, 1, fold, class_id, name])
+    header = ["slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"]
+    write_csv(root / "metadata/UrbanSound8K.csv", header, rows)
+    return root
+
+
+GTZAN_FAKE = {"train": [0, 1, 2, 3], "valid": [4, 5], "test": [6, 7]}
+
+
+def make_gtzan(root: Path, genres=("blues", "jazz", "rock")) -> Path:
+    """genres/<genre>/<genre>.000NN.wav + {train,valid,test}_filtered.txt; clip 8 of each genre is in no list."""
+    for index, genre in enumerate(genres):
+        for number in range(9):
+            write_clip(root / f"genres/{genre}/{genre}.{number:05d}.wav", index, sampling_rate=22050, seed=number)
+    for split, numbers in GTZAN_FAKE.items():
+        lines = [f"{genre}/{genre}.{number:05d}.wav" for genre in genres for number in numbers]
+        (root / f"{split}_filtered.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+NSYNTH_FAKE = {"train": 4, "valid": 2, "test": 2}
+
+
+def make_nsynth(root: Path, families=("bass", "guitar", "organ")) -> Path:
+    """nsynth-{split}/examples.json + audio/<note_str>.wav."""
+    for split, count in NSYNTH_FAKE.items():
+        examples = {}
+        for index, family in enumerate(families):
+            for number in range(count):
+                note = f"{family}_acoustic_{number:03d}-0{60 + number}-100"
+                write_clip(root / f"nsynth-{split}/audio/{note}.wav", index, seed=number)
+                examples[note] = {"note_str": note, "instrument_family_str": family, "instrument_family": index}
+        (root / f"nsynth-{split}/examples.json").write_text(json.dumps(examples))
+    return root
+
+
+OPENMIC_CLASSES = ["guitar", "piano", "voice"]
+
+
+def make_openmic(root: Path, num_clips: int = 24) -> Path:
+    """openmic-2018.npz (partial labels), class-map.json, partitions/split01_{train,test}.csv, audio/<key[:3]>/."""
+    rng = np.random.default_rng(0)
+    keys = np.array([f"{100000 + 7 * i:06d}_{3840 * (i % 3)}" for i in range(num_clips)], dtype=object)  # as released
+    y_mask = rng.random((num_clips, 3)) < 0.7
+    y_mask[:, 0] = True  # every clip has at least one annotated class
+    y_true = np.where(y_mask, rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=(num_clips, 3)), 0.5)
+    y_true[:2, :] = 1.0  # every class has annotated positives in the training part
+    y_true[-2:, :] = 1.0  # ... and in the test part
+    y_mask[:2, :] = y_mask[-2:, :] = True
+    np.savez(
+        root / "openmic-2018.npz",
+        X=np.zeros((num_clips, 10, 128), np.uint8),
+        Y_true=y_true,
+        Y_mask=y_mask,
+        sample_key=keys,
+    )
+    (root / "class-map.json").write_text(json.dumps({name: i for i, name in enumerate(OPENMIC_CLASSES)}))
+    (root / "partitions").mkdir()
+    (root / "partitions/split01_train.csv").write_text("\n".join(keys[: num_clips * 2 // 3]) + "\n")
+    (root / "partitions/split01_test.csv").write_text("\n".join(keys[num_clips * 2 // 3 :]) + "\n")
+    for i, key in enumerate(keys):
+        write_clip(root / "audio" / key[:3] / f"{key}.ogg", int(np.argmax(y_true[i])), seed=i)
+    return root
+
+
+MTT_TAGS = ["guitar", "classical", "slow"]
+
+
+def make_mtt(root: Path, num_clips: int = 18) -> Path:
+    """annotations_final.csv (tab-separated, quoted, with tags outside the top 50), mp3/<hex>/*.mp3, split/*.npy."""
+    all_tags = ["no voice", *MTT_TAGS, "techno"]
+    rng = np.random.default_rng(1)
+    rows, paths = [], []
+    for clip in range(num_clips):
+        path = f"{'0123456789abcdef'[clip % 16]}/artist{clip}-album-{clip:02d}-song-30-59.mp3"
+        tags = (rng.random(len(all_tags)) < 0.4).astype(int)
+        tags[1 + clip % 3] = 1  # every top tag has positives in every split
+        write_clip(root / "mp3" / path, int(np.argmax(tags[1:4])), seed=clip)
+        rows.append([clip * 2, *tags, path])
+        paths.append(path)
+    write_csv(root / "annotations_final.csv", ["clip_id", *all_tags, "mp3_path"], rows, "\t", csv.QUOTE_ALL)
+    (root / "split").mkdir()
+    np.save(root / "split/tags.npy", np.array(MTT_TAGS))
+    for split, part in (("train", slice(0, 12)), ("valid", slice(12, 15)), ("test", slice(15, 18))):
+        np.save(root / f"split/{split}.npy", np.array([f"{i}\t{paths[i]}" for i in range(num_clips)][part]))
+    return root
+
+
+FSD50K_VOCABULARY = ["Bark", "Guitar", "Speech", "Wind"]
+
+
+def make_fsd50k(root: Path) -> Path:
+    """FSD50K.ground_truth/{dev,eval,vocabulary}.csv + FSD50K.{dev,eval}_audio/<fname>.wav."""
+    (root / "FSD50K.ground_truth").mkdir(parents=True)
+    with open(root / "FSD50K.ground_truth/vocabulary.csv", "w") as handle:
+        handle.writelines(f"{i},{name},/m/{i:04d}\n" for i, name in enumerate(FSD50K_VOCABULARY))
+    label_sets = ["Bark", "Guitar,Speech", "Speech", "Wind,Bark", "Guitar"]
+    dev, evaluation = [], []
+    for clip in range(20):
+        labels = label_sets[clip % len(label_sets)]
+        split = "val" if clip % 5 == 4 or clip in (3, 13) else "train"
+        write_clip(root / f"FSD50K.dev_audio/{1000 + clip}.wav", clip % 4, seconds=0.3 + 0.05 * (clip % 6), seed=clip)
+        dev.append([1000 + clip, labels, "", split])
+    for clip in range(10):
+        write_clip(root / f"FSD50K.eval_audio/{5000 + clip}.wav", clip % 4, seed=clip)
+        evaluation.append([5000 + clip, label_sets[clip % len(label_sets)], ""])
+    write_csv(root / "FSD50K.ground_truth/dev.csv", ["fname", "labels", "mids", "split"], dev)
+    write_csv(root / "FSD50K.ground_truth/eval.csv", ["fname", "labels", "mids"], evaluation)
+    return root
+
+
+MAKERS = {
+    "gtzan": make_gtzan,
+    "esc50": make_esc50,
+    "us8k": make_us8k,
+    "nsynth": make_nsynth,
+    "openmic": make_openmic,
+    "mtt": make_mtt,
+    "fsd50k": make_fsd50k,
+}
+
+
+def make_task(name: str, root: Path, **kwargs) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return MAKERS[name](root, **kwargs)
+
+
+def save_tiny_matpac(directory: Path, seed: int = 0) -> Path:
+    """A random tiny MATPAC encoder and its feature extractor, saved like a converted checkpoint."""
+    import torch
+
+    from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacModel
+
+    torch.manual_seed(seed)
+    config = MatpacConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    MatpacModel(config).save_pretrained(directory)
+    MatpacFeatureExtractor().save_pretrained(directory)
+    return directory
+
+
+# Tests -----------------------------------------------------------------------------------------------------------
+
+
+def test_esc50_folds_and_labels_follow_the_csv(tmp_path):
+    data = load_task("esc50", make_task("esc50", tmp_path / "ESC-50-master"))
+    assert data.classes == ESC50_CLASSES
+    assert data.fold is not None and data.split is None
+    assert sorted(np.unique(data.fold)) == [1, 2, 3, 4, 5]
+    row = data.ids.index("3-1032-A-2.wav")
+    assert (data.fold[row], data.classes[data.targets[row]]) == (3, "rooster")
+    waveform, sampling_rate = data.audio[row]
+    assert sampling_rate == 44100 and waveform.shape == (22050,)
+
+
+def test_us8k_reads_audio_fold_folders(tmp_path):
+    data = load_task("us8k", make_task("us8k", tmp_path / "UrbanSound8K"))
+    assert len(data) == 30 and sorted(np.unique(data.fold)) == list(range(1, 11))
+    row = data.ids.index("107-8-0-1.wav")  # fsID 107 = fold 7, classID 8 = siren
+    assert data.fold[row] == 7 and data.classes[data.targets[row]] == "siren"
+    assert data.audio.paths[row].endswith("audio/fold7/107-8-0-1.wav")
+    assert len(data.classes) == 10  # the task's full vocabulary, not only the classes present
+
+
+def test_gtzan_uses_the_fault_filtered_lists_only(tmp_path):
+    data = load_task("gtzan", make_task("gtzan", tmp_path / "gtzan"))
+    assert data.classes == list(GTZAN_GENRES)
+    for split, numbers in GTZAN_FAKE.items():
+        expected = {f"{g}/{g}.{n:05d}.wav" for g in ("blues", "jazz", "rock") for n in numbers}
+        assert {clip for clip, s in zip(data.ids, data.split) if s == split} == expected
+    assert not any(clip.endswith(".00008.wav") for clip in data.ids)  # listed nowhere: unused
+    row = data.ids.index("jazz/jazz.00004.wav")
+    assert data.classes[data.targets[row]] == "jazz" and data.split[row] == "valid"
+
+
+def test_gtzan_accepts_the_original_au_files(tmp_path):
+    root = make_task("gtzan", tmp_path / "gtzan")
+    for wav in (root / "genres").glob("*/*.wav"):
+        waveform, sampling_rate = sf.read(wav)
+        sf.write(wav.with_suffix(".au"), waveform, sampling_rate)
+        wav.unlink()
+    data = load_task("gtzan", root)
+    assert len(data) == 24 and all(path.endswith(".au") for path in data.audio.paths)
+
+
+def test_nsynth_official_splits_and_families(tmp_path):
+    data = load_task("nsynth", make_task("nsynth", tmp_path / "nsynth"))
+    assert len(data.classes) == 11
+    assert {s: int((data.split == s).sum()) for s in ("train", "valid", "test")} == {
+        "train": 12,
+        "valid": 6,
+        "test": 6,
+    }
+    row = data.ids.index("organ_acoustic_001-061-100")
+    assert data.classes[data.targets[row]] == "organ"
+
+
+def test_openmic_keeps_partial_labels(tmp_path):
+    root = make_task("openmic", tmp_path / "openmic-2018")
+    data = load_task("openmic", root)
+    with np.load(root / "openmic-2018.npz", allow_pickle=True) as npz:
+        keys, y_true, y_mask = list(npz["sample_key"]), npz["Y_true"], npz["Y_mask"]
+    rows = [keys.index(clip) for clip in data.ids]
+    np.testing.assert_array_equal(data.label_mask, y_mask[rows])
+    np.testing.assert_array_equal(data.targets, (y_mask & (y_true >= 0.5))[rows].astype(np.float32))
+    assert (data.split == "train").sum() == 16 and (data.split == "test").sum() == 8
+    assert data.classes == OPENMIC_CLASSES
+
+
+def test_mtt_takes_the_top_tags_from_the_annotations(tmp_path):
+    root = make_task("mtt", tmp_path / "magnatagatune")
+    data = load_task("mtt", root)
+    assert data.classes == MTT_TAGS and data.targets.shape == (18, 3)
+    with open(root / "annotations_final.csv", newline="") as handle:
+        rows = {row["mp3_path"]: row for row in csv.DictReader(handle, delimiter="\t")}
+    for clip, target in zip(data.ids, data.targets):
+        assert target.tolist() == [float(rows[clip][tag]) for tag in MTT_TAGS]
+    assert list(data.split[:12]) == ["train"] * 12 and list(data.split[15:]) == ["test"] * 3
+    waveform, _ = data.audio[0]  # mp3 decodes with soundfile
+    assert waveform.shape[0] > 7000
+
+
+def test_fsd50k_dev_val_becomes_validation(tmp_path):
+    data = load_task("fsd50k", make_task("fsd50k", tmp_path / "FSD50K"))
+    assert data.classes == FSD50K_VOCABULARY
+    assert {s: int((data.split == s).sum()) for s in ("train", "valid", "test")} == {
+        "train": 14,
+        "valid": 6,
+        "test": 10,
+    }
+    row = data.ids.index("1001")
+    assert data.targets[row].tolist() == [0.0, 1.0, 1.0, 0.0]  # "Guitar,Speech"
+
+
+def test_missing_layout_says_where_to_get_the_data(tmp_path):
+    with pytest.raises(ProbeDataError, match=r"ESC-50 not found .* missing meta/esc50.csv") as error:
+        load_task("esc50", tmp_path)
+    assert "https://github.com/karolpiczak/ESC-50" in str(error.value)
+    assert "meta/esc50.csv" in str(error.value) and "ashraq/esc50" in str(error.value)
+    with pytest.raises(ProbeDataError, match="does not exist"):
+        load_task("esc50", tmp_path / "nowhere")
+    with pytest.raises(ProbeDataError, match="no script-free copy on the Hub"):
+        load_task("openmic")
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ProbeDataError, match="Unknown task 'esc100'; choose one of gtzan, esc50"):
+        load_task("esc100", "/tmp")
+
+
+def test_missing_files_and_unknown_labels_are_skipped_with_a_warning(tmp_path, caplog):
+    root = make_task("fsd50k", tmp_path / "FSD50K")
+    (root / "FSD50K.dev_audio/1002.wav").unlink()
+    with open(root / "FSD50K.ground_truth/eval.csv", "a") as handle:
+        handle.write("5000,Yodel,\n")  # outside vocabulary.csv
+    caplog.set_level(logging.WARNING)
+    data = load_task("fsd50k", root)
+    assert "1002" not in data.ids and len(data) == 29
+    assert "skipped 1 clip(s) whose audio file is missing" in caplog.text and "1002.wav" in caplog.text
+    assert "skipped 1 clip(s) with labels outside the task's vocabulary: 5000 (Yodel)" in caplog.text
+
+
+def test_gtzan_list_entry_outside_the_ten_genres_is_skipped(tmp_path, caplog):
+    root = make_task("gtzan", tmp_path / "gtzan", genres=("blues", "polka"))
+    caplog.set_level(logging.WARNING)
+    data = load_task("gtzan", root)
+    assert set(data.classes[t] for t in data.targets) == {"blues"}
+    assert "with labels outside the task's vocabulary" in caplog.text and "polka/polka.00000.wav" in caplog.text
+
+
+def test_esc50_csv_without_its_columns_is_an_error(tmp_path):
+    root = make_task("esc50", tmp_path / "esc50")
+    write_csv(root / "meta/esc50.csv", ["filename", "fold"], [["1-1000-A-0.wav", 1]])
+    with pytest.raises(ProbeDataError, match=r"esc50.csv lacks the column\(s\) \['category'\]"):
+        load_task("esc50", root)
+
+
+def test_mtt_split_tag_missing_from_annotations_is_an_error(tmp_path):
+    root = make_task("mtt", tmp_path / "mtt")
+    np.save(root / "split/tags.npy", np.array(["guitar", "banjo"]))
+    with pytest.raises(ProbeDataError, match=r"annotations_final.csv lacks the column\(s\) \['banjo'\]"):
+        load_task("mtt", root)
+
+
+def test_audiofolder_without_splits_gets_stratified_folds(tmp_path):
+    for label, name in enumerate(["cat", "dog"]):
+        for number in range(5):
+            write_clip(tmp_path / name / f"{number}.flac", label, seed=number)
+    data = load_task("audiofolder", tmp_path)
+    assert data.classes == ["cat", "dog"] and len(data) == 10
+    for fold in range(1, 6):  # each fold holds one cat and one dog
+        assert sorted(data.targets[data.fold == fold]) == [0, 1]
+
+
+def test_audiofolder_with_split_folders(tmp_path):
+    for split in ("train", "validation", "test"):
+        for label, name in enumerate(["cat", "dog"]):
+            write_clip(tmp_path / split / name / "a.wav", label)
+    data = load_task("audiofolder", tmp_path)
+    assert sorted(set(data.split)) == ["test", "train", "valid"]
+    assert data.ids[data.split.tolist().index("valid")] == "validation/cat/a.wav"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProbeDataError, match="No audio files"):
+        load_task("audiofolder", tmp_path / "empty")
+
+
+def test_corrupt_audio_raises_a_read_error(tmp_path):
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not audio at all")
+    with pytest.raises(AudioReadError, match="cannot decode .*bad.wav"):
+        read_audio(tmp_path / "bad.wav")
+
+
+def test_hub_copy_layout_is_read_with_datasets(tmp_path, monkeypatch):
+    """A local parquet copy with the columns of `ashraq/esc50` goes through the Hub loading path."""
+    import io
+
+    import datasets
+    from datasets import Audio, Dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # read at load time
+    rows = {"filename": [], "fold": [], "target": [], "category": [], "audio": []}
+    for fold in range(1, 6):
+        for target, category in enumerate(ESC50_CLASSES + ["??"]):
+            buffer = io.BytesIO()
+            sf.write(buffer, np.zeros(8000, np.float32) + 0.01 * target, 16000, format="WAV")
+            rows["filename"].append(f"{fold}-{target}-A-{target}.wav")
+            rows["fold"].append(fold)
+            rows["target"].append(target)
+            rows["category"].append(category)
+            rows["audio"].append({"bytes": buffer.getvalue(), "path": rows["filename"][-1]})
+    (tmp_path / "esc50/data").mkdir(parents=True)
+    Dataset.from_dict(rows).cast_column("audio", Audio()).to_parquet(tmp_path / "esc50/data/train-00000.parquet")
+
+    data = load_task("esc50", hub_dataset=str(tmp_path / "esc50"))
+    assert data.source == f"hub:{tmp_path / 'esc50'}"
+    assert data.classes == sorted(ESC50_CLASSES + ["??"]) and len(data) == 20
+    row = data.ids.index("4-2-A-2.wav")
+    assert data.fold[row] == 4 and data.classes[data.targets[row]] == "rooster"
+    waveform, sampling_rate = data.audio[row]
+    assert sampling_rate == 16000 and np.allclose(waveform, 0.02, atol=1e-4)
+    subset = data.select(np.array([row]))
+    assert subset.ids == ["4-2-A-2.wav"] and np.allclose(subset.audio[0][0], 0.02, atol=1e-4)
+
+
+def test_find_task_dir_knows_the_official_folder_names(tmp_path):
+    (tmp_path / "ESC-50-master").mkdir()
+    (tmp_path / "FSD50K").mkdir()
+    assert find_task_dir("esc50", tmp_path) == tmp_path / "ESC-50-master"
+    assert find_task_dir("fsd50k", tmp_path) == tmp_path / "FSD50K"
+    assert find_task_dir("us8k", tmp_path) is None
+    assert len(PAPER_TASKS) == 7
