@@ -256,17 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_model(model_args)
     config = model.config
-    feature_extractor = MatpacFeatureExtractor(
-        feature_size=config.num_mel_bins,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.n_fft,
-        hop_length=config.hop_length,
-        f_min=config.f_min,
-        f_max=config.f_max,
-        log_offset=config.log_offset,
-        mean=config.lms_mean,
-        std=config.lms_std,
-    )
+    feature_extractor = MatpacFeatureExtractor.from_model_config(config)
     train_dataset = MatpacPretrainingDataset(
         source,
         audio_column=data_args.audio_column,

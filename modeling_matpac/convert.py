@@ -217,17 +217,7 @@ def convert_checkpoint(
     config = infer_config(original, num_attention_heads, predictor_num_attention_heads)
     model = convert_state_dict(original, config, encoder_only)
     model.save_pretrained(output_dir)
-    MatpacFeatureExtractor(
-        feature_size=config.num_mel_bins,
-        sampling_rate=config.sampling_rate,
-        n_fft=config.n_fft,
-        hop_length=config.hop_length,
-        f_min=config.f_min,
-        f_max=config.f_max,
-        log_offset=config.log_offset,
-        mean=config.lms_mean,
-        std=config.lms_std,
-    ).save_pretrained(output_dir)
+    MatpacFeatureExtractor.from_model_config(config).save_pretrained(output_dir)
     logger.info("Saved a %s (%d parameters) to %s", type(model).__name__, model.num_parameters(), output_dir)
     return model
 

@@ -302,6 +302,21 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         self.mel_filters = mel_filter_bank(n_fft // 2 + 1, feature_size, sampling_rate, f_min, f_max)
         self.window = torch.hann_window(n_fft)
 
+    @classmethod
+    def from_model_config(cls, config) -> "MatpacFeatureExtractor":
+        """The front end a model was configured with (the front-end fields of a `MatpacConfig`)."""
+        return cls(
+            feature_size=config.num_mel_bins,
+            sampling_rate=config.sampling_rate,
+            n_fft=config.n_fft,
+            hop_length=config.hop_length,
+            f_min=config.f_min,
+            f_max=config.f_max,
+            log_offset=config.log_offset,
+            mean=config.lms_mean,
+            std=config.lms_std,
+        )
+
     def __call__(
         self,
         raw_audio: np.ndarray | torch.Tensor | list | tuple,

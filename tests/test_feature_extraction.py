@@ -371,3 +371,12 @@ def test_missing_sampling_rate_warns(fe, caplog):
     with caplog.at_level(logging.WARNING):
         fe(np.zeros(1000, dtype=np.float32), sampling_rate=16000)
     assert caplog.text == ""
+
+
+def test_feature_extractor_from_a_model_config():
+    from modeling_matpac import MatpacConfig
+
+    config = MatpacConfig(f_max=7000.0, lms_mean=-6.0, lms_std=3.0, hop_length=320)
+    extractor = MatpacFeatureExtractor.from_model_config(config)
+    assert (extractor.f_max, extractor.mean, extractor.std, extractor.hop_length) == (7000.0, -6.0, 3.0, 320)
+    torch.testing.assert_close(extractor.mel_filters, mel_filter_bank(201, 80, 16000, 50.0, 7000.0))
