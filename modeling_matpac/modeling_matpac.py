@@ -482,11 +482,13 @@ class MatpacModel(MatpacPreTrainedModel):
         )
 
 
-def linear_schedule(step: int, start: float, end: float, num_steps: int) -> float:
-    """`start` at step 0, linear to `end` at `num_steps`, then `end`."""
-    if step >= num_steps or start == end:
+def linear_schedule(step: int | torch.Tensor, start: float, end: float, num_steps: int) -> float | torch.Tensor:
+    """`start` at step 0, linear to `end` at `num_steps`, then `end`. A tensor step gives a tensor (for compiling)."""
+    if num_steps <= 0 or start == end:
         return end
-    return start + (end - start) * step / num_steps
+    progress = step / num_steps
+    progress = progress.clamp(max=1.0) if isinstance(progress, torch.Tensor) else min(progress, 1.0)
+    return start + (end - start) * progress
 
 
 class MatpacForPreTraining(MatpacPreTrainedModel):
@@ -517,7 +519,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         self.teacher_encoder.requires_grad_(False)
         self.teacher_head.requires_grad_(False)
 
-    def teacher_temperature(self, step: int) -> float:
+    def teacher_temperature(self, step: int | torch.Tensor) -> float | torch.Tensor:
         """Teacher temperature after `step` optimizer updates: a linear warm-up, then constant."""
         config = self.config
         return linear_schedule(
@@ -574,7 +576,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         self,
         input_values: torch.Tensor,
         noise: torch.Tensor | None = None,
-        step: int | None = None,
+        step: int | torch.Tensor | None = None,
         return_dict: bool | None = None,
     ) -> MatpacForPreTrainingOutput:
         r"""
@@ -582,8 +584,9 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             Normalised log-mel crops of exactly `config.num_frames` frames.
         noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
             Masking noise; its argsort orders the patches (visible first). Random when not given.
-        step (`int`, *optional*):
+        step (`int` or `torch.Tensor`, *optional*):
             Optimizer updates done so far, for the teacher temperature schedule; the end temperature when not given.
+            A 0-d tensor keeps a compiled forward from specialising on it.
         """
         config = self.config
         expected = (config.num_mel_bins, config.num_frames)
@@ -624,7 +627,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 loss_cls=loss_cls.mean().detach(),
                 teacher_sum=centred.sum(dim=(0, 1)),
                 teacher_count=torch.full((), float(loss_cls.numel()), device=loss.device),
-                teacher_temperature=torch.full((), temperature, device=loss.device),
+                teacher_temperature=torch.as_tensor(temperature, dtype=torch.float32, device=loss.device),
                 teacher_entropy=-(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
                 teacher_perplexity=torch.exp(-(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()),
                 teacher_num_classes=torch.zeros_like(mean_probs).index_fill_(0, teacher_probs.argmax(-1).flatten(), 1).sum(),

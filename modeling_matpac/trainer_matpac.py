@@ -84,7 +84,9 @@ class MatpacTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counters = {name: inputs.pop(name) for name in DATA_COUNTERS if name in inputs}
-        outputs = model(input_values=inputs["input_values"], noise=inputs.get("noise"), step=self.state.global_step)
+        # The step as a device tensor: a compiled forward neither recompiles per step nor waits for the host.
+        step = torch.full((), self.state.global_step, device=inputs["input_values"].device)
+        outputs = model(input_values=inputs["input_values"], noise=inputs.get("noise"), step=step)
         if model.training:
             self._accumulate(outputs, counters)
         return (outputs.loss, outputs) if return_outputs else outputs.loss

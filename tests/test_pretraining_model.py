@@ -167,3 +167,21 @@ def test_pretraining_model_from_an_encoder_checkpoint_initialises_the_rest(tmp_p
     assert torch.count_nonzero(model.center) == 0
     positions = model.predictor.position_embeddings[0]
     torch.testing.assert_close(positions[1:, 0], torch.arange(38.0).repeat(5).sin())
+
+
+def test_forward_compiles_without_graph_breaks_and_tensor_steps_match_int_steps():
+    torch.manual_seed(0)
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs(teacher_temperature_warmup_steps=4))).eval()
+    values, noise = torch.randn(2, 80, 608), torch.rand(2, 190)
+
+    def loss(step):
+        return model(values, noise=noise, step=step).loss
+
+    explanation = torch._dynamo.explain(loss)(torch.tensor(1))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0)
+    with torch.no_grad():
+        for step in (0, 2, 7):
+            tensor_outputs = model(values, noise=noise, step=torch.tensor(step))
+            int_outputs = model(values, noise=noise, step=step)
+            torch.testing.assert_close(tensor_outputs.loss, int_outputs.loss, atol=1e-6, rtol=0)
+            assert tensor_outputs.teacher_temperature.item() == pytest.approx(model.teacher_temperature(step))
