@@ -10,6 +10,12 @@ source, the defaults are the paper's best recipe (ViT-B, 300 epochs, batch 2048 
     accelerate launch run_pretraining.py --dataset_name agkphysics/AudioSet --dataset_config_name unbalanced \
         --max_steps 294816 --warmup_steps 19654 --teacher_temperature_warmup_steps 9827 --bf16
     python run_pretraining.py --train_dir /data/my_audio --num_train_epochs 100
+
+`--preprocess_to DIR` decodes, resamples and computes the log-mels of the audio source once, stores them in DIR and
+exits; `--train_cache DIR` then trains on random crops of them, without decoding any audio:
+
+    python run_pretraining.py --train_dir /data/my_audio --preprocess_to /data/logmels --preprocessing_num_workers 16
+    python run_pretraining.py --train_cache /data/logmels --num_train_epochs 100
 """
 
 import logging
@@ -24,7 +30,9 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
+from modeling_matpac.logmel_cache import MatpacLogMelCacheDataset, preprocess_to_cache
 from modeling_matpac.pretraining_data import (
+    AudioSource,
     MatpacPretrainingDataset,
     collate_pretraining_batch,
     generate_builtin_corpus,
@@ -36,7 +44,7 @@ from modeling_matpac.trainer_matpac import MatpacTrainer
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "TEMPLATE.md"
-DATA_SOURCE_FLAGS = ("--dataset_name", "--train_dir", "--train_files")
+DATA_SOURCE_FLAGS = ("--dataset_name", "--train_dir", "--train_files", "--train_cache")
 # The built-in default: a small model and a short schedule that run in a few minutes on a laptop CPU. Prepended to
 # the command line when no data source is given, so that any flag the user passes still wins.
 BUILTIN_DEFAULT_FLAGS = [
@@ -93,6 +101,25 @@ class DataArguments:
     builtin_corpus_clips: int = field(
         default=48, metadata={"help": "Clips of the built-in corpus, used when no data source is given."}
     )
+    train_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A log-mel cache written by --preprocess_to: trains on random crops of its pre-computed log-mels, "
+            "without decoding audio. It must have been computed with the model's front end."
+        },
+    )
+    preprocess_to: str | None = field(
+        default=None,
+        metadata={
+            "help": "Decode, resample and compute the log-mels of the audio source (the built-in corpus if none is "
+            "given) once, write them to this folder as a log-mel cache and exit; then train with --train_cache."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes that decode audio for --preprocess_to (default: this one only)."}
+    )
+    preprocess_shard_size: int = field(default=1024, metadata={"help": "Clips per file of the --preprocess_to cache."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Let --preprocess_to replace an existing cache."})
 
 
 @dataclass
@@ -107,6 +134,7 @@ class MatpacTrainingArguments(TrainingArguments):
     weight_decay: float = 0.05
     lr_scheduler_type: str = "cosine"
     max_grad_norm: float = 3.0
+    optim: str = "adamw_torch_fused"
     num_train_epochs: float = 300.0
     warmup_epochs: float = field(
         default=20.0, metadata={"help": "Learning-rate warm-up in epochs; --warmup_steps wins when given."}
@@ -219,6 +247,80 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
     (Path(args.output_dir) / "README.md").write_text(card)
 
 
+def check_data_arguments(data_args: DataArguments) -> None:
+    if data_args.train_cache is None:
+        return
+    if data_args.preprocess_to is not None:
+        raise ValueError(
+            "--preprocess_to builds a log-mel cache from an audio source and --train_cache trains from one: run them "
+            "one after the other."
+        )
+    if data_args.audio_column is not None:
+        raise ValueError("--audio_column applies to audio datasets, not to a log-mel cache (--train_cache).")
+
+
+def open_audio_source(
+    data_args: DataArguments, training_args: MatpacTrainingArguments, builtin: bool
+) -> tuple[AudioSource, str]:
+    """The audio to train on or to pre-process, and how the model card names it."""
+    if builtin:
+        corpus_dir = Path(training_args.output_dir) / "builtin_corpus"
+        logger.info(
+            "No data source given (--dataset_name, --train_dir, --train_files or --train_cache): using a built-in "
+            "synthetic corpus of %d clips in %s.",
+            data_args.builtin_corpus_clips,
+            corpus_dir,
+        )
+        with training_args.main_process_first(desc="built-in corpus"):
+            source = generate_builtin_corpus(corpus_dir, num_clips=data_args.builtin_corpus_clips)
+        return source, f"the built-in synthetic corpus ({data_args.builtin_corpus_clips} clips)"
+    source = load_audio_source(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        data_dir=data_args.train_dir,
+        data_files=data_args.train_files,
+        split=data_args.dataset_split,
+        streaming=data_args.streaming if data_args.dataset_name or data_args.train_files else None,
+        cache_dir=None,
+    )
+    return source, data_args.dataset_name or data_args.train_dir or ", ".join(data_args.train_files)
+
+
+def build_logmel_cache(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: MatpacTrainingArguments,
+    source: AudioSource,
+    data_description: str,
+) -> None:
+    """`--preprocess_to`: the log-mels of every clip, with the model's front end, for a later `--train_cache` run."""
+    if training_args.process_index != 0:
+        logger.info("Process %d leaves building the log-mel cache to the main process.", training_args.process_index)
+        return
+    if model_args.model_name_or_path is not None:
+        config = MatpacConfig.from_pretrained(model_args.model_name_or_path)
+    else:
+        config = build_config(model_args)
+    metadata = preprocess_to_cache(
+        source,
+        data_args.preprocess_to,
+        feature_extractor=MatpacFeatureExtractor.from_model_config(config),
+        min_frames=config.num_frames,
+        shard_size=data_args.preprocess_shard_size,
+        num_workers=data_args.preprocessing_num_workers,
+        audio_column=data_args.audio_column,
+        overwrite=data_args.overwrite_cache,
+        description=data_description,
+    )
+    logger.info(
+        "Log-mel cache of %d clips written to %s. Train from it with `python run_pretraining.py --train_cache %s` "
+        "and the model and training flags of your run.",
+        metadata["num_clips"],
+        data_args.preprocess_to,
+        data_args.preprocess_to,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, builtin = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -230,40 +332,31 @@ def main(argv: list[str] | None = None) -> None:
     transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
     datasets.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_data_arguments(data_args)
 
-    if builtin:
-        corpus_dir = Path(training_args.output_dir) / "builtin_corpus"
-        logger.info(
-            "No data source given (--dataset_name, --train_dir or --train_files): training a small MATPAC on a "
-            "built-in synthetic corpus of %d clips in %s.",
-            data_args.builtin_corpus_clips,
-            corpus_dir,
-        )
-        with training_args.main_process_first(desc="built-in corpus"):
-            source = generate_builtin_corpus(corpus_dir, num_clips=data_args.builtin_corpus_clips)
-        data_description = f"the built-in synthetic corpus ({data_args.builtin_corpus_clips} clips)"
-    else:
-        source = load_audio_source(
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            data_dir=data_args.train_dir,
-            data_files=data_args.train_files,
-            split=data_args.dataset_split,
-            streaming=data_args.streaming if data_args.dataset_name or data_args.train_files else None,
-            cache_dir=None,
-        )
-        data_description = data_args.dataset_name or data_args.train_dir or ", ".join(data_args.train_files)
+    if data_args.train_cache is None:
+        source, data_description = open_audio_source(data_args, training_args, builtin)
+        if data_args.preprocess_to is not None:
+            build_logmel_cache(model_args, data_args, training_args, source, data_description)
+            return
 
     model = load_model(model_args)
     config = model.config
     feature_extractor = MatpacFeatureExtractor.from_model_config(config)
-    train_dataset = MatpacPretrainingDataset(
-        source,
-        audio_column=data_args.audio_column,
-        feature_extractor=feature_extractor,
-        num_frames=config.num_frames,
-        seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-    )
+    data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+    if data_args.train_cache is not None:
+        train_dataset = MatpacLogMelCacheDataset(
+            data_args.train_cache, feature_extractor=feature_extractor, num_frames=config.num_frames, seed=data_seed
+        )
+        data_description = train_dataset.description
+    else:
+        train_dataset = MatpacPretrainingDataset(
+            source,
+            audio_column=data_args.audio_column,
+            feature_extractor=feature_extractor,
+            num_frames=config.num_frames,
+            seed=data_seed,
+        )
     resolve_schedules(model_args, training_args, config, train_dataset.dataset_size)
     logger.info("Pre-training a MATPAC encoder of %s parameters.", f"{model.matpac.num_parameters():,}")
 

@@ -1,0 +1,341 @@
+#!/usr/bin/env python
+"""
+Throughput of matpac, from the front end to a pre-training step, as a table and a JSON file.
+
+    python benchmarks/run.py                          # ViT-B on this machine's CPU, fp32 and bf16
+    python benchmarks/run.py --device cuda --batch_size 256 --dtypes bf16 --compile
+    python benchmarks/run.py --size tiny --sections frontend,pretraining
+
+Each pre-training and embedding measurement runs in a fresh process, so that its peak memory is its own.
+"""
+
+import argparse
+import json
+import logging
+import multiprocessing
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel  # noqa: E402
+from modeling_matpac.feature_extraction_matpac import log_mel_spectrogram, resample  # noqa: E402
+from modeling_matpac.pretraining_data import MatpacPretrainingDataset, generate_builtin_corpus  # noqa: E402
+
+
+logger = logging.getLogger("benchmark")
+
+SIZES = {
+    "base": {},
+    "small": dict(hidden_size=384, num_attention_heads=6, intermediate_size=1536),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        predictor_hidden_size=32,
+        predictor_num_hidden_layers=1,
+        predictor_num_attention_heads=4,
+        predictor_intermediate_size=128,
+        head_hidden_size=64,
+        head_num_prototypes=128,
+    ),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "embedding")
+
+
+@dataclass
+class Row:
+    section: str
+    case: str
+    value: float
+    unit: str
+    detail: str = ""
+
+
+def timed(function, repeats: int, device: torch.device) -> float:
+    """Median seconds per call after one warm-up call (the median resists other load on a shared machine)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def block_flops(tokens: int, width: int, mlp: int) -> int:
+    """Multiply-adds x 2 of one pre-norm block over `tokens` tokens (projections, attention, MLP)."""
+    return 2 * tokens * width * (4 * width + 2 * mlp) + 4 * tokens * tokens * width
+
+
+def head_flops(tokens: int, config: MatpacConfig) -> int:
+    widths = [config.hidden_size] + [config.head_hidden_size] * (config.head_num_layers - 1)
+    widths += [config.head_bottleneck_size, config.head_num_prototypes]
+    return 2 * tokens * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def pretraining_flops(config: MatpacConfig) -> dict[str, float]:
+    """FLOPs of one training sample, forward and backward (backward = 2 x forward), by part."""
+    visible, masked, patches = config.num_visible_patches, config.num_patches - config.num_visible_patches, config.num_patches
+    width, predictor = config.hidden_size, config.predictor_hidden_size
+    student = config.num_hidden_layers * block_flops(visible + 1, width, config.intermediate_size)
+    student += 2 * patches * config.patch_size**2 * width
+    teacher = config.num_hidden_layers * block_flops(masked + 1, width, config.intermediate_size)
+    predictor_forward = config.predictor_num_hidden_layers * block_flops(
+        patches + 1, predictor, config.predictor_intermediate_size
+    )
+    predictor_forward += 2 * (visible + 1) * width * predictor + 2 * masked * predictor * width
+    return {
+        "student": 3 * student,
+        "teacher": teacher,
+        "predictor": 3 * predictor_forward,
+        "heads": 4 * head_flops(masked, config),
+    }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def measure_pretraining(config_kwargs: dict, batch_size: int, device: str, dtype: str, steps: int, compile_model: bool):
+    """One process: step time, peak memory and FLOP rate of a full MATPAC update (as `MatpacTrainer` does it)."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    config = MatpacConfig(**config_kwargs)
+    model = MatpacForPreTraining(config).to(device).train()
+    optimizer = torch.optim.AdamW(
+        [param for param in model.parameters() if param.requires_grad],
+        lr=3e-4,
+        betas=(0.9, 0.95),
+        eps=1e-6,
+        weight_decay=0.05,
+        fused=True,
+    )
+    forward = torch.compile(model) if compile_model else model
+    values = torch.randn(batch_size, config.num_mel_bins, config.num_frames, device=device)
+    state = {"step": 0}
+
+    def step():
+        with autocast(device, DTYPES[dtype]):
+            outputs = forward(values, step=torch.full((), state["step"], device=device))
+        outputs.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        model.update_teachers(state["step"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+
+    seconds = timed(step, steps, device)
+    flops = sum(pretraining_flops(config).values()) * batch_size
+    return {"seconds": seconds, "memory_gb": peak_memory_gb(device), "gflops": flops / seconds / 1e9}
+
+
+def measure_embedding(config_kwargs: dict, clips: int, seconds_per_clip: float, device: str, dtype: str, repeats: int):
+    """One process: "precise" embeddings of `clips` clips in one batch, under `inference_mode`."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    model = MatpacModel(MatpacConfig(**config_kwargs)).to(device).eval()
+    extractor = MatpacFeatureExtractor()
+    waveforms = 0.1 * torch.randn(clips, int(16000 * seconds_per_clip))
+    features = extractor(waveforms, sampling_rate=16000, return_tensors="pt", device=device)
+
+    def embed():
+        with torch.inference_mode(), autocast(device, DTYPES[dtype]):
+            model(**features)
+
+    seconds = timed(embed, repeats, device)
+    return {"seconds": seconds, "memory_gb": peak_memory_gb(device)}
+
+
+def in_fresh_process(function, *args):
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def matmul_gflops(device: torch.device, dtype: str, repeats: int) -> float:
+    """This machine's dense matrix ceiling: a 2048^3 matmul."""
+    size = 2048
+    left, right = (torch.randn(size, size, device=device, dtype=DTYPES[dtype] or torch.float32) for _ in range(2))
+    return 2 * size**3 / timed(lambda: left @ right, max(repeats, 5), device) / 1e9
+
+
+def bench_matmul(args, device: torch.device) -> list[Row]:
+    return [
+        Row("matmul", f"2048^3 matmul, {dtype}", matmul_gflops(device, dtype, args.repeats), "GFLOP/s", "the ceiling")
+        for dtype in args.dtypes
+    ]
+
+
+def bench_frontend(device: torch.device, repeats: int) -> list[Row]:
+    extractor = MatpacFeatureExtractor()
+    clips = 0.1 * torch.randn(64, 160000)  # 640 s of audio
+    audio_seconds = clips.numel() / 16000
+    mel_filters, window = extractor.mel_filters.to(device), extractor.window.to(device)
+    on_device = clips.to(device)
+    batched = timed(lambda: log_mel_spectrogram(on_device, mel_filters, window), repeats, device)
+    single = timed(lambda: [extractor(clip, sampling_rate=16000, device=device) for clip in clips[:16]], repeats, device)
+    whole = timed(lambda: extractor(clips, sampling_rate=16000, device=device), repeats, device)
+    return [
+        Row("frontend", "log-mel, batched (64 x 10 s)", audio_seconds / batched, "x real time"),
+        Row("frontend", "feature extractor, batched (64 x 10 s)", audio_seconds / whole, "x real time"),
+        Row("frontend", "feature extractor, one clip per call", 16 * 10 / single, "x real time"),
+    ]
+
+
+def bench_resampling(device: torch.device, repeats: int) -> list[Row]:
+    rows = []
+    for rate in (44100, 22050, 48000):
+        audio = 0.1 * torch.randn(8, rate * 10, device=device)
+        seconds = timed(lambda: resample(audio, rate, 16000), repeats, device)
+        rows.append(Row("resampling", f"{rate} -> 16000 Hz (8 x 10 s)", 80 / seconds, "x real time"))
+    return rows
+
+
+def bench_pipeline(clips: int) -> list[Row]:
+    with tempfile.TemporaryDirectory() as directory:
+        files = generate_builtin_corpus(directory, num_clips=clips)
+        dataset = MatpacPretrainingDataset(files, infinite=False)
+        start = time.perf_counter()
+        count = sum(1 for _ in dataset)
+        seconds = time.perf_counter() - start
+    return [
+        Row(
+            "pipeline",
+            "decode + resample + crop + log-mel, per worker",
+            count / seconds,
+            "clips/s",
+            f"{clips} wav clips of 6.5-8 s at 16/22.05/44.1 kHz",
+        )
+    ]
+
+
+def bench_pretraining(args, device: torch.device) -> list[Row]:
+    rows = []
+    config = MatpacConfig(**SIZES[args.size])
+    flops = pretraining_flops(config)
+    for dtype in args.dtypes:
+        result = in_fresh_process(
+            measure_pretraining, SIZES[args.size], args.batch_size, str(device), dtype, args.steps, args.compile
+        )
+        ceiling = matmul_gflops(device, dtype, args.repeats)
+        detail = (
+            f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {result['gflops']:.0f} GFLOP/s "
+            f"({100 * result['gflops'] / ceiling:.0f} % of the matmul ceiling)"
+        )
+        case = f"{args.size}, batch {args.batch_size}, {dtype}{', compiled' if args.compile else ''}"
+        rows.append(Row("pretraining", case, args.batch_size / result["seconds"], "samples/s", detail))
+    total = sum(flops.values()) / 1e9
+    parts = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in flops.items())
+    rows.append(Row("pretraining", f"FLOP count per sample ({args.size})", total, "GFLOP", parts))
+    return rows
+
+
+def bench_embedding(args, device: torch.device) -> list[Row]:
+    rows = []
+    clips, seconds_per_clip = 4, 30.0
+    for dtype in args.dtypes:
+        result = in_fresh_process(
+            measure_embedding, SIZES[args.size], clips, seconds_per_clip, str(device), dtype, args.repeats
+        )
+        rows.append(
+            Row(
+                "embedding",
+                f"{args.size}, {clips} x {seconds_per_clip:.0f} s, precise, {dtype}",
+                clips * seconds_per_clip / result["seconds"],
+                "s audio / s",
+                f"{result['seconds']:.2f} s, peak {result['memory_gb']:.2f} GB",
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| section | case | value | unit | detail |", "| --- | --- | ---: | --- | --- |"]
+    lines += [f"| {r.section} | {r.case} | {r.value:,.2f} | {r.unit} | {r.detail} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=SIZES, default="base", help="Model size (base = the published ViT-B).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Pre-training batch size.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16 (autocast).")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {SECTIONS}.")
+    parser.add_argument("--steps", type=int, default=5, help="Timed pre-training steps (after one warm-up step).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats of the other measurements.")
+    parser.add_argument("--pipeline_clips", type=int, default=16, help="Audio files decoded by the pipeline test.")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the pre-training model.")
+    parser.add_argument("--output", default="benchmarks/results.json", help="Where the JSON results go.")
+    args = parser.parse_args(argv)
+    args.dtypes = args.dtypes.split(",")
+    sections = args.sections.split(",")
+    for name in args.dtypes:
+        if name not in DTYPES:
+            parser.error(f"unknown dtype {name!r}; choose from {list(DTYPES)}")
+    for name in sections:
+        if name not in SECTIONS:
+            parser.error(f"unknown section {name!r}; choose from {SECTIONS}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but no CUDA device is available")
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    device = torch.device(args.device)
+
+    runners = {
+        "matmul": lambda: bench_matmul(args, device),
+        "frontend": lambda: bench_frontend(device, args.repeats),
+        "resampling": lambda: bench_resampling(device, args.repeats),
+        "pipeline": lambda: bench_pipeline(args.pipeline_clips),
+        "pretraining": lambda: bench_pretraining(args, device),
+        "embedding": lambda: bench_embedding(args, device),
+    }
+    rows = []
+    for name in sections:
+        logger.info("Measuring %s ...", name)
+        rows += runners[name]()
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    print(f"\nmatpac benchmarks on {machine} (torch {torch.__version__})\n")
+    print(format_table(rows))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {"machine": machine, "torch": torch.__version__, "arguments": vars(args), "rows": [r.__dict__ for r in rows]},
+            indent=2,
+        )
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

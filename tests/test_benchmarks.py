@@ -1,0 +1,46 @@
+"""The benchmark script's arithmetic and output (no timing assertions: timings belong to the script)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from modeling_matpac import MatpacConfig
+
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import run as benchmarks  # noqa: E402
+
+
+def test_block_flops_by_hand():
+    # 2 tokens, width 4, MLP 8: projections 2*2*4*(4*4) + MLP 2*2*4*(2*8) + attention 4*2*2*4.
+    assert benchmarks.block_flops(2, 4, 8) == 256 + 256 + 64
+
+
+def test_vit_b_pretraining_costs_about_91_gflop_per_sample():
+    flops = {name: value / 1e9 for name, value in benchmarks.pretraining_flops(MatpacConfig()).items()}
+    assert flops == {
+        "student": pytest.approx(30.2, abs=0.1),
+        "teacher": pytest.approx(23.4, abs=0.1),
+        "predictor": pytest.approx(31.1, abs=0.1),
+        "heads": pytest.approx(7.3, abs=0.1),
+    }
+
+
+def test_script_writes_every_section(tmp_path):
+    output = tmp_path / "results.json"
+    rows = benchmarks.main(
+        ["--size", "tiny", "--steps", "1", "--repeats", "1", "--pipeline_clips", "2", "--output", str(output)]
+    )
+    results = json.loads(output.read_text())
+    assert {row["section"] for row in results["rows"]} == set(benchmarks.SECTIONS)
+    assert len(results["rows"]) == len(rows) and all(row["value"] > 0 for row in results["rows"])
+    cases = [row["case"] for row in results["rows"] if row["section"] == "pretraining"]
+    assert cases[:2] == ["tiny, batch 8, fp32", "tiny, batch 8, bf16"]
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmarks.main(["--dtypes", "fp8"])
+    assert "unknown dtype 'fp8'" in capsys.readouterr().err
