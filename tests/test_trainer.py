@@ -65,24 +65,37 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert isinstance(MatpacModel.from_pretrained(checkpoint), MatpacModel)
 
 
-def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-        str(TESTS / "pretraining_worker.py"), str(tmp_path),
-    ]  # fmt: skip
+def launch_two_processes(output_dir: Path, *launch_flags: str) -> list[dict]:
+    """Runs `pretraining_worker.py` under `accelerate launch` with 2 CPU processes (gloo); returns each rank's result."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", "2"]
+    command += [str(TESTS / "pretraining_worker.py"), str(output_dir)]
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    ranks = [torch.load(output_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
     for name, tensor in ranks[0]["state"].items():
         assert torch.equal(tensor, ranks[1]["state"][name]), name
+    return ranks
 
+
+def logged_losses(log_history: list[dict]) -> list[float]:
+    return [entry["loss"] for entry in log_history if "loss" in entry]
+
+
+def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    flags = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    ranks = launch_two_processes(tmp_path, *flags, "--main_process_port", "29531")
     single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3)
     assert max_difference(ranks[0]["state"], single.pretraining_model.state_dict()) < 1e-5
-    ddp_losses = [entry["loss"] for entry in ranks[0]["log_history"] if "loss" in entry]
-    single_losses = [entry["loss"] for entry in single.state.log_history if "loss" in entry]
-    assert ddp_losses == pytest.approx(single_losses, abs=1e-5)
+    assert logged_losses(ranks[0]["log_history"]) == pytest.approx(logged_losses(single.state.log_history), abs=1e-5)
+
+
+def test_the_documented_ddp_bf16_config_runs(tmp_path):
+    config = Path(__file__).parents[1] / "configs" / "accelerate_ddp_bf16.yaml"
+    ranks = launch_two_processes(tmp_path, "--config_file", str(config), "--main_process_port", "29533")
+    single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3)
+    bf16_losses, fp32_losses = logged_losses(ranks[0]["log_history"]), logged_losses(single.state.log_history)
+    assert bf16_losses != fp32_losses and bf16_losses == pytest.approx(fp32_losses, rel=0.02)
 
 
 def test_unsupported_setups_are_refused(tmp_path):
