@@ -153,9 +153,13 @@ def test_classification_losses_follow_problem_type(tiny_config):
     torch.testing.assert_close(outputs.loss, expected)
 
 
-def test_frozen_encoder_trains_only_the_head(tiny_config):
+@pytest.mark.parametrize("reload", [False, True])
+def test_frozen_encoder_trains_only_the_head(tmp_path, reload):
     config = MatpacConfig(**tiny_config_kwargs(num_labels=2, freeze_encoder=True))
     model = MatpacForAudioClassification(config)
+    if reload:
+        model.save_pretrained(tmp_path)
+        model = MatpacForAudioClassification.from_pretrained(tmp_path)
     model(torch.randn(2, 80, 200), labels=torch.tensor([0, 1])).loss.backward()
     assert all(param.grad is None for param in model.matpac.parameters())
     assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
