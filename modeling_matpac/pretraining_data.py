@@ -16,7 +16,8 @@
 Every clip is decoded with `soundfile` (no FFmpeg, torchcodec or torchaudio), averaged to mono, resampled to 16 kHz and
 cropped at random to 6.08 s (`400 + 607 * 160 = 97,520` samples, exactly 608 frames), once per clip and epoch. Clips
 shorter than the crop are skipped (the authors keep only clips of at least 6.08 s); undecodable clips are skipped with
-a warning. Neither stops a run: both are counted, see below.
+a warning. Neither stops a run: both are counted, see below. `logmel_cache` decodes a source once instead and trains on
+crops of the stored log-mels, with the same contract.
 
 Determinism. The order of an epoch depends on `(seed, epoch)` and a clip's crop on `(seed, epoch, clip)` only, never on
 the number of processes or DataLoader workers (which only decide how clips are grouped into batches), so a run resumed
@@ -139,6 +140,26 @@ def to_mono_16k(waveform: np.ndarray | torch.Tensor, sampling_rate: int) -> torc
     return resample(waveform, sampling_rate, SAMPLING_RATE).contiguous()
 
 
+def decode_mono_16k(audio: bytes | str | os.PathLike | dict, min_samples: int = 0) -> torch.Tensor | None:
+    """
+    Decode a clip, average it to mono and resample it to 16 kHz: float32 `(samples,)`, or `None` if it has fewer than
+    `min_samples` samples at 16 kHz. The file header tells the length first, so that short clips are not decoded.
+
+    `audio` is the file's bytes, its path, or a `datasets` audio value `{"bytes", "path"}`.
+
+    Raises:
+        `AudioDecodeError`: the clip is empty, corrupt, not audio, has no samples or has non-finite samples.
+    """
+    with _open_sound_file(_audio_payload(audio)) as sound_file:
+        if _length_at_16k(sound_file.frames, sound_file.samplerate) < min_samples:
+            return None
+        waveform, sampling_rate = _read_samples(sound_file), sound_file.samplerate
+    waveform = to_mono_16k(waveform, sampling_rate)
+    if waveform.shape[-1] < min_samples:  # the header over-stated the length
+        return None
+    return waveform
+
+
 def list_audio_files(directory: str | os.PathLike) -> list[Path]:
     """All audio files (wav, flac, ogg, mp3) under `directory`, recursively, in the sorted order of their paths."""
     root = Path(directory)
@@ -147,8 +168,14 @@ def list_audio_files(directory: str | os.PathLike) -> list[Path]:
     files = [path for path in root.rglob("*") if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()]
     if not files:
         message = f"No audio file ({', '.join(AUDIO_EXTENSIONS)}) under {os.fspath(root)!r}."
-        if any(path.suffix in SHARD_FORMATS for path in root.rglob("*")):
+        suffixes = {path.suffix for path in root.rglob("*")}
+        if suffixes & SHARD_FORMATS.keys():
             message += " It holds parquet or webdataset shards: pass them as `data_files` instead."
+        elif ".arrow" in suffixes:
+            message += (
+                " It holds Arrow files: if it is a log-mel cache written by `preprocess_to_cache`, read it with "
+                "`MatpacLogMelCacheDataset` (`run_pretraining.py --train_cache`)."
+            )
         raise ValueError(message)
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
@@ -303,20 +330,24 @@ def _audio_payload(value: object) -> bytes | str | os.PathLike:
 class _IndexedClips:
     """Clips with random access: each epoch is a permutation dealt round-robin to the consumers."""
 
-    def __init__(self, items: Sequence[str | os.PathLike] | datasets.Dataset, column: str | None = None):
+    def __init__(self, items: Sequence, column: str | None = None):
         self.items = items
         self.column = column
 
-    def __len__(self) -> int:
+    @property
+    def num_clips(self) -> int:
         return len(self.items)
 
+    def _clip(self, index: int) -> _Clip:
+        if self.column is None:
+            return _Clip((index,), os.fspath(self.items[index]), self.items[index])
+        return _Clip((index,), str(index), self.items[index][self.column])
+
     def iter_epoch(self, seed: int, epoch: int, shuffle: bool, consumer: int, num_consumers: int) -> Iterator[_Clip]:
-        order = np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else np.arange(len(self))
+        size = self.num_clips
+        order = np.random.default_rng([seed, epoch]).permutation(size) if shuffle else np.arange(size)
         for index in order[consumer::num_consumers].tolist():
-            if self.column is None:
-                yield _Clip((index,), os.fspath(self.items[index]), self.items[index])
-            else:
-                yield _Clip((index,), str(index), self.items[index][self.column])
+            yield self._clip(index)
 
 
 class _StreamedClips:
@@ -325,6 +356,15 @@ class _StreamedClips:
     def __init__(self, dataset: datasets.IterableDataset, column: str):
         self.dataset = dataset
         self.column = column
+
+    @property
+    def num_clips(self) -> int | None:
+        """As declared by the dataset card, `None` when unknown."""
+        splits = self.dataset.info.splits
+        split = str(self.dataset.split) if self.dataset.split is not None else None
+        if splits and split in splits and splits[split].num_examples:
+            return splits[split].num_examples
+        return None
 
     def _shard(self, shard: int) -> Iterator[object]:
         # `iter` rather than `for row in dataset`: in a DataLoader worker, the latter splits the shards among the
@@ -346,6 +386,21 @@ class _StreamedClips:
                 if position % num_consumers == consumer:
                     yield _Clip((shard, row), f"{shard}/{row}", value)
                 position += 1
+
+
+def _open_clips(source: AudioSource, audio_column: str | None) -> _IndexedClips | _StreamedClips:
+    """The clips of an audio source, in the order of the source."""
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        dataset, column = _undecoded(source, audio_column)
+        if isinstance(dataset, datasets.IterableDataset):
+            return _StreamedClips(dataset, column)
+        return _IndexedClips(dataset, column)
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        return _IndexedClips(list(source))
+    raise TypeError(
+        "Expected `source` as a list of audio file paths, a `datasets.Dataset` or a `datasets.IterableDataset`, got "
+        f"{type(source).__name__}."
+    )
 
 
 class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
@@ -400,6 +455,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         self.feature_extractor = feature_extractor if feature_extractor is not None else MatpacFeatureExtractor()
         if self.feature_extractor.sampling_rate != SAMPLING_RATE:
             raise ValueError(f"The feature extractor must work at {SAMPLING_RATE} Hz, like the crops.")
+        self.num_frames = num_frames
         self.crop_length = self.feature_extractor.n_fft + (num_frames - 1) * self.feature_extractor.hop_length
         self.seed = seed
         self.shuffle = shuffle
@@ -408,28 +464,13 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.epoch = 0
 
-        self._streamed = isinstance(source, datasets.IterableDataset)
-        self._declared_size = self._declared_num_examples(source) if self._streamed else None
-        if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-            dataset, column = _undecoded(source, audio_column)
-            self._clips = _StreamedClips(dataset, column) if self._streamed else _IndexedClips(dataset, column)
-        elif isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-            self._clips = _IndexedClips(list(source))
-        else:
-            raise TypeError(
-                "Expected `source` as a list of audio file paths, a `datasets.Dataset` or a `datasets.IterableDataset`"
-                f", got {type(source).__name__}."
-            )
-        if not self._streamed and len(self._clips) == 0:
+        self._clips = self._open_clips(source, audio_column)
+        if isinstance(self._clips, _IndexedClips) and self._clips.num_clips == 0:
             raise ValueError("The audio source is empty: expected at least one clip.")
 
-    @staticmethod
-    def _declared_num_examples(dataset: datasets.IterableDataset) -> int | None:
-        splits = dataset.info.splits
-        split = str(dataset.split) if dataset.split is not None else None
-        if splits and split in splits and splits[split].num_examples:
-            return splits[split].num_examples
-        return None
+    def _open_clips(self, source: AudioSource, audio_column: str | None) -> _IndexedClips | _StreamedClips:
+        """Where the clips come from and how an epoch is split among consumers; subclasses read other sources."""
+        return _open_clips(source, audio_column)
 
     @property
     def dataset_size(self) -> int | None:
@@ -437,7 +478,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         Clips per epoch before skipping short and undecodable ones, to convert epochs to steps: exact for files and
         map-style datasets, as declared by the dataset card for a stream, `None` when unknown.
         """
-        return self._declared_size if self._streamed else len(self._clips)
+        return self._clips.num_clips
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration starts from (the Trainer calls this through accelerate)."""
@@ -447,13 +488,8 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
 
     def _crop(self, clip: _Clip, epoch: int) -> torch.Tensor | None:
         """The normalised log-mel of the clip's crop for `epoch`, or `None` if the clip is shorter than a crop."""
-        with _open_sound_file(_audio_payload(clip.value)) as sound_file:
-            # The header gives the length: short clips are skipped without decoding them.
-            if _length_at_16k(sound_file.frames, sound_file.samplerate) < self.crop_length:
-                return None
-            waveform, sampling_rate = _read_samples(sound_file), sound_file.samplerate
-        waveform = to_mono_16k(waveform, sampling_rate)
-        if waveform.shape[-1] < self.crop_length:  # the header over-stated the length
+        waveform = decode_mono_16k(clip.value, min_samples=self.crop_length)
+        if waveform is None:
             return None
         rng = np.random.default_rng([self.seed, epoch, *clip.key])
         start = int(rng.integers(waveform.shape[-1] - self.crop_length + 1))
@@ -468,7 +504,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         num_workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
         consumer, num_consumers = self.rank * num_workers + worker_id, self.world_size * num_workers
-        if self._streamed and worker is not None:
+        if isinstance(self._clips, _StreamedClips) and worker is not None:
             # Like `datasets` does in its own workers: a lock inherited from the parent process can hang remote reads.
             fsspec.asyn.reset_lock()
 
@@ -624,6 +660,7 @@ __all__ = [
     "MatpacPretrainingDataset",
     "collate_pretraining_batch",
     "decode_audio",
+    "decode_mono_16k",
     "generate_builtin_corpus",
     "list_audio_files",
     "load_audio_source",

@@ -1,0 +1,509 @@
+# Copyright 2025 The matpac authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""A pre-computed log-mel cache: decode, resample and compute a corpus's log-mels once, then train on crops of them.
+
+Decoding and resampling cost milliseconds of CPU per clip and epoch (more for compressed or long clips), enough to
+leave a GPU waiting. Like the authors' pre-processing, `preprocess_to_cache` does that work once: every clip is mixed
+to mono, resampled to 16 kHz and turned into its whole normalised log-mel, stored in float16.
+`MatpacLogMelCacheDataset` then takes one random crop of `num_frames` frames per clip and epoch straight from the
+stored log-mel, with the epoch, rank, worker and skip-count contract of `MatpacPretrainingDataset`.
+
+A crop of the stored log-mel equals the log-mel of the waveform crop that starts at the same frame (each frame only
+depends on its own 400 samples), up to float16 rounding (< 1e-3 for normalised values within +-4). Crops therefore
+start at multiples of the hop (10 ms) instead of at any sample.
+
+On-disk format (a folder):
+
+- `logmels-XXXXX-of-YYYYY.arrow`: Arrow IPC stream files (the format of the `datasets` cache) of up to `shard_size`
+  clips each, in the order of the source, with columns `clip_id` (string: the id `MatpacPretrainingDataset` gives the
+  clip), `num_frames` (int32) and `log_mel` (binary: the float16 little-endian bytes of the normalised log-mel,
+  `(num_mel_bins, num_frames)` row-major). Raw bytes rather than a list of floats because a crop is then a zero-copy
+  view of the memory-mapped file (`np.frombuffer`): no decompression, no per-value conversion, no copy of the
+  whole clip. The files are memory-mapped, so a cache larger than memory is read at the speed of the page cache.
+- `metadata.json`: the front-end settings the log-mels were computed with (a feature extractor with other settings is
+  refused), the crop length clips were kept for, the counts of clips kept and skipped and the shards. It is written
+  last: a folder without it is an interrupted build.
+
+The shards are plain Arrow, so `datasets.load_dataset(cache_dir, streaming=True)` (or `load_dataset("arrow",
+data_files=...)`) streams them too; `MatpacLogMelCacheDataset` memory-maps a local copy.
+"""
+
+import json
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers.utils import logging
+
+from .feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
+from .pretraining_data import (
+    SAMPLING_RATE,
+    AudioDecodeError,
+    AudioSource,
+    MatpacPretrainingDataset,
+    _Clip,
+    _IndexedClips,
+    _open_clips,
+    decode_mono_16k,
+)
+
+
+logger = logging.get_logger(__name__)
+
+CACHE_FORMAT = "matpac-logmel-cache"
+CACHE_FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SHARD_PREFIX = "logmels-"
+SHARD_SCHEMA = pa.schema([("clip_id", pa.string()), ("num_frames", pa.int32()), ("log_mel", pa.binary())])
+# The feature extractor settings that change the log-mels; a cache is only read with the same values.
+FRONT_END_SETTINGS = (
+    "feature_size",
+    "sampling_rate",
+    "n_fft",
+    "hop_length",
+    "f_min",
+    "f_max",
+    "log_offset",
+    "mean",
+    "std",
+)
+# Frames computed at once: bounds the framed copies of long clips (a frame's log-mel only depends on its samples).
+_FRAMES_PER_BLOCK = 8192
+# A record batch is written once it holds this many clips or bytes (binary arrays have 32-bit offsets).
+_ROWS_PER_BATCH = 64
+_BYTES_PER_BATCH = 64 * 2**20
+
+
+def front_end_settings(feature_extractor: MatpacFeatureExtractor) -> dict[str, int | float]:
+    """The settings of `feature_extractor` that the log-mels depend on, as stored in a cache's metadata."""
+    return {name: getattr(feature_extractor, name) for name in FRONT_END_SETTINGS}
+
+
+def _normalised_log_mel(waveform: torch.Tensor, extractor: MatpacFeatureExtractor) -> np.ndarray:
+    """The float16 normalised log-mel `(num_mel_bins, frames)` of a whole mono 16 kHz waveform."""
+    n_fft, hop_length = extractor.n_fft, extractor.hop_length
+    num_frames = 1 + (waveform.shape[-1] - n_fft) // hop_length
+    blocks = []
+    for first in range(0, num_frames, _FRAMES_PER_BLOCK):
+        count = min(_FRAMES_PER_BLOCK, num_frames - first)
+        samples = waveform[first * hop_length : (first + count - 1) * hop_length + n_fft]
+        log_mel = log_mel_spectrogram(
+            samples, extractor.mel_filters, extractor.window, hop_length, extractor.log_offset
+        )
+        blocks.append(((log_mel - extractor.mean) / extractor.std).to(torch.float16))
+    return torch.cat(blocks, dim=-1).numpy()
+
+
+def _compute(value: object, extractor: MatpacFeatureExtractor, min_samples: int) -> tuple[str, object]:
+    """One clip -> `("ok", float16 log-mel)`, `("short", None)` or `("corrupt", reason)`."""
+    try:
+        waveform = decode_mono_16k(value, min_samples=min_samples)
+    except AudioDecodeError as error:
+        return "corrupt", str(error)
+    if waveform is None:
+        return "short", None
+    return "ok", _normalised_log_mel(waveform, extractor)
+
+
+_worker_arguments: tuple[MatpacFeatureExtractor, int] | None = None
+
+
+def _init_worker(extractor: MatpacFeatureExtractor, min_samples: int) -> None:
+    global _worker_arguments
+    _worker_arguments = (extractor, min_samples)
+    # One thread per process, like DataLoader workers: the processes already use every core.
+    torch.set_num_threads(1)
+
+
+def _compute_in_worker(value: object) -> tuple[str, object]:
+    return _compute(value, *_worker_arguments)
+
+
+def _computed_clips(
+    clips: Iterator[_Clip], extractor: MatpacFeatureExtractor, min_samples: int, num_workers: int
+) -> Iterator[tuple[_Clip, tuple[str, object]]]:
+    """`(clip, outcome)` in the order of `clips`, computed by `num_workers` processes, not far ahead of the caller."""
+    if num_workers <= 1:
+        for clip in clips:
+            yield clip, _compute(clip.value, extractor, min_samples)
+        return
+    # `Pool.imap` would read the whole source into memory ahead of the workers; a bounded queue of tasks does not.
+    with multiprocessing.get_context().Pool(num_workers, _init_worker, (extractor, min_samples)) as pool:
+        pending = deque()
+        for clip in clips:
+            pending.append((clip, pool.apply_async(_compute_in_worker, (clip.value,))))
+            if len(pending) >= 4 * num_workers:
+                clip, result = pending.popleft()
+                yield clip, result.get()
+        while pending:
+            clip, result = pending.popleft()
+            yield clip, result.get()
+
+
+class _ShardWriter:
+    """Writes rows into Arrow stream files of `shard_size` rows, named once their number is known (`finish`)."""
+
+    def __init__(self, directory: Path, shard_size: int):
+        self.directory = directory
+        self.shard_size = shard_size
+        self.shards: list[tuple[Path, int]] = []  # (path while writing, rows)
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._batch: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+        self._batch_bytes = 0
+
+    def write(self, clip_id: str, log_mel: np.ndarray) -> None:
+        if self._writer is None:
+            path = self.directory / f"{SHARD_PREFIX}{len(self.shards):05d}.arrow.incomplete"
+            self._writer = pa.ipc.new_stream(os.fspath(path), SHARD_SCHEMA)
+            self.shards.append((path, 0))
+        data = log_mel.astype("<f2", copy=False).tobytes()
+        self._batch["clip_id"].append(clip_id)
+        self._batch["num_frames"].append(log_mel.shape[-1])
+        self._batch["log_mel"].append(data)
+        self._batch_bytes += len(data)
+        path, rows = self.shards[-1]
+        self.shards[-1] = (path, rows + 1)
+        if len(self._batch["clip_id"]) >= _ROWS_PER_BATCH or self._batch_bytes >= _BYTES_PER_BATCH:
+            self._flush()
+        if rows + 1 == self.shard_size:
+            self._close_shard()
+
+    def _flush(self) -> None:
+        if self._batch["clip_id"]:
+            self._writer.write_batch(pa.record_batch(list(self._batch.values()), schema=SHARD_SCHEMA))
+        self._batch = {name: [] for name in SHARD_SCHEMA.names}
+        self._batch_bytes = 0
+
+    def _close_shard(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._writer = None
+
+    def finish(self) -> list[dict[str, str | int]]:
+        """Close the last shard and give every shard its final name; returns `{"file", "num_clips"}` per shard."""
+        if self._writer is not None:
+            self._close_shard()
+        shards = []
+        for index, (path, rows) in enumerate(self.shards):
+            name = f"{SHARD_PREFIX}{index:05d}-of-{len(self.shards):05d}.arrow"
+            path.rename(self.directory / name)
+            shards.append({"file": name, "num_clips": rows})
+        return shards
+
+
+def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Create `output_dir`, or empty a previous cache there when `overwrite`; never delete files of another kind."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"{os.fspath(output_dir)!r} exists and is not a directory.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    entries = list(output_dir.iterdir())
+    ours = [path for path in entries if path.name == METADATA_FILE or path.name.startswith(SHARD_PREFIX)]
+    others = sorted(path.name for path in entries if path not in ours)
+    if others:
+        raise FileExistsError(
+            f"{os.fspath(output_dir)!r} holds files that are not part of a log-mel cache ({', '.join(others[:5])}"
+            f"{', ...' if len(others) > 5 else ''}): give an empty or new directory."
+        )
+    if ours and not overwrite:
+        raise FileExistsError(
+            f"{os.fspath(output_dir)!r} already holds a log-mel cache (or an interrupted build of one): pass "
+            "`overwrite=True` (`--overwrite_cache`) to replace it, or give another directory."
+        )
+    for path in ours:
+        path.unlink()
+
+
+def preprocess_to_cache(
+    source: AudioSource,
+    output_dir: str | os.PathLike,
+    feature_extractor: MatpacFeatureExtractor | None = None,
+    min_frames: int = 608,
+    shard_size: int = 1024,
+    num_workers: int | None = None,
+    audio_column: str | None = None,
+    overwrite: bool = False,
+    description: str | None = None,
+) -> dict:
+    """
+    Decode every clip of an audio source once and store its normalised log-mel in a log-mel cache (see the module
+    docstring for the format), for `MatpacLogMelCacheDataset`.
+
+    Clips are mixed to mono, resampled to 16 kHz and turned into their whole log-mel with `feature_extractor`'s
+    settings and statistics, then stored in float16. Clips shorter than `min_frames` frames are skipped (without
+    decoding them when the header tells their length), undecodable ones are skipped with a warning; both are counted
+    in the metadata. The cache's bytes depend only on the source and the arguments (not on `num_workers`).
+
+    Args:
+        source (list of paths, `datasets.Dataset` or `datasets.IterableDataset`):
+            The clips, as `MatpacPretrainingDataset` takes them (for instance from `load_audio_source`).
+        output_dir (`str` or `os.PathLike`):
+            Where to write the cache: a new or empty directory, or a previous cache with `overwrite=True`.
+        feature_extractor (`MatpacFeatureExtractor`, *optional*):
+            Log-mel settings and normalisation statistics; defaults to MATPAC's.
+        min_frames (`int`, *optional*, defaults to 608):
+            Clips with fewer frames are skipped: the crop length training will use.
+        shard_size (`int`, *optional*, defaults to 1024):
+            Clips per shard file (about 160 MB of 10 s clips).
+        num_workers (`int`, *optional*):
+            Processes that decode in parallel; in this process when `None` or 1.
+        audio_column (`str`, *optional*):
+            The dataset's audio column, as for `MatpacPretrainingDataset`.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace a cache already in `output_dir`.
+        description (`str`, *optional*):
+            What the source is, kept in the metadata (for model cards).
+
+    Returns:
+        `dict`: the cache's metadata, as written to `metadata.json`.
+    """
+    extractor = feature_extractor if feature_extractor is not None else MatpacFeatureExtractor()
+    if extractor.sampling_rate != SAMPLING_RATE:
+        raise ValueError(f"The feature extractor must work at {SAMPLING_RATE} Hz, got {extractor.sampling_rate}.")
+    for name, value in [("min_frames", min_frames), ("shard_size", shard_size), ("num_workers", num_workers or 1)]:
+        if value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+    clips = _open_clips(source, audio_column)
+    output_dir = Path(output_dir)
+    _prepare_output_dir(output_dir, overwrite)
+
+    min_samples = extractor.n_fft + (min_frames - 1) * extractor.hop_length
+    writer = _ShardWriter(output_dir, shard_size)
+    counts = {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}
+    stream = clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)
+    progress = logging.tqdm(total=clips.num_clips, desc="Computing log-mels", unit="clip")
+    for clip, (outcome, result) in _computed_clips(stream, extractor, min_samples, num_workers or 1):
+        if outcome == "ok":
+            writer.write(clip.clip_id, result)
+            counts["kept"] += 1
+            counts["frames"] += result.shape[-1]
+        elif outcome == "short":
+            counts["short"] += 1
+        else:
+            counts["corrupt"] += 1
+            logger.warning(f"Skipping undecodable audio clip {clip.clip_id}: {result}")
+        progress.update()
+        progress.set_postfix(short=counts["short"], corrupt=counts["corrupt"], refresh=False)
+    progress.close()
+    shards = writer.finish()
+    if counts["kept"] == 0:
+        raise ValueError(
+            f"No clip of the source is usable: {counts['short']} shorter than {min_frames} frames "
+            f"({min_samples} samples at 16 kHz), {counts['corrupt']} undecodable. Nothing was written."
+        )
+
+    metadata = {
+        "format": CACHE_FORMAT,
+        "format_version": CACHE_FORMAT_VERSION,
+        "description": description,
+        "front_end": front_end_settings(extractor),
+        "dtype": "float16",
+        "min_frames": min_frames,
+        "num_clips": counts["kept"],
+        "num_frames": counts["frames"],
+        "num_skipped_short": counts["short"],
+        "num_skipped_corrupt": counts["corrupt"],
+        "shards": shards,
+    }
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    logger.info(
+        f"Wrote the log-mels of {counts['kept']} clips ({counts['frames'] / 360_000:.1f} h, "
+        f"{sum((output_dir / shard['file']).stat().st_size for shard in shards) / 1e9:.2f} GB in {len(shards)} "
+        f"shards) to {os.fspath(output_dir)}; skipped {counts['short']} clips shorter than {min_frames} frames and "
+        f"{counts['corrupt']} undecodable ones."
+    )
+    return metadata
+
+
+class LogMelCache:
+    """
+    A log-mel cache written by `preprocess_to_cache`, opened for random access: `cache[index]` is `(clip_id, log_mel)`
+    with `log_mel` a read-only float16 `(num_mel_bins, num_frames)` view of the memory-mapped shard.
+
+    Shards are mapped on first use in each process, so the object is cheap to pickle into DataLoader workers.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.metadata = self._read_metadata(self.directory)
+        self.shard_files = [self.directory / shard["file"] for shard in self.metadata["shards"]]
+        missing = [path.name for path in self.shard_files if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"The log-mel cache {os.fspath(self.directory)!r} lacks shards listed in its metadata: {missing}."
+            )
+        self._shard_sizes = [shard["num_clips"] for shard in self.metadata["shards"]]
+        self._offsets = np.cumsum([0, *self._shard_sizes])
+        self._tables: dict[int, pa.Table] = {}
+
+    @staticmethod
+    def _read_metadata(directory: Path) -> dict:
+        path = directory / METADATA_FILE
+        if not path.is_file():
+            if not directory.is_dir():
+                raise FileNotFoundError(
+                    f"Log-mel cache {os.fspath(directory)!r} does not exist or is not a directory."
+                )
+            interrupted = any(entry.name.startswith(SHARD_PREFIX) for entry in directory.iterdir())
+            raise FileNotFoundError(
+                f"{os.fspath(directory)!r} is not a log-mel cache: it has no {METADATA_FILE}"
+                + (", so its build was interrupted; build it again" if interrupted else "")
+                + ". Build one with `preprocess_to_cache` or `run_pretraining.py --preprocess_to`."
+            )
+        metadata = json.loads(path.read_text())
+        if metadata.get("format") != CACHE_FORMAT or metadata.get("format_version") != CACHE_FORMAT_VERSION:
+            raise ValueError(
+                f"{os.fspath(path)} is not the metadata of a version {CACHE_FORMAT_VERSION} {CACHE_FORMAT}: found "
+                f"format {metadata.get('format')!r} version {metadata.get('format_version')!r}. Rebuild the cache."
+            )
+        return metadata
+
+    def __len__(self) -> int:
+        return self.metadata["num_clips"]
+
+    @property
+    def num_mel_bins(self) -> int:
+        return self.metadata["front_end"]["feature_size"]
+
+    def check_feature_extractor(self, feature_extractor: MatpacFeatureExtractor) -> None:
+        """Refuse a feature extractor whose log-mels differ from the cached ones."""
+        cached, wanted = self.metadata["front_end"], front_end_settings(feature_extractor)
+        different = [
+            f"{name}={cached.get(name)!r} (cache) vs {value!r}"
+            for name, value in wanted.items()
+            if cached.get(name) != value
+        ]
+        if different:
+            raise ValueError(
+                f"The log-mel cache {os.fspath(self.directory)!r} was computed with another front end than the "
+                f"feature extractor's: {', '.join(different)}. Rebuild the cache with this feature extractor "
+                "(`run_pretraining.py --preprocess_to` with the same model config) or train with the cache's settings."
+            )
+
+    def _table(self, shard: int) -> pa.Table:
+        if shard not in self._tables:
+            with pa.memory_map(os.fspath(self.shard_files[shard])) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            if table.schema != SHARD_SCHEMA or table.num_rows != self._shard_sizes[shard]:
+                raise ValueError(
+                    f"The shard {self.shard_files[shard]} does not match the metadata of its cache ({table.num_rows} "
+                    f"rows, {self._shard_sizes[shard]} expected; schema {table.schema}): rebuild the cache."
+                )
+            self._tables[shard] = table
+        return self._tables[shard]
+
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"Clip {index} out of range for a log-mel cache of {len(self)} clips.")
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        table, row = self._table(shard), index - int(self._offsets[shard])
+        num_frames = table.column("num_frames")[row].as_py()
+        data = table.column("log_mel")[row].as_buffer()
+        if data.size != 2 * self.num_mel_bins * num_frames:
+            raise ValueError(
+                f"Clip {index} of the log-mel cache {os.fspath(self.directory)!r} has {data.size} bytes, not the "
+                f"{2 * self.num_mel_bins * num_frames} of {self.num_mel_bins} x {num_frames} float16 values: rebuild "
+                "the cache."
+            )
+        log_mel = np.frombuffer(data, dtype="<f2").reshape(self.num_mel_bins, num_frames)
+        log_mel.flags.writeable = False
+        return table.column("clip_id")[row].as_py(), log_mel
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tables": {}}
+
+
+class _CachedClips(_IndexedClips):
+    """The clips of a log-mel cache, dealt to consumers like files; a clip's value is its log-mel."""
+
+    def _clip(self, index: int) -> _Clip:
+        clip_id, log_mel = self.items[index]
+        return _Clip((index,), clip_id, log_mel)
+
+
+class MatpacLogMelCacheDataset(MatpacPretrainingDataset):
+    """
+    Normalised log-mel crops `(80, num_frames)` for MATPAC pre-training, read from a log-mel cache written by
+    `preprocess_to_cache`: one random crop per clip and epoch, at a whole frame, reproducible from `(seed, epoch,
+    clip)`.
+
+    Yields the dicts of `MatpacPretrainingDataset` (float32 `input_values`, `num_skipped_short`,
+    `num_skipped_corrupt`, `clip_id`) and splits epochs among processes and DataLoader workers the same way. Clips were
+    filtered when the cache was built, so only clips shorter than a `num_frames` above the cache's `min_frames` are
+    skipped (and counted) here.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`):
+            The cache's directory.
+        feature_extractor (`MatpacFeatureExtractor`, *optional*):
+            The front end the model expects; refused if the cache was computed with other settings. Defaults to
+            MATPAC's.
+        num_frames, seed, shuffle, infinite, rank, world_size:
+            As for `MatpacPretrainingDataset`.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        feature_extractor: MatpacFeatureExtractor | None = None,
+        num_frames: int = 608,
+        seed: int = 0,
+        shuffle: bool = True,
+        infinite: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(
+            cache_dir,
+            feature_extractor=feature_extractor,
+            num_frames=num_frames,
+            seed=seed,
+            shuffle=shuffle,
+            infinite=infinite,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _open_clips(self, source: str | os.PathLike, audio_column: str | None) -> _CachedClips:
+        self.cache = LogMelCache(source)
+        self.cache.check_feature_extractor(self.feature_extractor)
+        if self.num_frames > self.cache.metadata["min_frames"]:
+            logger.info(
+                f"Crops of {self.num_frames} frames from a cache of clips of at least "
+                f"{self.cache.metadata['min_frames']}: shorter clips will be skipped."
+            )
+        return _CachedClips(self.cache)
+
+    @property
+    def description(self) -> str:
+        """What the cache was computed from, for logs and model cards."""
+        source = self.cache.metadata["description"] or "audio"
+        return f"{source}, log-mels cached in {os.fspath(self.cache.directory)}"
+
+    def _crop(self, clip: _Clip, epoch: int) -> torch.Tensor | None:
+        """A random `num_frames` crop of the clip's cached log-mel for `epoch`, or `None` if the clip is shorter."""
+        log_mel = clip.value
+        if log_mel.shape[-1] < self.num_frames:
+            return None
+        rng = np.random.default_rng([self.seed, epoch, *clip.key])
+        start = int(rng.integers(log_mel.shape[-1] - self.num_frames + 1))
+        # A float32 copy: the log-mel is a read-only view of the memory-mapped shard.
+        return torch.tensor(log_mel[:, start : start + self.num_frames], dtype=torch.float32)
+
+
+__all__ = ["LogMelCache", "MatpacLogMelCacheDataset", "front_end_settings", "preprocess_to_cache"]

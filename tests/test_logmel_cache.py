@@ -1,0 +1,265 @@
+"""Tests of the log-mel cache: building, reading crops, skipping, front-end checks, sharding and the script."""
+
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import tiny_config_kwargs
+from torch.utils.data import DataLoader
+
+from modeling_matpac import logmel_cache
+from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor
+from modeling_matpac.logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
+from modeling_matpac.pretraining_data import decode_mono_16k, list_audio_files
+
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import run_pretraining  # noqa: E402
+
+
+CROP = 97_520  # 400 + 607 * 160 samples: exactly 608 frames
+FLOAT16_TOLERANCE = 2e-3  # float16 rounding of normalised log-mels, which stay within [-4, 4]
+TINY = ",".join(f"{name}={value}" for name, value in tiny_config_kwargs().items())
+
+
+def _write(path: Path, num_samples: int, sampling_rate: int = 16000, num_channels: int = 1, seed: int = 0) -> Path:
+    """Noise plus a tone, clipped to [-0.6, 0.6]."""
+    rng = np.random.default_rng(seed)
+    tone = np.sin(2 * np.pi * rng.uniform(200, 2000) * np.arange(num_samples) / sampling_rate)
+    audio = np.clip(0.3 * tone[:, None] + 0.1 * rng.standard_normal((num_samples, num_channels)), -0.6, 0.6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, audio.astype(np.float32), sampling_rate)
+    return path
+
+
+def _log_mel(extractor: MatpacFeatureExtractor, waveform: torch.Tensor) -> torch.Tensor:
+    return extractor(waveform.numpy(), sampling_rate=16000, return_tensors="pt")["input_values"][0]
+
+
+@pytest.fixture(scope="module")
+def extractor() -> MatpacFeatureExtractor:
+    return MatpacFeatureExtractor()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[Path]:
+    directory = tmp_path_factory.mktemp("corpus")
+    return [
+        _write(directory / "a_16k.wav", 112_000, seed=1),
+        _write(directory / "b_44k_stereo.flac", 300_000, 44100, num_channels=2, seed=2),
+        _write(directory / "c_22k.wav", 160_000, 22050, seed=3),
+    ]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(corpus, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("caches") / "logmels"
+    preprocess_to_cache(corpus, directory, shard_size=2)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round trip
+
+
+def test_cached_crops_are_log_mels_of_waveform_crops_starting_at_a_frame(corpus, cache_dir, extractor):
+    dataset = MatpacLogMelCacheDataset(cache_dir, shuffle=False, infinite=False)
+    assert dataset.dataset_size == 3
+    examples = list(dataset)
+    assert [example["clip_id"] for example in examples] == [str(path) for path in corpus]
+
+    starts = []
+    for index, (example, path) in enumerate(zip(examples, corpus, strict=True)):
+        crop = example["input_values"]
+        assert crop.shape == (80, 608) and crop.dtype == torch.float32
+        assert example["num_skipped_short"] == example["num_skipped_corrupt"] == 0
+        waveform = decode_mono_16k(path)
+        whole = _log_mel(extractor, waveform)
+        clip_id, stored = LogMelCache(cache_dir)[index]
+        assert clip_id == str(path) and stored.dtype == np.float16 and stored.shape == whole.shape
+        torch.testing.assert_close(torch.from_numpy(stored.astype(np.float32)), whole, atol=FLOAT16_TOLERANCE, rtol=0)
+
+        start = int((whole[:, : whole.shape[1] - 607] - crop[:, :1]).abs().sum(dim=0).argmin())
+        direct = _log_mel(extractor, waveform[start * 160 : start * 160 + CROP])
+        torch.testing.assert_close(crop, direct, atol=FLOAT16_TOLERANCE, rtol=0)
+        starts.append(start)
+    assert any(starts)  # random crops, not the clips' beginnings
+
+
+def test_long_clips_are_computed_in_blocks_of_frames(corpus, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(logmel_cache, "_FRAMES_PER_BLOCK", 100)
+    preprocess_to_cache(corpus, tmp_path / "blocks")
+    for index in range(len(corpus)):
+        blocks, whole = LogMelCache(tmp_path / "blocks")[index][1], LogMelCache(cache_dir)[index][1]
+        np.testing.assert_allclose(blocks.astype(np.float32), whole.astype(np.float32), atol=1e-3, rtol=0)
+
+
+def test_crops_depend_only_on_seed_epoch_and_clip(cache_dir):
+    def epoch_crops(seed: int, epoch: int) -> dict[str, torch.Tensor]:
+        dataset = MatpacLogMelCacheDataset(cache_dir, seed=seed, infinite=False)
+        dataset.set_epoch(epoch)
+        return {example["clip_id"]: example["input_values"] for example in dataset}
+
+    reference = epoch_crops(seed=0, epoch=1)
+    again, next_epoch, other_seed = epoch_crops(0, 1), epoch_crops(0, 2), epoch_crops(1, 1)
+    assert all(torch.equal(crop, again[clip_id]) for clip_id, crop in reference.items())
+    assert any(not torch.equal(crop, next_epoch[clip_id]) for clip_id, crop in reference.items())
+    assert any(not torch.equal(crop, other_seed[clip_id]) for clip_id, crop in reference.items())
+
+
+def test_the_cache_streams_with_datasets(cache_dir):
+    stream = datasets.load_dataset(str(cache_dir), streaming=True, split="train")
+    assert stream.num_shards == 2
+    cache = LogMelCache(cache_dir)
+    rows = list(stream)
+    assert len(rows) == len(cache) == 3
+    for index, row in enumerate(rows):
+        clip_id, log_mel = cache[index]
+        assert row["clip_id"] == clip_id and row["num_frames"] == log_mel.shape[1]
+        np.testing.assert_array_equal(np.frombuffer(row["log_mel"], "<f2").reshape(80, -1), log_mel)
+
+
+def test_cache_bytes_are_deterministic_whatever_the_number_of_processes(corpus, cache_dir, tmp_path):
+    preprocess_to_cache(corpus, tmp_path / "again", shard_size=2, num_workers=2)
+    files = sorted(path.name for path in cache_dir.iterdir())
+    assert files == ["logmels-00000-of-00002.arrow", "logmels-00001-of-00002.arrow", "metadata.json"]
+    assert sorted(path.name for path in (tmp_path / "again").iterdir()) == files
+    for name in files:
+        assert (cache_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Skipping
+
+
+def test_short_and_corrupt_clips_are_skipped_and_counted(tmp_path, caplog, extractor):
+    files = [
+        _write(tmp_path / "a_short.wav", CROP - 1),
+        _write(tmp_path / "b_exact.wav", CROP, seed=1),
+        _write(tmp_path / "c_short_44k.wav", 268_700, 44100),  # 97,488 samples once at 16 kHz
+        tmp_path / "d_random_bytes.wav",
+        tmp_path / "e_empty.wav",
+        _write(tmp_path / "f_long.wav", 120_000, seed=2),
+    ]
+    files[3].write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    files[4].write_bytes(b"")
+
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.logmel_cache"):
+        metadata = preprocess_to_cache(files, tmp_path / "cache", description="six test clips")
+    assert (metadata["num_clips"], metadata["num_skipped_short"], metadata["num_skipped_corrupt"]) == (2, 2, 2)
+    assert metadata["num_frames"] == 608 + 1 + (120_000 - 400) // 160
+    assert json.loads((tmp_path / "cache" / "metadata.json").read_text()) == metadata
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert any("d_random_bytes" in message and "cannot open" in message for message in warnings)
+    assert any("e_empty" in message and "empty" in message for message in warnings)
+
+    examples = list(MatpacLogMelCacheDataset(tmp_path / "cache", shuffle=False, infinite=False))
+    assert [Path(example["clip_id"]).name for example in examples] == ["b_exact.wav", "f_long.wav"]
+    assert all(example["num_skipped_short"] == example["num_skipped_corrupt"] == 0 for example in examples)
+    exact = _log_mel(extractor, decode_mono_16k(files[1]))  # a clip of exactly one crop is the crop
+    torch.testing.assert_close(examples[0]["input_values"], exact, atol=FLOAT16_TOLERANCE, rtol=0)
+
+    # Crops longer than the cache was built for: the clips too short for them are skipped and counted when reading.
+    longer = list(MatpacLogMelCacheDataset(tmp_path / "cache", num_frames=700, shuffle=False, infinite=False))
+    assert [Path(example["clip_id"]).name for example in longer] == ["f_long.wav"]
+    assert longer[0]["num_skipped_short"] == 1 and longer[0]["input_values"].shape == (80, 700)
+
+    with pytest.raises(ValueError, match="No clip of the source is usable: 1 shorter than 608 frames"):
+        preprocess_to_cache(files[:1], tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad caches and directories
+
+
+def test_a_cache_is_refused_with_another_front_end_or_when_incomplete(corpus, cache_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"another front end .*hop_length=160 \(cache\) vs 320"):
+        MatpacLogMelCacheDataset(cache_dir, feature_extractor=MatpacFeatureExtractor(hop_length=320))
+    with pytest.raises(ValueError, match=r"mean=-7.056 \(cache\) vs -6.0"):
+        MatpacLogMelCacheDataset(cache_dir, feature_extractor=MatpacFeatureExtractor(mean=-6.0))
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LogMelCache(tmp_path / "missing")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "logmels-00000.arrow.incomplete").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no metadata.json, so its build was interrupted"):
+        LogMelCache(partial)
+
+    with pytest.raises(FileExistsError, match="already holds a log-mel cache .*overwrite=True"):
+        preprocess_to_cache(corpus, partial)
+    preprocess_to_cache(corpus[:1], partial, overwrite=True)
+    assert sorted(path.name for path in partial.iterdir()) == ["logmels-00000-of-00001.arrow", "metadata.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not part of a log-mel cache \\(notes.txt\\)"):
+        preprocess_to_cache(corpus, tmp_path / "other", overwrite=True)
+    with pytest.raises(ValueError, match="log-mel cache .*--train_cache"):
+        list_audio_files(cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distribution over processes and DataLoader workers
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(2, 2), (3, 0)])
+def test_each_cached_clip_is_read_once_per_epoch_by_exactly_one_process_and_worker(tmp_path, world_size, num_workers):
+    files = [_write(tmp_path / f"clip_{index}.wav", 100_000 + 5000 * index, seed=index) for index in range(7)]
+    files.append(_write(tmp_path / "short.wav", 50_000))
+    preprocess_to_cache(files, tmp_path / "cache", shard_size=3)
+
+    def read(rank: int, world_size: int, num_workers: int) -> dict[str, torch.Tensor]:
+        dataset = MatpacLogMelCacheDataset(tmp_path / "cache", rank=rank, world_size=world_size, infinite=False)
+        dataset.set_epoch(1)
+        examples = list(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+        crops = {example["clip_id"]: example["input_values"] for example in examples}
+        assert len(crops) == len(examples), "a clip was read twice"
+        return crops
+
+    reference = read(0, 1, 0)
+    assert sorted(reference) == sorted(str(path) for path in files[:7])
+    per_rank = [read(rank, world_size, num_workers) for rank in range(world_size)]
+    assert Counter(clip_id for crops in per_rank for clip_id in crops) == Counter(reference.keys())
+    assert all(len(crops) >= 2 for crops in per_rank)
+    for crops in per_rank:
+        for clip_id, crop in crops.items():
+            assert torch.equal(crop, reference[clip_id])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run_pretraining.py
+
+
+def _run(output_dir: Path, *flags: str) -> None:
+    run_pretraining.main(
+        ["--output_dir", str(output_dir), "--config_overrides", TINY, "--per_device_train_batch_size", "2",
+         "--logging_steps", "1", "--save_steps", "2", "--disable_tqdm", "True", *flags]
+    )  # fmt: skip
+
+
+def test_run_pretraining_preprocesses_then_trains_from_the_cache(tmp_path):
+    cache = tmp_path / "logmels"
+    _run(tmp_path / "prepare", "--preprocess_to", str(cache), "--builtin_corpus_clips", "3")
+    metadata = json.loads((cache / "metadata.json").read_text())
+    assert metadata["num_clips"] == 3 and metadata["description"] == "the built-in synthetic corpus (3 clips)"
+    assert not (tmp_path / "prepare" / "trainer_state.json").exists()  # it only pre-processed
+
+    _run(tmp_path / "train", "--train_cache", str(cache), "--max_steps", "2")
+    history = json.loads((tmp_path / "train" / "trainer_state.json").read_text())["log_history"]
+    losses = [entry for entry in history if "loss" in entry]
+    assert [entry["step"] for entry in losses] == [1, 2]
+    assert all(np.isfinite(entry["loss"]) and entry["num_skipped_short"] == 0 for entry in losses)
+    assert f"log-mels cached in {cache}" in (tmp_path / "train" / "README.md").read_text()
+
+    with pytest.raises(ValueError, match=r"another front end .*mean=-7.056 \(cache\) vs -6.0"):
+        _run(tmp_path / "other", "--train_cache", str(cache), "--config_overrides", f"{TINY},lms_mean=-6.0")
+    with pytest.raises(ValueError, match="one after the other"):
+        _run(tmp_path / "both", "--train_cache", str(cache), "--preprocess_to", str(tmp_path / "again"))
