@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel  # noqa: E402
 from modeling_matpac.feature_extraction_matpac import log_mel_spectrogram, resample  # noqa: E402
+from modeling_matpac.logmel_cache import MatpacLogMelCacheDataset, preprocess_to_cache  # noqa: E402
 from modeling_matpac.pretraining_data import MatpacPretrainingDataset, generate_builtin_corpus  # noqa: E402
 
 
@@ -218,21 +219,24 @@ def bench_resampling(device: torch.device, repeats: int) -> list[Row]:
 
 
 def bench_pipeline(clips: int) -> list[Row]:
+    """Crops per second of one DataLoader worker (one thread, as PyTorch sets it): from audio files, from the cache."""
+    rows = []
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as directory:
-        files = generate_builtin_corpus(directory, num_clips=clips)
-        dataset = MatpacPretrainingDataset(files, infinite=False)
-        start = time.perf_counter()
-        count = sum(1 for _ in dataset)
-        seconds = time.perf_counter() - start
-    return [
-        Row(
-            "pipeline",
-            "decode + resample + crop + log-mel, per worker",
-            count / seconds,
-            "clips/s",
-            f"{clips} wav clips of 6.5-8 s at 16/22.05/44.1 kHz",
-        )
-    ]
+        files = generate_builtin_corpus(Path(directory) / "audio", num_clips=clips)
+        preprocess_to_cache(files, Path(directory) / "cache", num_workers=1)
+        detail = f"{clips} wav clips of 6.5-8 s at 16/22.05/44.1 kHz, 608-frame crops"
+        torch.set_num_threads(1)
+        for case, dataset in (
+            ("decode + resample + crop + log-mel", MatpacPretrainingDataset(files, infinite=False)),
+            ("random crops from the log-mel cache", MatpacLogMelCacheDataset(Path(directory) / "cache", infinite=False)),
+        ):
+            start = time.perf_counter()
+            count = sum(1 for _ in dataset)
+            rows.append(Row("pipeline", f"{case}, per worker", count / (time.perf_counter() - start), "clips/s", detail))
+        torch.set_num_threads(threads)
+    rows.append(Row("pipeline", "cache speed-up per worker", rows[1].value / rows[0].value, "x"))
+    return rows
 
 
 def bench_pretraining(args, device: torch.device) -> list[Row]:
