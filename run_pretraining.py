@@ -54,12 +54,12 @@ BUILTIN_DEFAULT_FLAGS = [
     "predictor_intermediate_size=384,head_hidden_size=256,head_bottleneck_size=64,head_num_prototypes=256,"
     "ema_decay=0.99,ema_end_decay=0.999,head_ema_decay=0.99",
     "--per_device_train_batch_size", "16",
-    "--max_steps", "60",
+    "--max_steps", "600",
     "--learning_rate", "1e-3",
-    "--warmup_steps", "10",
-    "--teacher_temperature_warmup_steps", "20",
-    "--logging_steps", "10",
-    "--save_steps", "30",
+    "--warmup_steps", "60",
+    "--teacher_temperature_warmup_steps", "200",
+    "--logging_steps", "50",
+    "--save_steps", "200",
     "--save_total_limit", "1",
 ]  # fmt: skip
 
@@ -99,7 +99,7 @@ class DataArguments:
     )
     audio_column: str | None = field(default=None, metadata={"help": "The dataset's audio column."})
     builtin_corpus_clips: int = field(
-        default=48, metadata={"help": "Clips of the built-in corpus, used when no data source is given."}
+        default=96, metadata={"help": "Clips of the built-in corpus, used when no data source is given."}
     )
     train_cache: str | None = field(
         default=None,
