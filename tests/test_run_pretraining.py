@@ -36,7 +36,7 @@ def test_builtin_default_trains_and_saves_a_loadable_model(tmp_path):
     model = AutoModel.from_pretrained(tmp_path)
     assert isinstance(model, MatpacModel) and model.config.hidden_size == 32
     pretraining = MatpacForPreTraining.from_pretrained(tmp_path)
-    assert pretraining.config.ema_anneal_end_step == 4 and pretraining.config.teacher_temperature_warmup_steps == 20
+    assert pretraining.config.ema_anneal_end_step == 4 and pretraining.config.teacher_temperature_warmup_steps == 200
     assert torch.count_nonzero(pretraining.center) > 0
     extractor = AutoFeatureExtractor.from_pretrained(tmp_path)
     waveform = np.sin(np.linspace(0, 2000, 24000)).astype(np.float32)
