@@ -30,18 +30,10 @@ least as many shards as there are consumers, else every consumer reads all shard
 is thus used exactly once per epoch. The dataset repeats epochs forever (`infinite=True`), so that processes whose
 shares differ in length never run dry at different times and hang DDP; each consumer moves on to its next epoch on its
 own (shares differing by a clip or a shard make consumers drift apart by that much per epoch). The Trainer then needs
-`max_steps` (convert epochs with `dataset_size`, which counts clips before skipping). Two ways to run it under
-`accelerate launch`:
-
-- `rank=0, world_size=1` on every process, accelerate's default `dispatch_batches=True` for iterable datasets: the
-  workers of process 0 decode everything and accelerate hands each process a different slice of their batches.
-  Nothing to change in the Trainer, but all decoding happens on one process (the other processes' workers only
-  prefetch a few batches).
-- `rank=process_index, world_size=num_processes` with `TrainingArguments(accelerator_config={"dispatch_batches":
-  False})`: every process decodes only its own share. accelerate then wraps any torch `IterableDataset` in an
-  `IterableDatasetShard` that would keep only `1 / num_processes` of each process's share, so the Trainer must make
-  that wrapper a pass-through after `accelerator.prepare` (`dataloader.dataset.num_processes = 1`,
-  `dataloader.dataset.process_index = 0`), as `Trainer` does for a rank-aware `BatchRebalanceSampler`.
+`max_steps` (convert epochs with `dataset_size`, which counts clips before skipping). Under `accelerate launch`,
+`MatpacTrainer` sets `rank` and `world_size` to the process's and builds the loader itself, so that every process
+decodes only its own share; with a plain `Trainer`, leave them at 0 and 1 and accelerate's default dispatching has
+process 0 read for all.
 
 Skip counts. DataLoader workers are separate processes, so counters cannot be read from the dataset object. Each
 example instead carries how many clips were skipped (too short, undecodable) since its consumer's previous example;

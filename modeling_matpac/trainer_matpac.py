@@ -3,9 +3,11 @@
 import logging
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from .modeling_matpac import MatpacForPreTraining
+from .pretraining_data import MatpacPretrainingDataset
 
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,27 @@ class MatpacTrainer(Trainer):
     @property
     def pretraining_model(self) -> MatpacForPreTraining:
         return self.accelerator.unwrap_model(self.model)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """
+        A `MatpacPretrainingDataset` splits itself among processes (and their workers): every process reads and
+        decodes only its own share, instead of process 0 reading for all and broadcasting each batch. Its loader is
+        therefore not handed to accelerate, which would shard or dispatch it a second time.
+        """
+        dataset = self.train_dataset
+        if not isinstance(dataset, MatpacPretrainingDataset) or self.args.world_size == 1:
+            return super().get_train_dataloader()
+        dataset.rank, dataset.world_size = self.args.process_index, self.args.world_size
+        return DataLoader(
+            dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+            multiprocessing_context=self.args.dataloader_multiprocessing_context,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counters = {name: inputs.pop(name) for name in DATA_COUNTERS if name in inputs}

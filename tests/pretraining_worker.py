@@ -2,12 +2,14 @@
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 from conftest import tiny_config_kwargs
 from transformers import TrainingArguments, set_seed
 
 from modeling_matpac import MatpacConfig, MatpacForPreTraining
+from modeling_matpac.pretraining_data import MatpacPretrainingDataset, collate_pretraining_batch
 from modeling_matpac.trainer_matpac import MatpacTrainer
 
 
@@ -40,7 +42,9 @@ def tiny_model() -> MatpacForPreTraining:
     return MatpacForPreTraining(config)
 
 
-def train(output_dir, batch_size, accumulation, max_steps, save_steps=None, resume=None, **extra) -> MatpacTrainer:
+def train(
+    output_dir, batch_size, accumulation, max_steps, save_steps=None, resume=None, dataset=None, collator=None, **extra
+) -> MatpacTrainer:
     model = tiny_model()
     args = TrainingArguments(
         output_dir,
@@ -59,14 +63,36 @@ def train(output_dir, batch_size, accumulation, max_steps, save_steps=None, resu
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         **extra,
     )
-    trainer = MatpacTrainer(model=model, args=args, train_dataset=FixedCrops())
+    if dataset is not None:
+        args.remove_unused_columns = False
+    trainer = MatpacTrainer(
+        model=model, args=args, train_dataset=dataset or FixedCrops(), data_collator=collator
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
+class RecordingCollator:
+    """Collates pre-training examples and remembers which clips this process consumed."""
+
+    def __init__(self):
+        self.clip_ids: list[str] = []
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        self.clip_ids += [example["clip_id"] for example in examples]
+        return collate_pretraining_batch(examples)
+
+
 if __name__ == "__main__":
     output_dir = sys.argv[1]
-    trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3)
+    if len(sys.argv) > 2:
+        # Audio files in sys.argv[2]: 2 steps of 2 crops per process read exactly one process's share of 8 clips.
+        files = sorted(str(path) for path in Path(sys.argv[2]).glob("*.wav"))
+        collator = RecordingCollator()
+        trainer = train(output_dir, 2, 1, 2, dataset=MatpacPretrainingDataset(files), collator=collator)
+        torch.save(collator.clip_ids, f"{output_dir}/clips{trainer.args.process_index}.pt")
+    else:
+        trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3)
     rank = trainer.args.process_index
     state = {name: tensor.clone() for name, tensor in trainer.pretraining_model.state_dict().items()}
     torch.save({"state": state, "log_history": trainer.state.log_history}, f"{output_dir}/rank{rank}.pt")

@@ -9,6 +9,7 @@ from pretraining_worker import train
 from transformers import TrainingArguments
 
 from modeling_matpac import MatpacForPreTraining, MatpacModel
+from modeling_matpac.pretraining_data import generate_builtin_corpus
 from modeling_matpac.trainer_matpac import MatpacTrainer
 
 
@@ -65,10 +66,10 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert isinstance(MatpacModel.from_pretrained(checkpoint), MatpacModel)
 
 
-def launch_two_processes(output_dir: Path, *launch_flags: str) -> list[dict]:
+def launch_two_processes(output_dir: Path, *launch_flags: str, worker_args: tuple[str, ...] = ()) -> list[dict]:
     """Runs `pretraining_worker.py` under `accelerate launch` with 2 CPU processes (gloo); returns each rank's result."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", "2"]
-    command += [str(TESTS / "pretraining_worker.py"), str(output_dir)]
+    command += [str(TESTS / "pretraining_worker.py"), str(output_dir), *worker_args]
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,6 +97,15 @@ def test_the_documented_ddp_bf16_config_runs(tmp_path):
     single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3)
     bf16_losses, fp32_losses = logged_losses(ranks[0]["log_history"]), logged_losses(single.state.log_history)
     assert bf16_losses != fp32_losses and bf16_losses == pytest.approx(fp32_losses, rel=0.02)
+
+
+def test_each_process_reads_its_own_share_of_the_audio(tmp_path):
+    files = generate_builtin_corpus(tmp_path / "corpus", num_clips=8)
+    flags = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch_two_processes(tmp_path, *flags, "--main_process_port", "29535", worker_args=(str(tmp_path / "corpus"),))
+    seen = [torch.load(tmp_path / f"clips{rank}.pt") for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 4
+    assert sorted(seen[0] + seen[1]) == sorted(str(path) for path in files)
 
 
 def test_unsupported_setups_are_refused(tmp_path):
