@@ -35,6 +35,7 @@ class _TeacherUpdateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.reset_accumulators(state.global_step)
         model = self.trainer.pretraining_model
         if model.config.ema_anneal_end_step != state.max_steps:
             logger.info("EMA decays anneal over the whole run: ema_anneal_end_step = %d.", state.max_steps)
@@ -62,13 +63,17 @@ class MatpacTrainer(Trainer):
             # Every student parameter takes part in the loss; the teachers need no gradients.
             self.args.ddp_find_unused_parameters = False
         self.check_supported_setup()
+        self.skipped_clips = dict.fromkeys(DATA_COUNTERS, 0)
+        self.reset_accumulators(self.state.global_step)
+        self.add_callback(_TeacherUpdateCallback(self))
+
+    def reset_accumulators(self, global_step: int) -> None:
+        """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""
         self._teacher_sum: torch.Tensor | None = None
         self._teacher_count: torch.Tensor | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._skipped_since_log = torch.zeros(len(DATA_COUNTERS))
-        self.skipped_clips = dict.fromkeys(DATA_COUNTERS, 0)
-        self._steps_at_last_log = self.state.global_step
-        self.add_callback(_TeacherUpdateCallback(self))
+        self._steps_at_last_log = global_step
 
     def check_supported_setup(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -150,8 +155,8 @@ class MatpacTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._log_sums:
             steps = max(self.state.global_step - self._steps_at_last_log, 1)
-            for name, value in self._log_sums.items():
-                logs[name] = round(self.accelerator.reduce(value, reduction="mean").item() / steps, 6)
+            means = self.accelerator.reduce(torch.stack(list(self._log_sums.values())), reduction="mean") / steps
+            logs.update({name: round(value, 6) for name, value in zip(self._log_sums, means.tolist())})
             skipped = self.accelerator.reduce(self._skipped_since_log.to(self.args.device), reduction="sum")
             for name, count in zip(DATA_COUNTERS, skipped.tolist()):
                 self.skipped_clips[name] += int(count)

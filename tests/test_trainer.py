@@ -61,6 +61,12 @@ def test_resume_continues_bit_for_bit(tmp_path):
     resumed_state = resumed.pretraining_model.state_dict()
     for name, tensor in straight_state.items():
         assert torch.equal(tensor, resumed_state[name]), name
+    # The logged averages after the resumption cover the steps since it, as in the uninterrupted run.
+    logged = ("step", "loss", "loss_pred", "loss_cls", "teacher_temperature", "ema_decay")
+    history = [{key: entry[key] for key in logged} for entry in straight.state.log_history if "loss" in entry]
+    resumed_history = [{key: entry[key] for key in logged} for entry in resumed.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in resumed_history] == [1, 2, 3, 4]
+    assert resumed_history == history
     halfway = MatpacForPreTraining.from_pretrained(checkpoint)
     assert not torch.equal(halfway.center, straight_state["center"])
     assert isinstance(MatpacModel.from_pretrained(checkpoint), MatpacModel)
