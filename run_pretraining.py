@@ -151,6 +151,18 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Mat
     return (*arguments, builtin)
 
 
+def parse_config_value(name: str, value: str, default: object) -> object:
+    """A `--config_overrides` value with the type of the field's default."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"--config_overrides: {name} takes true or false, got {value!r}.")
+        return value.lower() == "true"
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"--config_overrides: {name} takes a {type(default).__name__}, got {value!r}.") from None
+
+
 def build_config(model_args: ModelArguments) -> MatpacConfig:
     config = MatpacConfig()
     if model_args.config_overrides:
@@ -158,7 +170,7 @@ def build_config(model_args: ModelArguments) -> MatpacConfig:
         unknown = sorted(name for name in overrides if not hasattr(config, name))
         if unknown:
             raise ValueError(f"--config_overrides names fields MatpacConfig does not have: {unknown}")
-        typed = {name: type(getattr(config, name))(value) for name, value in overrides.items()}
+        typed = {name: parse_config_value(name, value, getattr(config, name)) for name, value in overrides.items()}
         config = MatpacConfig(**{**config.to_diff_dict(), **typed})
     return config
 
@@ -382,4 +394,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"run_pretraining.py: error: {error}")
