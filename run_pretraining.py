@@ -160,7 +160,7 @@ def parse_config_value(name: str, value: str, default: object) -> object:
     try:
         return type(default)(value)
     except ValueError:
-        raise ValueError(f"--config_overrides: {name} takes a {type(default).__name__}, got {value!r}.") from None
+        raise ValueError(f"--config_overrides: {name} expects {type(default).__name__}, got {value!r}.") from None
 
 
 def build_config(model_args: ModelArguments) -> MatpacConfig:

@@ -86,7 +86,7 @@ def test_epochs_become_steps_from_the_dataset_size(tmp_path):
 def test_bad_flags_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="does not have: \\['hidden_sise'\\]"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--config_overrides", "hidden_sise=32"])
-    with pytest.raises(ValueError, match="hidden_size takes a int, got 'big'"):
+    with pytest.raises(ValueError, match="hidden_size expects int, got 'big'"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--config_overrides", "hidden_size=big"])
     with pytest.raises(ValueError, match="qkv_bias takes true or false"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--config_overrides", "qkv_bias=no"])
