@@ -93,7 +93,9 @@ class DataArguments:
     streaming: bool = field(
         default=True, metadata={"help": "Stream the Hub dataset (or local shards with --train_files)."}
     )
-    train_dir: str | None = field(default=None, metadata={"help": "A local folder of audio files (searched recursively)."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "A local folder of audio files (searched recursively)."}
+    )
     train_files: list[str] | None = field(
         default=None, metadata={"help": "Local parquet or webdataset (.tar) shards: files, folders or glob patterns."}
     )
@@ -246,7 +248,9 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
         global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
-        lr_scheduler_type=args.lr_scheduler_type.value if hasattr(args.lr_scheduler_type, "value") else args.lr_scheduler_type,
+        lr_scheduler_type=args.lr_scheduler_type.value
+        if hasattr(args.lr_scheduler_type, "value")
+        else args.lr_scheduler_type,
         weight_decay=args.weight_decay,
         mask_ratio=config.mask_ratio,
         loss_pred_weight=config.loss_pred_weight,
@@ -387,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     if trainer.is_world_process_zero():
         write_model_card(trainer, data_description, train_dataset.dataset_size)
         logger.info(
-            "Saved the model to %s: load the encoder with AutoModel.from_pretrained(%r) after `import modeling_matpac`.",
+            "Saved the model to %s: AutoModel.from_pretrained(%r) loads the encoder after `import modeling_matpac`.",
             training_args.output_dir,
             training_args.output_dir,
         )

@@ -95,7 +95,11 @@ def head_flops(tokens: int, config: MatpacConfig) -> int:
 
 def pretraining_flops(config: MatpacConfig) -> dict[str, float]:
     """FLOPs of one training sample, forward and backward (backward = 2 x forward), by part."""
-    visible, masked, patches = config.num_visible_patches, config.num_patches - config.num_visible_patches, config.num_patches
+    visible, masked, patches = (
+        config.num_visible_patches,
+        config.num_patches - config.num_visible_patches,
+        config.num_patches,
+    )
     width, predictor = config.hidden_size, config.predictor_hidden_size
     student = config.num_hidden_layers * block_flops(visible + 1, width, config.intermediate_size)
     student += 2 * patches * config.patch_size**2 * width
@@ -122,7 +126,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def measure_pretraining(config_kwargs: dict, batch_size: int, device: str, dtype: str, steps: int, compile_model: bool):
+def measure_pretraining(
+    config_kwargs: dict, batch_size: int, device: str, dtype: str, steps: int, compile_model: bool
+):
     """One process: step time, peak memory and FLOP rate of a full MATPAC update (as `MatpacTrainer` does it)."""
     torch.manual_seed(0)
     device = torch.device(device)
@@ -200,7 +206,9 @@ def bench_frontend(device: torch.device, repeats: int) -> list[Row]:
     mel_filters, window = extractor.mel_filters.to(device), extractor.window.to(device)
     on_device = clips.to(device)
     batched = timed(lambda: log_mel_spectrogram(on_device, mel_filters, window), repeats, device)
-    single = timed(lambda: [extractor(clip, sampling_rate=16000, device=device) for clip in clips[:16]], repeats, device)
+    single = timed(
+        lambda: [extractor(clip, sampling_rate=16000, device=device) for clip in clips[:16]], repeats, device
+    )
     whole = timed(lambda: extractor(clips, sampling_rate=16000, device=device), repeats, device)
     return [
         Row("frontend", "log-mel, batched (64 x 10 s)", audio_seconds / batched, "x real time"),
@@ -229,11 +237,16 @@ def bench_pipeline(clips: int) -> list[Row]:
         torch.set_num_threads(1)
         for case, dataset in (
             ("decode + resample + crop + log-mel", MatpacPretrainingDataset(files, infinite=False)),
-            ("random crops from the log-mel cache", MatpacLogMelCacheDataset(Path(directory) / "cache", infinite=False)),
+            (
+                "random crops from the log-mel cache",
+                MatpacLogMelCacheDataset(Path(directory) / "cache", infinite=False),
+            ),
         ):
             start = time.perf_counter()
             count = sum(1 for _ in dataset)
-            rows.append(Row("pipeline", f"{case}, per worker", count / (time.perf_counter() - start), "clips/s", detail))
+            rows.append(
+                Row("pipeline", f"{case}, per worker", count / (time.perf_counter() - start), "clips/s", detail)
+            )
         torch.set_num_threads(threads)
     rows.append(Row("pipeline", "cache speed-up per worker", rows[1].value / rows[0].value, "x"))
     return rows
@@ -334,7 +347,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(
         json.dumps(
-            {"machine": machine, "torch": torch.__version__, "arguments": vars(args), "rows": [r.__dict__ for r in rows]},
+            {
+                "machine": machine,
+                "torch": torch.__version__,
+                "arguments": vars(args),
+                "rows": [r.__dict__ for r in rows],
+            },
             indent=2,
         )
     )

@@ -169,7 +169,9 @@ class MatpacConfig(PreTrainedConfig):
                 f"`num_mel_bins` ({self.num_mel_bins}) must be divisible by `patch_size` ({self.patch_size})."
             )
         if self.num_frames % self.patch_size:
-            raise ValueError(f"`num_frames` ({self.num_frames}) must be divisible by `patch_size` ({self.patch_size}).")
+            raise ValueError(
+                f"`num_frames` ({self.num_frames}) must be divisible by `patch_size` ({self.patch_size})."
+            )
         for prefix in ("", "predictor_"):
             width, heads = getattr(self, f"{prefix}hidden_size"), getattr(self, f"{prefix}num_attention_heads")
             if width % heads:

@@ -114,7 +114,7 @@ class MatpacPatchEmbeddings(nn.Module):
 
 
 class MatpacEmbeddings(nn.Module):
-    """Patch embeddings plus fixed positions, and the CLS token that every encoder pass (student or teacher) prepends."""
+    """Patch embeddings plus fixed positions, and the CLS token every encoder pass (student or teacher) prepends."""
 
     def __init__(self, config: MatpacConfig):
         super().__init__()
@@ -157,7 +157,7 @@ def eager_attention_forward(
 
 
 class MatpacAttention(nn.Module):
-    """Bidirectional multi-head self-attention with a fused qkv projection, dispatched through transformers' kernels."""
+    """Bidirectional multi-head self-attention, fused qkv projection, dispatched through transformers' kernels."""
 
     def __init__(self, config: MatpacConfig, hidden_size: int, num_heads: int):
         super().__init__()
@@ -218,7 +218,10 @@ class MatpacEncoder(nn.Module):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Returns the normalised last output and, if asked, the input followed by every block's raw output."""
         all_hidden_states = (hidden_states,) if output_hidden_states else None
@@ -253,7 +256,9 @@ class MatpacPredictor(nn.Module):
         self.layernorm = nn.LayerNorm(config.predictor_hidden_size, eps=config.layer_norm_eps)
         self.projection = nn.Linear(config.predictor_hidden_size, config.hidden_size)
 
-    def forward(self, student_output: torch.Tensor, ids_shuffle: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_output: torch.Tensor, ids_shuffle: torch.Tensor, ids_restore: torch.Tensor
+    ) -> torch.Tensor:
         """`(batch, 1 + visible, hidden)` student output -> `(batch, masked, hidden)` in the shuffle order."""
         hidden_states = self.embed(student_output)
         batch_size, num_patches = ids_shuffle.shape
@@ -266,7 +271,9 @@ class MatpacPredictor(nn.Module):
             hidden_states = layer(hidden_states)
         hidden_states = self.layernorm(hidden_states)[:, 1:]
         masked_ids = ids_shuffle[:, num_visible:]
-        hidden_states = torch.gather(hidden_states, 1, masked_ids.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+        hidden_states = torch.gather(
+            hidden_states, 1, masked_ids.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+        )
         return self.projection(hidden_states)
 
 
@@ -413,7 +420,7 @@ class MatpacModel(MatpacPreTrainedModel):
         return chunks, step_mask.view(batch_size * num_chunks, chunk_steps), time_steps
 
     def _attention_bias(self, step_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive key mask hiding padded time steps (every frequency row of them); the CLS token is always visible."""
+        """Additive key mask hiding padded time steps (all frequency rows of them); the CLS token stays visible."""
         if bool(step_mask.all()):
             return None
         token_mask = step_mask.repeat(1, self.config.num_frequency_patches)
@@ -451,8 +458,8 @@ class MatpacModel(MatpacPreTrainedModel):
             )
         if attention_mask is not None and attention_mask.shape != (input_values.shape[0], input_values.shape[2]):
             raise ValueError(
-                f"`attention_mask` must have shape (batch, frames) = {(input_values.shape[0], input_values.shape[2])}, "
-                f"got {tuple(attention_mask.shape)}."
+                f"`attention_mask` must have shape (batch, frames) = {tuple(input_values.shape[::2])}, got "
+                f"{tuple(attention_mask.shape)}."
             )
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -471,9 +478,7 @@ class MatpacModel(MatpacPreTrainedModel):
         weights = time_mask.unsqueeze(-1).to(last_hidden_state.dtype)
         pooler_output = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
         if output_hidden_states:
-            hidden_states = tuple(
-                self._to_time_steps(state[:, 1:], batch_size, time_steps) for state in hidden_states
-            )
+            hidden_states = tuple(self._to_time_steps(state[:, 1:], batch_size, time_steps) for state in hidden_states)
         return MatpacModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,
@@ -523,7 +528,10 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         """Teacher temperature after `step` optimizer updates: a linear warm-up, then constant."""
         config = self.config
         return linear_schedule(
-            step, config.teacher_temperature_warmup, config.teacher_temperature, config.teacher_temperature_warmup_steps
+            step,
+            config.teacher_temperature_warmup,
+            config.teacher_temperature,
+            config.teacher_temperature_warmup_steps,
         )
 
     def ema_decays(self, step: int) -> tuple[float, float]:
@@ -556,7 +564,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
 
     @torch.no_grad()
     def update_center(self, teacher_sum: torch.Tensor, teacher_count: torch.Tensor | float) -> None:
-        """`C <- m C + (1 - m) mean`, from the sums and counts of one optimizer step, already reduced over processes."""
+        """`C <- m C + (1 - m) mean`, from the sums and counts of one optimizer step, reduced over processes."""
         batch_mean = (teacher_sum.float() / teacher_count).view_as(self.center)
         self.center.mul_(self.config.center_momentum).add_(batch_mean, alpha=1 - self.config.center_momentum)
 
@@ -567,7 +575,9 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         if noise is None:
             noise = torch.rand(batch_size, self.config.num_patches, device=device)
         elif noise.shape != (batch_size, self.config.num_patches):
-            raise ValueError(f"`noise` must have shape {(batch_size, self.config.num_patches)}, got {tuple(noise.shape)}.")
+            raise ValueError(
+                f"`noise` must have shape {(batch_size, self.config.num_patches)}, got {tuple(noise.shape)}."
+            )
         ids_shuffle = torch.argsort(noise.to(device), dim=1)
         return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
 
@@ -592,7 +602,8 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         expected = (config.num_mel_bins, config.num_frames)
         if input_values.ndim != 3 or tuple(input_values.shape[1:]) != expected:
             raise ValueError(
-                f"`input_values` must have shape (batch, {expected[0]}, {expected[1]}), got {tuple(input_values.shape)}."
+                f"`input_values` must have shape (batch, {expected[0]}, {expected[1]}), got "
+                f"{tuple(input_values.shape)}."
             )
         embeddings = self.matpac.embeddings(input_values)
         batch_size, _, hidden_size = embeddings.shape
@@ -630,7 +641,9 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 teacher_temperature=torch.as_tensor(temperature, dtype=torch.float32, device=loss.device),
                 teacher_entropy=-(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
                 teacher_perplexity=torch.exp(-(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()),
-                teacher_num_classes=torch.zeros_like(mean_probs).index_fill_(0, teacher_probs.argmax(-1).flatten(), 1).sum(),
+                teacher_num_classes=torch.zeros_like(mean_probs)
+                .index_fill_(0, teacher_probs.argmax(-1).flatten(), 1)
+                .sum(),
                 target_std=targets_unit.flatten(0, 1).std(0).mean(),
                 prediction_std=predictions_unit.detach().flatten(0, 1).std(0).mean(),
             )
@@ -664,12 +677,14 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         return_dict: bool | None = None,
     ) -> SequenceClassifierOutput:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)` or `torch.FloatTensor` of shape `(batch_size, num_labels)`):
+        labels (`torch.LongTensor` of shape `(batch_size,)`, or `torch.FloatTensor` `(batch_size, num_labels)`):
             Class indices for single-label tasks (cross-entropy) or multi-hot targets for multi-label tasks (binary
             cross-entropy), following `config.problem_type`.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
-            outputs = self.matpac(input_values, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+            outputs = self.matpac(
+                input_values, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+            )
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:

@@ -83,7 +83,9 @@ class MatpacTrainer(Trainer):
                 "DeepSpeed config)."
             )
         if not isinstance(self.pretraining_model, MatpacForPreTraining):
-            raise ValueError(f"MatpacTrainer trains a MatpacForPreTraining, got {type(self.pretraining_model).__name__}.")
+            raise ValueError(
+                f"MatpacTrainer trains a MatpacForPreTraining, got {type(self.pretraining_model).__name__}."
+            )
 
     @property
     def pretraining_model(self) -> MatpacForPreTraining:

@@ -65,9 +65,7 @@ def train(
     )
     if dataset is not None:
         args.remove_unused_columns = False
-    trainer = MatpacTrainer(
-        model=model, args=args, train_dataset=dataset or FixedCrops(), data_collator=collator
-    )
+    trainer = MatpacTrainer(model=model, args=args, train_dataset=dataset or FixedCrops(), data_collator=collator)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

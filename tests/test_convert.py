@@ -19,7 +19,13 @@ from modeling_matpac.convert import (
 
 def test_cli_converts_the_inference_checkpoint(tmp_path):
     output = tmp_path / "converted"
-    command = [sys.executable, "-m", "modeling_matpac.convert", "--checkpoint", str(FIXTURES / "inference_checkpoint.pt")]
+    command = [
+        sys.executable,
+        "-m",
+        "modeling_matpac.convert",
+        "--checkpoint",
+        str(FIXTURES / "inference_checkpoint.pt"),
+    ]
     command += ["--output_dir", str(output), "--num_attention_heads", "4"]
     subprocess.run(command, check=True, capture_output=True)
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {path.name for path in output.iterdir()}
@@ -48,9 +54,17 @@ def test_training_checkpoint_becomes_a_pretraining_model_with_both_teachers(tmp_
     model = convert_checkpoint(FIXTURES / "pretraining_init_state.pt", tmp_path / "pt", **FIXTURE_HEADS)
     assert isinstance(model, MatpacForPreTraining)
     config = model.config
-    assert (config.predictor_hidden_size, config.predictor_num_hidden_layers, config.head_num_prototypes) == (32, 1, 128)
+    assert (config.predictor_hidden_size, config.predictor_num_hidden_layers, config.head_num_prototypes) == (
+        32,
+        1,
+        128,
+    )
     assert (config.head_hidden_size, config.head_bottleneck_size, config.head_num_layers) == (64, 256, 3)
-    reference = {key[len("init.") :]: value for key, value in load_file(FIXTURES / "pretraining.safetensors").items() if key.startswith("init.")}
+    reference = {
+        key[len("init.") :]: value
+        for key, value in load_file(FIXTURES / "pretraining.safetensors").items()
+        if key.startswith("init.")
+    }
     state = model.state_dict()
     assert len(reference) == len(state) == 93
     for key, tensor in reference.items():

@@ -70,7 +70,9 @@ def test_eager_and_sdpa_attention_agree(tiny_config):
     mask = torch.ones(2, 700, dtype=torch.long)
     mask[1, 400:] = 0
     sdpa = MatpacModel(tiny_config).eval()
-    eager = MatpacModel.from_pretrained(None, config=tiny_config, state_dict=sdpa.state_dict(), attn_implementation="eager")
+    eager = MatpacModel.from_pretrained(
+        None, config=tiny_config, state_dict=sdpa.state_dict(), attn_implementation="eager"
+    )
     assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
     with torch.no_grad():
         expected, actual = sdpa(values, attention_mask=mask), eager.eval()(values, attention_mask=mask)

@@ -59,7 +59,9 @@ def test_four_training_steps_reproduce_the_authors_code(reference):
     state = model.state_dict()
     for key, tensor in reference.items():
         if key.startswith("final.") and key != "final.cls_head_loss.center":
-            errors["state"] = max(errors["state"], (state[rename_key(key[len("final.") :])] - tensor).abs().max().item())
+            errors["state"] = max(
+                errors["state"], (state[rename_key(key[len("final.") :])] - tensor).abs().max().item()
+            )
     print({name: f"{error:.2e}" for name, error in errors.items()})
     assert max(errors["loss"], errors["loss_cls"], errors["loss_pred"]) <= 1e-4
     assert errors["center"] <= 1e-6

@@ -5,11 +5,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from test_probe_tasks import make_task, save_tiny_matpac, write_clip
 
 from modeling_matpac import MatpacFeatureExtractor, MatpacModel
 from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract, parse_layer
 from modeling_matpac.probe_tasks import load_task
-from test_probe_tasks import make_task, save_tiny_matpac, write_clip
 
 
 @pytest.fixture(scope="module")

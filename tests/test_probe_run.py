@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_probe_tasks import make_task, save_tiny_matpac
 
 from modeling_matpac import MatpacModel
 from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract
 from modeling_matpac.probe_tasks import PAPER_TASKS, TASKS, load_task
 from modeling_matpac.probing import ProbeSettings, evaluate, save_classifier
-from test_probe_tasks import make_task, save_tiny_matpac
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,7 +44,10 @@ def test_builtin_default_trains_and_saves_a_loadable_model(tmp_path):
         embedding = model(**extractor(waveform, sampling_rate=16000, return_tensors="pt")).pooler_output
     assert embedding.shape == (1, 160) and torch.isfinite(embedding).all()
     card = (tmp_path / "README.md").read_text()
-    assert "Pre-trained for 4 steps on the built-in synthetic corpus (6 clips)" in card and "{" not in card.split("---")[1]
+    assert (
+        "Pre-trained for 4 steps on the built-in synthetic corpus (6 clips)" in card
+        and "{" not in card.split("---")[1]
+    )
 
 
 def test_corrupt_and_short_files_are_skipped_and_counted(tmp_path, caplog):
@@ -90,7 +93,9 @@ def test_bad_flags_give_clear_errors(tmp_path):
         run_pretraining.main(["--output_dir", str(tmp_path), "--config_overrides", "hidden_size=big"])
     with pytest.raises(ValueError, match="qkv_bias takes true or false"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--config_overrides", "qkv_bias=no"])
-    config = run_pretraining.build_config(run_pretraining.ModelArguments(config_overrides="qkv_bias=False,mask_ratio=0.6"))
+    config = run_pretraining.build_config(
+        run_pretraining.ModelArguments(config_overrides="qkv_bias=False,mask_ratio=0.6")
+    )
     assert config.qkv_bias is False and config.mask_ratio == 0.6
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--train_dir", str(tmp_path / "nowhere")])

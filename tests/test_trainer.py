@@ -73,7 +73,7 @@ def test_resume_continues_bit_for_bit(tmp_path):
 
 
 def launch_two_processes(output_dir: Path, *launch_flags: str, worker_args: tuple[str, ...] = ()) -> list[dict]:
-    """Runs `pretraining_worker.py` under `accelerate launch` with 2 CPU processes (gloo); returns each rank's result."""
+    """Runs `pretraining_worker.py` under `accelerate launch`, 2 CPU processes (gloo); returns each rank's result."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", "2"]
     command += [str(TESTS / "pretraining_worker.py"), str(output_dir), *worker_args]
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
