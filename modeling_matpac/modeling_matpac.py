@@ -345,22 +345,13 @@ class MatpacPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, MatpacEmbeddings):
-            init.normal_(module.cls_token, std=self.config.initializer_range)
-            init.copy_(
-                module.position_embeddings,
-                get_2d_sincos_position_embeddings(
-                    self.config.hidden_size, self.config.num_frequency_patches, self.config.num_time_patches
-                ).unsqueeze(0),
+        elif isinstance(module, (MatpacEmbeddings, MatpacPredictor)):
+            token = module.cls_token if isinstance(module, MatpacEmbeddings) else module.mask_token
+            init.normal_(token, std=self.config.initializer_range)
+            positions = get_2d_sincos_position_embeddings(
+                token.shape[-1], self.config.num_frequency_patches, self.config.num_time_patches
             )
-        elif isinstance(module, MatpacPredictor):
-            init.normal_(module.mask_token, std=self.config.initializer_range)
-            init.copy_(
-                module.position_embeddings,
-                get_2d_sincos_position_embeddings(
-                    self.config.predictor_hidden_size, self.config.num_frequency_patches, self.config.num_time_patches
-                ).unsqueeze(0),
-            )
+            init.copy_(module.position_embeddings, positions.unsqueeze(0))
         elif isinstance(module, MatpacForPreTraining):
             init.zeros_(module.center)
             head = module.student_head
