@@ -38,6 +38,8 @@ logger = logging.get_logger(__name__)
 RESAMPLING_LOWPASS_FILTER_WIDTH = 64
 RESAMPLING_ROLLOFF = 0.9475937167399596
 RESAMPLING_KAISER_BETA = 14.769656459379492
+# Output phases below which blocks of outputs are stacked into one convolution (see `_grouped_resample_kernel`).
+RESAMPLING_MIN_ROWS = 32
 
 # A 2-D clip is multichannel along its axis of at most this size (channels-first or channels-last).
 MAX_CHANNELS = 8
@@ -156,6 +158,24 @@ def _sinc_resample_kernel(orig: int, new: int, device: torch.device, dtype: torc
     return kernel[:, None, :], width
 
 
+@lru_cache(maxsize=16)
+def _grouped_resample_kernel(
+    orig: int, new: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, int]:
+    """
+    The polyphase kernel with `group` consecutive blocks of outputs stacked as extra rows (each a copy shifted by
+    `orig` samples), so that ratios with few output phases (48 kHz -> 16 kHz has one) still fill a matrix product
+    instead of a matrix-vector one. The values, and so the outputs, are those of the plain kernel.
+    """
+    kernel, width = _sinc_resample_kernel(orig, new, device, dtype)
+    group = -(-RESAMPLING_MIN_ROWS // new)
+    if group > 1:
+        with torch.inference_mode(False), torch.no_grad():
+            shifted = [torch.nn.functional.pad(kernel, (orig * g, orig * (group - 1 - g))) for g in range(group)]
+            kernel = torch.cat(shifted)
+    return kernel, width, group
+
+
 def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     """
     Resample `waveform` `(..., n_samples)` from `orig_sr` to `new_sr` Hz; the output has `ceil(n_samples * new_sr /
@@ -174,13 +194,18 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         raise TypeError(f"Expected a floating point waveform, got {waveform.dtype}.")
     gcd = math.gcd(orig_sr, new_sr)
     orig, new = orig_sr // gcd, new_sr // gcd
-    kernel, width = _sinc_resample_kernel(orig, new, waveform.device, waveform.dtype)
+    kernel, width, group = _grouped_resample_kernel(orig, new, waveform.device, waveform.dtype)
     *batch_shape, n_samples = waveform.shape
-    padded = torch.nn.functional.pad(waveform.reshape(-1, 1, n_samples), (width, width + orig))
-    # (rows, new, blocks) -> (rows, blocks * new): output sample b * new + j is phase j of block b
-    phases = torch.nn.functional.conv1d(padded, kernel, stride=orig)
+    num_outputs = _resampled_length(n_samples, orig, new)
+    stride = orig * group
+    num_steps = -(-num_outputs // (new * group))
+    right = max((num_steps - 1) * stride + kernel.shape[-1] - n_samples - width, width + orig)
+    padded = torch.nn.functional.pad(waveform.reshape(-1, 1, n_samples), (width, right))
+    # (rows, group * new, steps) -> (rows, steps * group * new): output (s * group + g) * new + j is phase j of
+    # block s * group + g
+    phases = torch.nn.functional.conv1d(padded, kernel, stride=stride)
     resampled = phases.transpose(1, 2).reshape(*batch_shape, -1)
-    return resampled[..., : _resampled_length(n_samples, orig, new)]
+    return resampled[..., :num_outputs]
 
 
 def _is_sample(value) -> bool:

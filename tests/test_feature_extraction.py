@@ -380,3 +380,21 @@ def test_feature_extractor_from_a_model_config():
     extractor = MatpacFeatureExtractor.from_model_config(config)
     assert (extractor.f_max, extractor.mean, extractor.std, extractor.hop_length) == (7000.0, -6.0, 3.0, 320)
     torch.testing.assert_close(extractor.mel_filters, mel_filter_bank(201, 80, 16000, 50.0, 7000.0))
+
+
+@pytest.mark.parametrize("orig_sr", [48000, 32000, 8000, 24000, 96000, 44100, 11025])
+@pytest.mark.parametrize("num_samples", [4001, 16000])
+def test_grouped_resampling_equals_the_plain_polyphase_filter(orig_sr, num_samples):
+    """Stacking blocks of outputs into one convolution changes the speed, not the numbers."""
+    from modeling_matpac.feature_extraction_matpac import _sinc_resample_kernel
+
+    waveform = torch.randn(3, num_samples, generator=torch.Generator().manual_seed(orig_sr))
+    divisor = math.gcd(orig_sr, 16000)
+    orig, new = orig_sr // divisor, 16000 // divisor
+    kernel, width = _sinc_resample_kernel(orig, new, waveform.device, waveform.dtype)
+    padded = torch.nn.functional.pad(waveform[:, None], (width, width + orig))
+    plain = torch.nn.functional.conv1d(padded, kernel, stride=orig).transpose(1, 2).reshape(3, -1)
+    expected = plain[:, : -(-num_samples * new // orig)]
+    resampled = resample(waveform, orig_sr, 16000)
+    assert resampled.shape == expected.shape
+    torch.testing.assert_close(resampled, expected, atol=1e-6, rtol=0)
