@@ -92,3 +92,13 @@ def test_one_pass_chunked_embeddings_equal_chunk_by_chunk():
         padded = torch.nn.functional.pad(values, (0, 1504 - 1500))
         chunks = [model(padded[..., start : start + 608]).last_hidden_state for start in range(0, 1504, 608)]
     torch.testing.assert_close(together, torch.cat(chunks, dim=1), atol=1e-5, rtol=0)
+
+
+def test_activation_checkpointing_of_the_pretraining_model_gives_the_same_gradients(batch):
+    model = pretraining_model()
+    loss, gradients = loss_and_gradients(model, *batch)
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.predictor.layers)
+    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, *batch)
+    assert checkpointed_loss == loss
+    assert_gradients_close(checkpointed_gradients, gradients, rtol=1e-6)
