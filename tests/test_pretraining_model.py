@@ -70,6 +70,45 @@ def test_four_training_steps_reproduce_the_authors_code(reference):
     assert model.center.sum().item() == pytest.approx(1 - 0.9**4, abs=1e-5)
 
 
+def test_per_patch_losses_and_step0_intermediates_match(reference):
+    """Per masked patch, in the fixture's order, from the outputs of the predictor, the teacher and both heads."""
+    model = fixture_model()
+    captured = {}
+    for name in ("predictor", "teacher_encoder", "student_head", "teacher_head"):
+        module = getattr(model, name)
+        module.register_forward_hook(lambda _, __, output, name=name: captured.__setitem__(name, output))
+    optimizer = torch.optim.SGD([param for param in model.parameters() if param.requires_grad], lr=0.05)
+    errors = {}
+    for step in range(4):
+        center = model.center.clone()
+        outputs = model(reference["input.logmel_norm"], noise=reference[f"step{step}.noise"], step=step)
+        predictions, targets = captured["predictor"], captured["teacher_encoder"][0][:, 1:]
+        teacher_probs = torch.softmax((captured["teacher_head"] - center) / outputs.teacher_temperature, dim=-1)
+        student_log_probs = torch.log_softmax(captured["student_head"] / 0.1, dim=-1)
+        per_patch = {
+            "loss_cls": -(teacher_probs * student_log_probs).sum(-1).flatten(),
+            "loss_pred": (2 - 2 * torch.nn.functional.cosine_similarity(predictions, targets, dim=-1)).flatten(),
+        }
+        if step == 0:
+            per_patch.update(
+                z_hat_m=predictions,
+                z_m=targets,
+                teacher_logits=captured["teacher_head"],
+                student_logits=captured["student_head"],
+                p_m=teacher_probs,
+            )
+        for name, value in per_patch.items():
+            error = (value.detach() - reference[f"step{step}.{name}"]).abs().max().item()
+            errors[name] = max(errors.get(name, 0.0), error)
+        outputs.loss.backward()
+        model.update_teachers(step)
+        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        optimizer.step()
+        optimizer.zero_grad()
+    print({name: f"{error:.2e}" for name, error in errors.items()})
+    assert max(errors.values()) <= 1e-4
+
+
 def test_updating_teachers_after_the_optimizer_step_is_one_step_off(reference):
     """The fixture pins the authors' timing: an EMA toward the already-updated student fails it."""
     model = fixture_model()
