@@ -30,15 +30,16 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
-from modeling_matpac.logmel_cache import MatpacLogMelCacheDataset, preprocess_to_cache
-from modeling_matpac.pretraining_data import (
-    AudioSource,
+from modeling_matpac.pretraining import (
+    MatpacLogMelCacheDataset,
     MatpacPretrainingDataset,
+    MatpacTrainer,
     collate_pretraining_batch,
     generate_builtin_corpus,
     load_audio_source,
+    preprocess_to_cache,
 )
-from modeling_matpac.trainer_matpac import MatpacTrainer
+from modeling_matpac.pretraining.data import AudioSource
 
 
 logger = logging.getLogger(__name__)

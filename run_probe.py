@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """
 Linear probing of a frozen MATPAC encoder (or any `AutoModel` with a `pooler_output`) on the MATPAC paper's seven
-downstream tasks, following the paper's protocol: see `modeling_matpac/probing.py` for the protocol and the
-validation rule, `modeling_matpac/probe_tasks.py` for the tasks and their expected data layouts.
+downstream tasks, following the paper's protocol: see `modeling_matpac/evaluation/probe.py` for the protocol and the
+validation rule, `modeling_matpac/evaluation/tasks.py` for the tasks and their expected data layouts.
 
     python run_probe.py --dataset esc50 --data_dir /data/ESC-50-master
     python run_probe.py --dataset gtzan                    # the Hub copy of GTZAN
@@ -19,17 +19,10 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract, parse_layer
-from modeling_matpac.probe_tasks import PAPER_TASKS, TASKS, ProbeDataError, find_task_dir, get_task, load_task
-from modeling_matpac.probing import (
-    ProbeSettings,
-    TaskResult,
-    evaluate,
-    results_markdown,
-    save_classifier,
-    task_result,
-    write_results,
-)
+from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
+from modeling_matpac.evaluation.probe import ProbeSettings, evaluate, save_classifier
+from modeling_matpac.evaluation.report import TaskResult, results_markdown, task_result, write_results
+from modeling_matpac.evaluation.tasks import PAPER_TASKS, TASKS, ProbeDataError, find_task_dir, get_task, load_task
 
 
 logger = logging.getLogger(__name__)

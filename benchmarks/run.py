@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel  # noqa: E402
-from modeling_matpac.feature_extraction_matpac import log_mel_spectrogram, resample  # noqa: E402
-from modeling_matpac.logmel_cache import MatpacLogMelCacheDataset, preprocess_to_cache  # noqa: E402
-from modeling_matpac.pretraining_data import MatpacPretrainingDataset, generate_builtin_corpus  # noqa: E402
+from modeling_matpac.audio import resample  # noqa: E402
+from modeling_matpac.feature_extraction_matpac import log_mel_spectrogram  # noqa: E402
+from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus  # noqa: E402
+from modeling_matpac.pretraining.logmel_cache import MatpacLogMelCacheDataset, preprocess_to_cache  # noqa: E402
 
 
 logger = logging.getLogger("benchmark")

@@ -23,7 +23,6 @@ This file is copied next to saved checkpoints as remote code, so it imports noth
 
 import math
 import numbers
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -31,15 +30,10 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import TensorType, logging
 
+from .audio import _check_sampling_rate, _resampled_length, resample
+
 
 logger = logging.get_logger(__name__)
-
-# Resampler settings of the authors' pre-processing script (torchaudio's "kaiser_best" preset).
-RESAMPLING_LOWPASS_FILTER_WIDTH = 64
-RESAMPLING_ROLLOFF = 0.9475937167399596
-RESAMPLING_KAISER_BETA = 14.769656459379492
-# Output phases below which blocks of outputs are stacked into one convolution (see `_grouped_resample_kernel`).
-RESAMPLING_MIN_ROWS = 32
 
 # A 2-D clip is multichannel along its axis of at most this size (channels-first or channels-last).
 MAX_CHANNELS = 8
@@ -119,93 +113,6 @@ def log_mel_spectrogram(
     power_spectrum = torch.fft.rfft(frames, dim=-1).abs().pow(2)
     mel_spectrum = mel_filters.to(waveform).mT @ power_spectrum.mT
     return torch.log(mel_spectrum + log_offset)
-
-
-def _check_sampling_rate(sampling_rate: float, name: str = "sampling_rate") -> int:
-    is_whole = isinstance(sampling_rate, (numbers.Integral, np.integer)) or (
-        isinstance(sampling_rate, (float, np.floating)) and float(sampling_rate).is_integer()
-    )
-    if isinstance(sampling_rate, bool) or not is_whole or sampling_rate <= 0:
-        raise ValueError(f"`{name}` must be a positive whole number of Hz, got {sampling_rate!r}.")
-    return int(sampling_rate)
-
-
-def _resampled_length(n_samples: int, orig_sr: int, new_sr: int) -> int:
-    return -(-n_samples * new_sr // orig_sr)
-
-
-@lru_cache(maxsize=16)
-def _sinc_resample_kernel(orig: int, new: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """
-    Polyphase Kaiser-windowed sinc kernel `(new, 1, 2 * width + orig)` for the coprime rate ratio `orig : new`.
-
-    Output phase `j` of every block of `new` outputs uses its own row; the float arithmetic follows torchaudio's
-    `_get_sinc_resample_kernel` in the waveform's dtype, as the authors' resampling did.
-    """
-    # The kernel is cached, so it must not become an inference tensor that later autograd use would reject.
-    with torch.inference_mode(False), torch.no_grad():
-        cutoff = min(orig, new) * RESAMPLING_ROLLOFF
-        zero_crossings = RESAMPLING_LOWPASS_FILTER_WIDTH
-        width = math.ceil(zero_crossings * orig / cutoff)
-        input_offsets = torch.arange(-width, width + orig, dtype=dtype, device=device) / orig
-        output_offsets = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None] / new
-        time = ((output_offsets + input_offsets) * cutoff).clamp(-zero_crossings, zero_crossings)
-        beta = torch.tensor(RESAMPLING_KAISER_BETA, dtype=dtype, device=device)
-        kaiser = torch.i0(beta * torch.sqrt(1 - (time / zero_crossings) ** 2)) / torch.i0(beta)
-        time = time * math.pi
-        sinc = torch.where(time == 0, torch.ones((), dtype=dtype, device=device), time.sin() / time)
-        kernel = sinc * (kaiser * (cutoff / orig))
-    return kernel[:, None, :], width
-
-
-@lru_cache(maxsize=16)
-def _grouped_resample_kernel(
-    orig: int, new: int, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, int, int]:
-    """
-    The polyphase kernel with `group` consecutive blocks of outputs stacked as extra rows (each a copy shifted by
-    `orig` samples), so that ratios with few output phases (48 kHz -> 16 kHz has one) still fill a matrix product
-    instead of a matrix-vector one. The values, and so the outputs, are those of the plain kernel.
-    """
-    kernel, width = _sinc_resample_kernel(orig, new, device, dtype)
-    group = -(-RESAMPLING_MIN_ROWS // new)
-    if group > 1:
-        with torch.inference_mode(False), torch.no_grad():
-            shifted = [torch.nn.functional.pad(kernel, (orig * g, orig * (group - 1 - g))) for g in range(group)]
-            kernel = torch.cat(shifted)
-    return kernel, width, group
-
-
-def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """
-    Resample `waveform` `(..., n_samples)` from `orig_sr` to `new_sr` Hz; the output has `ceil(n_samples * new_sr /
-    orig_sr)` samples.
-
-    Reproduces `torchaudio.functional.resample` with the authors' settings (Kaiser-windowed sinc, 64 zero crossings,
-    rolloff 0.9476, beta 14.77): the rate ratio is reduced by its gcd and all rows are filtered by one strided
-    `conv1d`. Zero padding on the right does not change the first `ceil(n * new_sr / orig_sr)` outputs (up to float
-    rounding), so the clips of a zero-padded batch can be resampled together.
-    """
-    orig_sr = _check_sampling_rate(orig_sr, "orig_sr")
-    new_sr = _check_sampling_rate(new_sr, "new_sr")
-    if orig_sr == new_sr:
-        return waveform
-    if not waveform.is_floating_point():
-        raise TypeError(f"Expected a floating point waveform, got {waveform.dtype}.")
-    gcd = math.gcd(orig_sr, new_sr)
-    orig, new = orig_sr // gcd, new_sr // gcd
-    kernel, width, group = _grouped_resample_kernel(orig, new, waveform.device, waveform.dtype)
-    *batch_shape, n_samples = waveform.shape
-    num_outputs = _resampled_length(n_samples, orig, new)
-    stride = orig * group
-    num_steps = -(-num_outputs // (new * group))
-    right = max((num_steps - 1) * stride + kernel.shape[-1] - n_samples - width, width + orig)
-    padded = torch.nn.functional.pad(waveform.reshape(-1, 1, n_samples), (width, right))
-    # (rows, group * new, steps) -> (rows, steps * group * new): output (s * group + g) * new + j is phase j of
-    # block s * group + g
-    phases = torch.nn.functional.conv1d(padded, kernel, stride=stride)
-    resampled = phases.transpose(1, 2).reshape(*batch_shape, -1)
-    return resampled[..., :num_outputs]
 
 
 def _is_sample(value) -> bool:

@@ -24,16 +24,14 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
+from modeling_matpac.audio import AudioDecodeError, decode_audio, to_mono_16k
 from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
-from modeling_matpac.pretraining_data import (
-    AudioDecodeError,
+from modeling_matpac.pretraining import (
     MatpacPretrainingDataset,
     collate_pretraining_batch,
-    decode_audio,
     generate_builtin_corpus,
     list_audio_files,
     load_audio_source,
-    to_mono_16k,
 )
 
 
@@ -228,7 +226,7 @@ def test_corrupt_and_empty_files_are_skipped_with_a_warning(tmp_path, caplog):
     files[2].write_bytes(b"")
     sf.write(files[3], np.full(100_000, np.nan, np.float32), 16000, subtype="FLOAT")
 
-    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining_data"):
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.data"):
         stream = iter(MatpacPretrainingDataset(files, shuffle=False))
         examples = [next(stream) for _ in range(4)]  # two epochs: the run goes on past the bad files
 

@@ -9,8 +9,8 @@ from pretraining_worker import train
 from transformers import TrainingArguments
 
 from modeling_matpac import MatpacForPreTraining, MatpacModel
-from modeling_matpac.pretraining_data import generate_builtin_corpus
-from modeling_matpac.trainer_matpac import MatpacTrainer
+from modeling_matpac.pretraining import generate_builtin_corpus
+from modeling_matpac.pretraining.trainer import MatpacTrainer
 
 
 TESTS = Path(__file__).parent
@@ -76,7 +76,10 @@ def launch_two_processes(output_dir: Path, *launch_flags: str, worker_args: tupl
     """Runs `pretraining_worker.py` under `accelerate launch`, 2 CPU processes (gloo); returns each rank's result."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--num_processes", "2"]
     command += [str(TESTS / "pretraining_worker.py"), str(output_dir), *worker_args]
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{TESTS.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(output_dir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
@@ -98,7 +101,7 @@ def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path):
 
 
 def test_the_documented_ddp_bf16_config_runs(tmp_path):
-    config = Path(__file__).parents[1] / "configs" / "accelerate_ddp_bf16.yaml"
+    config = Path(__file__).parents[2] / "configs" / "accelerate_ddp_bf16.yaml"
     ranks = launch_two_processes(tmp_path, "--config_file", str(config), "--main_process_port", "29533")
     single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3)
     bf16_losses, fp32_losses = logged_losses(ranks[0]["log_history"]), logged_losses(single.state.log_history)

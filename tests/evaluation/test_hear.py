@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from test_probe_tasks import save_tiny_matpac
+from test_tasks import save_tiny_matpac
 
-from modeling_matpac import hear
+from modeling_matpac.evaluation import hear
 
 
 @pytest.fixture(scope="module")

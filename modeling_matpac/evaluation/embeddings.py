@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoModel
 
-from .feature_extraction_matpac import resample
-from .probe_tasks import AudioReadError, ProbeData
+from ..audio import AudioDecodeError, resample
+from .tasks import ProbeData
 
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class _ClipDataset(torch.utils.data.Dataset):
         position = int(self.order[item])
         try:
             waveform, sampling_rate = self.data.audio[position]
-        except AudioReadError as error:
+        except AudioDecodeError as error:
             logger.warning("%s: skipped clip %s: %s", self.data.task, self.data.ids[position], error)
             return position, None
         waveform = resample(torch.from_numpy(waveform), sampling_rate, self.sampling_rate)

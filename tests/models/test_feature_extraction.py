@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from modeling_matpac.audio import resample
 from modeling_matpac.feature_extraction_matpac import (
     MatpacFeatureExtractor,
     log_mel_spectrogram,
     mel_filter_bank,
-    resample,
 )
 
 
-FIXTURES = Path(__file__).parent / "fixtures" / "frontend.safetensors"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "frontend.safetensors"
 CLIPS_16K = ["noise_1s", "chirp_6p08s", "mix_10s", "clip_0p5s", "silence_2s"]
 ATOL = 1e-4
 
@@ -386,7 +386,7 @@ def test_feature_extractor_from_a_model_config():
 @pytest.mark.parametrize("num_samples", [4001, 16000])
 def test_grouped_resampling_equals_the_plain_polyphase_filter(orig_sr, num_samples):
     """Stacking blocks of outputs into one convolution changes the speed, not the numbers."""
-    from modeling_matpac.feature_extraction_matpac import _sinc_resample_kernel
+    from modeling_matpac.audio import _sinc_resample_kernel
 
     waveform = torch.randn(3, num_samples, generator=torch.Generator().manual_seed(orig_sr))
     divisor = math.gcd(orig_sr, 16000)

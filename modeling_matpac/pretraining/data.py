@@ -43,9 +43,7 @@ Summed over batches and processes they give exact totals: the Trainer must pop `
 """
 
 import glob
-import io
 import os
-import wave
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,103 +51,18 @@ from pathlib import Path
 import datasets
 import fsspec.asyn
 import numpy as np
-import soundfile as sf
 import torch
 from transformers.utils import logging
 
-from .feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram, resample
+from ..audio import AUDIO_EXTENSIONS, SAMPLING_RATE, AudioDecodeError, decode_mono_16k
+from ..feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
 
 
 logger = logging.get_logger(__name__)
 
-SAMPLING_RATE = 16000
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 SHARD_FORMATS = {".parquet": "parquet", ".tar": "webdataset"}
 
 AudioSource = Sequence[str | os.PathLike] | datasets.Dataset | datasets.IterableDataset
-
-
-class AudioDecodeError(ValueError):
-    """A clip that cannot be decoded into audio samples: empty, corrupt, in an unknown format or non-finite."""
-
-
-def _open_sound_file(audio: bytes | str | os.PathLike) -> sf.SoundFile:
-    if isinstance(audio, (bytes, bytearray, memoryview)):
-        if len(audio) == 0:
-            raise AudioDecodeError("the audio data is empty (0 bytes)")
-        file = io.BytesIO(audio)
-    elif isinstance(audio, (str, os.PathLike)):
-        if os.path.isfile(audio) and os.path.getsize(audio) == 0:
-            raise AudioDecodeError(f"{os.fspath(audio)} is empty (0 bytes)")
-        file = os.fspath(audio)
-    else:
-        raise TypeError(f"Expected audio as bytes or a file path, got {type(audio).__name__}.")
-    try:
-        return sf.SoundFile(file)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        raise AudioDecodeError(f"soundfile cannot open the audio: {error}") from error
-
-
-def _read_samples(sound_file: sf.SoundFile) -> np.ndarray:
-    """All samples of an open file as float32 `(channels, samples)`."""
-    try:
-        samples = sound_file.read(dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError) as error:
-        raise AudioDecodeError(f"soundfile cannot decode the audio: {error}") from error
-    if samples.shape[0] == 0:
-        raise AudioDecodeError("the audio has no samples")
-    if not np.isfinite(samples).all():
-        raise AudioDecodeError("the audio has NaN or infinite samples")
-    return np.ascontiguousarray(samples.T)
-
-
-def decode_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
-    """
-    Decode an audio file (wav, flac, ogg, mp3, ... whatever libsndfile reads) from its bytes or its path.
-
-    Returns:
-        `(waveform, sampling_rate)`: float32 samples `(channels, samples)` in [-1, 1] and the file's rate in Hz.
-
-    Raises:
-        `AudioDecodeError`: the data is empty, corrupt, not audio, has no samples or has non-finite samples.
-    """
-    with _open_sound_file(data) as sound_file:
-        return _read_samples(sound_file), sound_file.samplerate
-
-
-def _length_at_16k(num_samples: int, sampling_rate: int) -> int:
-    """Samples after resampling to 16 kHz, as `resample` returns them."""
-    return -(-num_samples * SAMPLING_RATE // sampling_rate)
-
-
-def to_mono_16k(waveform: np.ndarray | torch.Tensor, sampling_rate: int) -> torch.Tensor:
-    """Average the channels of `waveform` `(channels, samples)` (or mono `(samples,)`) and resample it to 16 kHz."""
-    waveform = torch.as_tensor(waveform, dtype=torch.float32)
-    if waveform.ndim == 2:
-        waveform = waveform.mean(dim=0)
-    elif waveform.ndim != 1:
-        raise ValueError(f"Expected a waveform (channels, samples) or (samples,), got shape {tuple(waveform.shape)}.")
-    return resample(waveform, sampling_rate, SAMPLING_RATE).contiguous()
-
-
-def decode_mono_16k(audio: bytes | str | os.PathLike | dict, min_samples: int = 0) -> torch.Tensor | None:
-    """
-    Decode a clip, average it to mono and resample it to 16 kHz: float32 `(samples,)`, or `None` if it has fewer than
-    `min_samples` samples at 16 kHz. The file header tells the length first, so that short clips are not decoded.
-
-    `audio` is the file's bytes, its path, or a `datasets` audio value `{"bytes", "path"}`.
-
-    Raises:
-        `AudioDecodeError`: the clip is empty, corrupt, not audio, has no samples or has non-finite samples.
-    """
-    with _open_sound_file(_audio_payload(audio)) as sound_file:
-        if _length_at_16k(sound_file.frames, sound_file.samplerate) < min_samples:
-            return None
-        waveform, sampling_rate = _read_samples(sound_file), sound_file.samplerate
-    waveform = to_mono_16k(waveform, sampling_rate)
-    if waveform.shape[-1] < min_samples:  # the header over-stated the length
-        return None
-    return waveform
 
 
 def list_audio_files(directory: str | os.PathLike) -> list[Path]:
@@ -302,21 +215,6 @@ class _Clip:
     key: tuple[int, ...]  # where the clip sits in its source; seeds its crops
     clip_id: str
     value: object  # bytes, a path, or a datasets audio value {"bytes", "path"}
-
-
-def _audio_payload(value: object) -> bytes | str | os.PathLike:
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        if value.get("path"):
-            return value["path"]
-        raise AudioDecodeError("the row has neither audio bytes nor a path")
-    if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
-        return value
-    raise TypeError(
-        f"Expected audio as bytes, a path or a {{'bytes', 'path'}} dict, got {type(value).__name__}: point "
-        "`audio_column` at a column of undecoded audio files."
-    )
 
 
 class _IndexedClips:
@@ -562,99 +460,11 @@ def collate_pretraining_batch(examples: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def _synthesize(kind: str, rng: np.random.Generator, sampling_rate: int, num_samples: int) -> np.ndarray:
-    """One mono float64 signal of a kind with its own time-frequency structure, so that patches are predictable."""
-    nyquist_margin = 0.45 * sampling_rate
-    signal = np.zeros(num_samples)
-    start = 0
-    while start < num_samples:
-        length = int(rng.uniform(0.2, 1.2) * sampling_rate)
-        if num_samples - start - length < 0.2 * sampling_rate:  # the last segment takes the rest
-            length = num_samples - start
-        time = np.arange(length) / sampling_rate
-        if kind == "harmonic":  # a note with harmonics and an attack-decay envelope
-            f0 = 110.0 * 2 ** (rng.integers(0, 36) / 12)
-            rolloff = rng.uniform(0.5, 2.0)
-            note = sum(
-                h**-rolloff * np.sin(2 * np.pi * h * f0 * time + rng.uniform(0, 2 * np.pi))
-                for h in range(1, int(rng.integers(1, 9)) + 1)
-                if h * f0 < nyquist_margin
-            )
-            segment = note * (1 - np.exp(-time / 0.01)) * np.exp(-time / rng.uniform(0.1, 0.8))
-        elif kind == "chirp":  # an exponential sweep
-            low, high = np.exp(rng.uniform(np.log(100), np.log(min(6000, nyquist_margin)), size=2))
-            frequency = low * (high / low) ** (time / time[-1])
-            segment = np.sin(2 * np.pi * np.cumsum(frequency) / sampling_rate) * np.hanning(length)
-        elif kind == "noise_bursts":  # band-pass noise bursts between silences
-            spectrum = np.fft.rfft(rng.standard_normal(length))
-            frequencies = np.fft.rfftfreq(length, 1 / sampling_rate)
-            centre = np.exp(rng.uniform(np.log(200), np.log(min(6000, nyquist_margin))))
-            band = np.exp(-0.5 * (np.log(np.maximum(frequencies, 1.0) / centre) / rng.uniform(0.1, 0.5)) ** 2)
-            segment = np.fft.irfft(spectrum * band, length) * np.hanning(length)
-            segment[int(length * rng.uniform(0.3, 0.9)) :] = 0.0
-        else:  # "am_tone": an amplitude-modulated tone with vibrato
-            carrier = rng.uniform(200, 3000)
-            vibrato = carrier * 0.01 * np.sin(2 * np.pi * rng.uniform(3, 7) * time)
-            depth, rate = rng.uniform(0.3, 1.0), rng.uniform(2, 16)
-            segment = (1 + depth * np.sin(2 * np.pi * rate * time)) * np.sin(
-                2 * np.pi * np.cumsum(carrier + vibrato) / sampling_rate
-            )
-        signal[start : start + length] = segment / max(np.abs(segment).max(), 1e-9)
-        start += length
-    return signal
-
-
-def generate_builtin_corpus(output_dir: str | os.PathLike, num_clips: int = 32, seed: int = 0) -> list[Path]:
-    """
-    Write a small synthetic corpus of 6.5-8 s wav clips (16, 22.05 and 44.1 kHz, mono and stereo: harmonic notes,
-    chirps, noise bursts and AM tones) for a pre-training run without any download.
-
-    The files are bitwise identical for the same `num_clips` and `seed`: they are built with numpy, quantised to 16-bit
-    PCM and written with the standard library's `wave`. About 0.55 MB per clip.
-
-    Returns:
-        The paths of the clips, sorted (train on these rather than on the folder, which may hold older files).
-    """
-    if num_clips < 1:
-        raise ValueError(f"`num_clips` must be positive, got {num_clips}.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    kinds = ("harmonic", "chirp", "noise_bursts", "am_tone")
-    sampling_rates = (16000, 22050, 44100)
-    paths = []
-    for index in range(num_clips):
-        rng = np.random.default_rng([seed, index])
-        # Periods 4, 3 and 5: every combination of kind, rate and channels occurs among 60 clips.
-        kind, sampling_rate = kinds[index % 4], sampling_rates[index % 3]
-        num_channels = 2 if index % 5 in (1, 3) else 1
-        num_samples = int(rng.uniform(6.5, 8.0) * sampling_rate)
-        signal = _synthesize(kind, rng, sampling_rate, num_samples)
-        channels = [signal]
-        if num_channels == 2:
-            delay = int(rng.integers(1, 32))
-            channels.append(rng.uniform(0.6, 1.0) * np.concatenate([np.zeros(delay), signal[:-delay]]))
-        audio = np.stack(channels, axis=1) + 0.002 * rng.standard_normal((num_samples, num_channels))
-        audio *= rng.uniform(0.3, 0.9) / np.abs(audio).max()
-        pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype("<i2")
-        path = output_dir / f"{index:03d}_{kind}.wav"
-        with wave.open(os.fspath(path), "wb") as wav_file:
-            wav_file.setnchannels(num_channels)
-            wav_file.setsampwidth(2)
-            wav_file.setframerate(sampling_rate)
-            wav_file.writeframes(pcm.tobytes())
-        paths.append(path)
-    return sorted(paths)
-
-
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
     "MatpacPretrainingDataset",
     "collate_pretraining_batch",
-    "decode_audio",
-    "decode_mono_16k",
-    "generate_builtin_corpus",
     "list_audio_files",
     "load_audio_source",
-    "to_mono_16k",
 ]

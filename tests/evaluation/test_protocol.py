@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_matpac.probe_embeddings import Embeddings
-from modeling_matpac.probe_tasks import AudioFiles, ProbeData
-from modeling_matpac.probing import (
+from modeling_matpac.evaluation.embeddings import Embeddings
+from modeling_matpac.evaluation.probe import (
     ProbeSettings,
     _loss,
     accuracy,
@@ -17,12 +16,11 @@ from modeling_matpac.probing import (
     evaluate,
     make_splits,
     mean_average_precision,
-    results_markdown,
     score,
-    task_result,
     train_probe,
-    write_results,
 )
+from modeling_matpac.evaluation.report import results_markdown, task_result, write_results
+from modeling_matpac.evaluation.tasks import AudioFiles, ProbeData
 
 
 def fake_data(targets, fold=None, split=None, label_mask=None, classes=None) -> ProbeData:

@@ -13,7 +13,7 @@ from transformers import AutoFeatureExtractor, AutoModel
 from modeling_matpac import MatpacConfig, MatpacForPreTraining, MatpacModel
 
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[2]))
 import run_pretraining  # noqa: E402
 
 

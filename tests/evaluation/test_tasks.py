@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from modeling_matpac.probe_tasks import (
+from modeling_matpac.audio import AudioDecodeError, read_mono
+from modeling_matpac.evaluation.tasks import (
     GTZAN_GENRES,
     PAPER_TASKS,
-    AudioReadError,
     ProbeDataError,
     find_task_dir,
     load_task,
-    read_audio,
 )
 
 
@@ -59,7 +58,7 @@ US8K_FAKE = ["dog_bark", "siren", "street_music"]
 
 def make_us8k(root: Path) -> Path:
     """metadata/UrbanSound8K.csv + audio/fold<N>/, 10 folds x 3 classes, clips of different lengths."""
-    from modeling_matpac.probe_tasks import US8K_CLASSES
+    from modeling_matpac.evaluation.tasks import US8K_CLASSES
 
     rows = []
     for fold in range(1, 11):
@@ -374,8 +373,8 @@ def test_audiofolder_with_split_folders(tmp_path):
 
 def test_corrupt_audio_raises_a_read_error(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"RIFF not audio at all")
-    with pytest.raises(AudioReadError, match="cannot decode .*bad.wav"):
-        read_audio(tmp_path / "bad.wav")
+    with pytest.raises(AudioDecodeError, match="cannot decode .*bad.wav"):
+        read_mono(tmp_path / "bad.wav")
 
 
 def test_hub_copy_layout_is_read_with_datasets(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ skipped with a warning; a missing or malformed layout raises [`ProbeDataError`] 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -18,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
+
+from ..audio import audio_duration, read_mono
 
 
 logger = logging.getLogger(__name__)
@@ -58,33 +58,6 @@ class ProbeDataError(ValueError):
     """The data of a task is missing or not in the expected layout."""
 
 
-class AudioReadError(ValueError):
-    """One clip could not be decoded."""
-
-
-def _readable(source: str | Path | bytes):
-    return io.BytesIO(source) if isinstance(source, bytes) else source
-
-
-def read_audio(source: str | Path | bytes, name: str | None = None) -> tuple[np.ndarray, int]:
-    """Decodes a file or encoded bytes with soundfile (no system libraries needed) and averages channels to mono."""
-    try:
-        waveform, sampling_rate = sf.read(_readable(source), dtype="float32", always_2d=True)
-    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError or TypeError depending on the fault
-        raise AudioReadError(f"cannot decode {name or source}: {error}") from error
-    if waveform.shape[0] == 0:
-        raise AudioReadError(f"{name or source} holds no samples")
-    return waveform.mean(axis=1), sampling_rate
-
-
-def audio_duration(source: str | Path | bytes) -> float:
-    """Seconds, from the header; 0 when unreadable (the clip is then skipped when decoded)."""
-    try:
-        return sf.info(_readable(source)).duration
-    except Exception:
-        return 0.0
-
-
 class AudioFiles:
     """Clips stored as files, decoded on access."""
 
@@ -95,7 +68,7 @@ class AudioFiles:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return read_audio(self.paths[index])
+        return read_mono(self.paths[index])
 
     def duration(self, index: int) -> float:
         return audio_duration(self.paths[index])
@@ -125,7 +98,7 @@ class HubAudio:
         return (audio["bytes"] if audio.get("bytes") else audio["path"]), name
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return read_audio(*self._encoded(index))
+        return read_mono(*self._encoded(index))
 
     def duration(self, index: int) -> float:
         return audio_duration(self._encoded(index)[0])

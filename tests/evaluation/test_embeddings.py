@@ -5,11 +5,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_probe_tasks import make_task, save_tiny_matpac, write_clip
+from test_tasks import make_task, save_tiny_matpac, write_clip
 
 from modeling_matpac import MatpacFeatureExtractor, MatpacModel
-from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract, parse_layer
-from modeling_matpac.probe_tasks import load_task
+from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
+from modeling_matpac.evaluation.tasks import load_task
 
 
 @pytest.fixture(scope="module")

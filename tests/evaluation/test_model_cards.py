@@ -6,10 +6,10 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from modeling_matpac.probe_tasks import TASKS
+from modeling_matpac.evaluation.tasks import TASKS
 
 
-CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+CARDS = Path(__file__).resolve().parents[2] / "model_cards"
 CARD_DATASETS = {
     "OpenMIC-2018": "openmic",
     "NSynth": "nsynth",

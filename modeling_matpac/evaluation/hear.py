@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .feature_extraction_matpac import MatpacFeatureExtractor
-from .modeling_matpac import MatpacModel
+from ..feature_extraction_matpac import MatpacFeatureExtractor
+from ..modeling_matpac import MatpacModel
 
 
 class MatpacHearModel(nn.Module):

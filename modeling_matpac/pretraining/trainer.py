@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from .modeling_matpac import MatpacForPreTraining
-from .pretraining_data import MatpacPretrainingDataset
+from ..modeling_matpac import MatpacForPreTraining
+from .data import MatpacPretrainingDataset
 
 
 logger = logging.getLogger(__name__)

@@ -14,13 +14,14 @@ import torch
 from conftest import tiny_config_kwargs
 from torch.utils.data import DataLoader
 
-from modeling_matpac import logmel_cache
+from modeling_matpac.pretraining import logmel_cache
+from modeling_matpac.audio import decode_mono_16k
 from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor
-from modeling_matpac.logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
-from modeling_matpac.pretraining_data import decode_mono_16k, list_audio_files
+from modeling_matpac.pretraining.data import list_audio_files
+from modeling_matpac.pretraining.logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
 
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parents[2]))
 import run_pretraining  # noqa: E402
 
 
@@ -151,7 +152,7 @@ def test_short_and_corrupt_clips_are_skipped_and_counted(tmp_path, caplog, extra
     files[3].write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     files[4].write_bytes(b"")
 
-    with caplog.at_level(logging.WARNING, logger="modeling_matpac.logmel_cache"):
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
         metadata = preprocess_to_cache(files, tmp_path / "cache", description="six test clips")
     assert (metadata["num_clips"], metadata["num_skipped_short"], metadata["num_skipped_corrupt"]) == (2, 2, 2)
     assert metadata["num_frames"] == 608 + 1 + (120_000 - 400) // 160

@@ -51,17 +51,9 @@ import pyarrow as pa
 import torch
 from transformers.utils import logging
 
-from .feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
-from .pretraining_data import (
-    SAMPLING_RATE,
-    AudioDecodeError,
-    AudioSource,
-    MatpacPretrainingDataset,
-    _Clip,
-    _IndexedClips,
-    _open_clips,
-    decode_mono_16k,
-)
+from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k
+from ..feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
+from .data import AudioSource, MatpacPretrainingDataset, _Clip, _IndexedClips, _open_clips
 
 
 logger = logging.get_logger(__name__)

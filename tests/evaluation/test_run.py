@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_probe_tasks import make_task, save_tiny_matpac
+from test_tasks import make_task, save_tiny_matpac
 
 from modeling_matpac import MatpacModel
-from modeling_matpac.probe_embeddings import EmbeddingExtractor, load_or_extract
-from modeling_matpac.probe_tasks import PAPER_TASKS, TASKS, load_task
-from modeling_matpac.probing import ProbeSettings, evaluate, save_classifier
+from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract
+from modeling_matpac.evaluation.probe import ProbeSettings, evaluate, save_classifier
+from modeling_matpac.evaluation.tasks import PAPER_TASKS, TASKS, load_task
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run_probe.py is a script at the repository root, outside the package
 import run_probe  # noqa: E402
 

@@ -9,8 +9,8 @@ from conftest import tiny_config_kwargs
 from transformers import TrainingArguments, set_seed
 
 from modeling_matpac import MatpacConfig, MatpacForPreTraining
-from modeling_matpac.pretraining_data import MatpacPretrainingDataset, collate_pretraining_batch
-from modeling_matpac.trainer_matpac import MatpacTrainer
+from modeling_matpac.pretraining.data import MatpacPretrainingDataset, collate_pretraining_batch
+from modeling_matpac.pretraining.trainer import MatpacTrainer
 
 
 class FixedCrops(torch.utils.data.Dataset):

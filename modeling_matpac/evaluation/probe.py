@@ -1,5 +1,5 @@
 """
-The paper's linear-probe protocol on frozen clip embeddings, its metrics and its results table.
+The paper's linear-probe protocol on frozen clip embeddings and its metrics.
 
 One linear layer on standardised embeddings, Adam (lr 1e-4), batch 128, early stopping on the validation loss keeping
 the best epoch (at most 200 epochs, patience 20, EVAR's settings for M2D), 5 runs with different seeds, mean and 95 %
@@ -16,11 +16,10 @@ the same way. The standardisation statistics come from the clips the probe is tr
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +30,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .probe_embeddings import Embeddings
-from .probe_tasks import ProbeData
+from .tasks import ProbeData
 
 
 logger = logging.getLogger(__name__)
@@ -263,94 +261,13 @@ def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -
     return ProbeOutcome(run_scores, fold_scores, best_epochs, first_probe, time.perf_counter() - start)
 
 
-@dataclass
-class TaskResult:
-    """One row of the results table; scores in %."""
-
-    task: str
-    metric: str
-    mean: float
-    ci95: float
-    runs: list[float]
-    num_folds: int
-    num_clips: int
-    embedding_dim: int
-    extraction_seconds: float
-    extraction_cached: bool
-    probe_seconds: float
-    paper: float | None = None
-    fold_scores: list[list[float]] = field(default_factory=list)
-
-
-def task_result(data: ProbeData, outcome: ProbeOutcome, embeddings: Embeddings, paper: float | None) -> TaskResult:
-    """The table row of a task; `data` holds the clips that were embedded."""
-    runs = [100 * value for value in outcome.run_scores]
-    return TaskResult(
-        task=data.task,
-        metric="mAP" if data.multi_label else "accuracy",
-        mean=float(np.mean(runs)),
-        ci95=100 * confidence_interval(outcome.run_scores),
-        runs=runs,
-        num_folds=len(outcome.fold_scores[0]),
-        num_clips=len(data),
-        embedding_dim=embeddings.values.shape[1],
-        extraction_seconds=embeddings.seconds,
-        extraction_cached=embeddings.cached,
-        probe_seconds=outcome.seconds,
-        paper=paper,
-        fold_scores=[[100 * value for value in run] for run in outcome.fold_scores],
-    )
-
-
-def results_markdown(results: list[TaskResult]) -> str:
-    header = (
-        "Task",
-        "Metric",
-        "Ours (mean ± 95% CI)",
-        "Paper (MATPAC)",
-        "Runs",
-        "Folds",
-        "Clips",
-        "Dim",
-        "Extraction (s)",
-        "Probe (s)",
-    )
-    rows = [header, ("---",) * len(header)]
-    for result in results:
-        rows.append(
-            (
-                result.task,
-                result.metric,
-                f"{result.mean:.2f} ± {result.ci95:.2f}",
-                "-" if result.paper is None else f"{result.paper:.1f}",
-                len(result.runs),
-                result.num_folds,
-                result.num_clips,
-                result.embedding_dim,
-                f"{result.extraction_seconds:.1f}" + (" (cached)" if result.extraction_cached else ""),
-                f"{result.probe_seconds:.1f}",
-            )
-        )
-    return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
-
-
-def write_results(results: list[TaskResult], output_dir: str | Path, settings: dict) -> tuple[Path, Path]:
-    """Writes `results.json` (rows + the run's settings) and `results.md` (the table) to `output_dir`."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = output_dir / "results.json", output_dir / "results.md"
-    json_path.write_text(json.dumps({"settings": settings, "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    markdown_path.write_text(results_markdown(results) + "\n")
-    return json_path, markdown_path
-
-
 def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[str], output_dir: str | Path) -> Path:
     """
     Saves `model` (a `MatpacModel`) with `probe` on top as a `MatpacForAudioClassification` directory, loadable by
     `pipeline("audio-classification")`. The standardisation is folded into the linear layer so that it acts on the raw
     `pooler_output`.
     """
-    from .modeling_matpac import MatpacForAudioClassification
+    from ..modeling_matpac import MatpacForAudioClassification
 
     if model.config.model_type != "matpac":
         raise ValueError(f"--save_head needs a MATPAC encoder, got a {model.config.model_type!r} model.")

@@ -1,0 +1,271 @@
+# Copyright 2025 The matpac authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Audio input: the only place that decodes a file or bytes, mixes channels to mono and resamples.
+
+Decoding uses `soundfile` (libsndfile: wav, flac, ogg, mp3; no FFmpeg, torchcodec or torchaudio). Resampling
+reproduces `torchaudio.functional.resample` with the settings of the authors' pre-processing (Kaiser-windowed sinc,
+torchaudio's "kaiser_best"), in plain torch, bitwise on the reference fixtures.
+
+This file is copied next to saved checkpoints as remote code (the feature extractor resamples with it), so `soundfile`
+is imported optionally: loading a model never needs it, decoding a file does.
+"""
+
+import io
+import math
+import numbers
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+try:
+    import soundfile as sf
+except ImportError:  # only the decoding functions need it
+    sf = None
+
+
+SAMPLING_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+
+# Resampler settings of the authors' pre-processing script (torchaudio's "kaiser_best" preset).
+RESAMPLING_LOWPASS_FILTER_WIDTH = 64
+RESAMPLING_ROLLOFF = 0.9475937167399596
+RESAMPLING_KAISER_BETA = 14.769656459379492
+# Output phases below which blocks of outputs are stacked into one convolution (see `_grouped_resample_kernel`).
+RESAMPLING_MIN_ROWS = 32
+
+
+def _check_sampling_rate(sampling_rate: float, name: str = "sampling_rate") -> int:
+    is_whole = isinstance(sampling_rate, (numbers.Integral, np.integer)) or (
+        isinstance(sampling_rate, (float, np.floating)) and float(sampling_rate).is_integer()
+    )
+    if isinstance(sampling_rate, bool) or not is_whole or sampling_rate <= 0:
+        raise ValueError(f"`{name}` must be a positive whole number of Hz, got {sampling_rate!r}.")
+    return int(sampling_rate)
+
+
+def _resampled_length(n_samples: int, orig_sr: int, new_sr: int) -> int:
+    return -(-n_samples * new_sr // orig_sr)
+
+
+@lru_cache(maxsize=16)
+def _sinc_resample_kernel(orig: int, new: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """
+    Polyphase Kaiser-windowed sinc kernel `(new, 1, 2 * width + orig)` for the coprime rate ratio `orig : new`.
+
+    Output phase `j` of every block of `new` outputs uses its own row; the float arithmetic follows torchaudio's
+    `_get_sinc_resample_kernel` in the waveform's dtype, as the authors' resampling did.
+    """
+    # The kernel is cached, so it must not become an inference tensor that later autograd use would reject.
+    with torch.inference_mode(False), torch.no_grad():
+        cutoff = min(orig, new) * RESAMPLING_ROLLOFF
+        zero_crossings = RESAMPLING_LOWPASS_FILTER_WIDTH
+        width = math.ceil(zero_crossings * orig / cutoff)
+        input_offsets = torch.arange(-width, width + orig, dtype=dtype, device=device) / orig
+        output_offsets = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None] / new
+        time = ((output_offsets + input_offsets) * cutoff).clamp(-zero_crossings, zero_crossings)
+        beta = torch.tensor(RESAMPLING_KAISER_BETA, dtype=dtype, device=device)
+        kaiser = torch.i0(beta * torch.sqrt(1 - (time / zero_crossings) ** 2)) / torch.i0(beta)
+        time = time * math.pi
+        sinc = torch.where(time == 0, torch.ones((), dtype=dtype, device=device), time.sin() / time)
+        kernel = sinc * (kaiser * (cutoff / orig))
+    return kernel[:, None, :], width
+
+
+@lru_cache(maxsize=16)
+def _grouped_resample_kernel(
+    orig: int, new: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, int, int]:
+    """
+    The polyphase kernel with `group` consecutive blocks of outputs stacked as extra rows (each a copy shifted by
+    `orig` samples), so that ratios with few output phases (48 kHz -> 16 kHz has one) still fill a matrix product
+    instead of a matrix-vector one. The values, and so the outputs, are those of the plain kernel.
+    """
+    kernel, width = _sinc_resample_kernel(orig, new, device, dtype)
+    group = -(-RESAMPLING_MIN_ROWS // new)
+    if group > 1:
+        with torch.inference_mode(False), torch.no_grad():
+            shifted = [torch.nn.functional.pad(kernel, (orig * g, orig * (group - 1 - g))) for g in range(group)]
+            kernel = torch.cat(shifted)
+    return kernel, width, group
+
+
+def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """
+    Resample `waveform` `(..., n_samples)` from `orig_sr` to `new_sr` Hz; the output has `ceil(n_samples * new_sr /
+    orig_sr)` samples.
+
+    Reproduces `torchaudio.functional.resample` with the authors' settings (Kaiser-windowed sinc, 64 zero crossings,
+    rolloff 0.9476, beta 14.77): the rate ratio is reduced by its gcd and all rows are filtered by one strided
+    `conv1d`. Zero padding on the right does not change the first `ceil(n * new_sr / orig_sr)` outputs (up to float
+    rounding), so the clips of a zero-padded batch can be resampled together.
+    """
+    orig_sr = _check_sampling_rate(orig_sr, "orig_sr")
+    new_sr = _check_sampling_rate(new_sr, "new_sr")
+    if orig_sr == new_sr:
+        return waveform
+    if not waveform.is_floating_point():
+        raise TypeError(f"Expected a floating point waveform, got {waveform.dtype}.")
+    gcd = math.gcd(orig_sr, new_sr)
+    orig, new = orig_sr // gcd, new_sr // gcd
+    kernel, width, group = _grouped_resample_kernel(orig, new, waveform.device, waveform.dtype)
+    *batch_shape, n_samples = waveform.shape
+    num_outputs = _resampled_length(n_samples, orig, new)
+    stride = orig * group
+    num_steps = -(-num_outputs // (new * group))
+    right = max((num_steps - 1) * stride + kernel.shape[-1] - n_samples - width, width + orig)
+    padded = torch.nn.functional.pad(waveform.reshape(-1, 1, n_samples), (width, right))
+    # (rows, group * new, steps) -> (rows, steps * group * new): output (s * group + g) * new + j is phase j of
+    # block s * group + g
+    phases = torch.nn.functional.conv1d(padded, kernel, stride=stride)
+    resampled = phases.transpose(1, 2).reshape(*batch_shape, -1)
+    return resampled[..., :num_outputs]
+
+
+class AudioDecodeError(ValueError):
+    """A clip that cannot be decoded into audio samples: empty, corrupt, in an unknown format or non-finite."""
+
+
+def _open_sound_file(audio: bytes | str | os.PathLike) -> "sf.SoundFile":
+    if sf is None:
+        raise ImportError("Decoding audio files needs `soundfile`: pip install soundfile")
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        if len(audio) == 0:
+            raise AudioDecodeError("the audio data is empty (0 bytes)")
+        file = io.BytesIO(audio)
+    elif isinstance(audio, (str, os.PathLike)):
+        if os.path.isfile(audio) and os.path.getsize(audio) == 0:
+            raise AudioDecodeError(f"{os.fspath(audio)} is empty (0 bytes)")
+        file = os.fspath(audio)
+    else:
+        raise TypeError(f"Expected audio as bytes or a file path, got {type(audio).__name__}.")
+    try:
+        return sf.SoundFile(file)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise AudioDecodeError(f"soundfile cannot open the audio: {error}") from error
+
+
+def _read_samples(sound_file: "sf.SoundFile") -> np.ndarray:
+    """All samples of an open file as float32 `(channels, samples)`."""
+    try:
+        samples = sound_file.read(dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise AudioDecodeError(f"soundfile cannot decode the audio: {error}") from error
+    if samples.shape[0] == 0:
+        raise AudioDecodeError("the audio has no samples")
+    if not np.isfinite(samples).all():
+        raise AudioDecodeError("the audio has NaN or infinite samples")
+    return np.ascontiguousarray(samples.T)
+
+
+def decode_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
+    """
+    Decode an audio file (wav, flac, ogg, mp3, ... whatever libsndfile reads) from its bytes or its path.
+
+    Returns:
+        `(waveform, sampling_rate)`: float32 samples `(channels, samples)` in [-1, 1] and the file's rate in Hz.
+
+    Raises:
+        `AudioDecodeError`: the data is empty, corrupt, not audio, has no samples or has non-finite samples.
+    """
+    with _open_sound_file(data) as sound_file:
+        return _read_samples(sound_file), sound_file.samplerate
+
+
+def _length_at_16k(num_samples: int, sampling_rate: int) -> int:
+    """Samples after resampling to 16 kHz, as `resample` returns them."""
+    return -(-num_samples * SAMPLING_RATE // sampling_rate)
+
+
+def to_mono_16k(waveform: np.ndarray | torch.Tensor, sampling_rate: int) -> torch.Tensor:
+    """Average the channels of `waveform` `(channels, samples)` (or mono `(samples,)`) and resample it to 16 kHz."""
+    waveform = torch.as_tensor(waveform, dtype=torch.float32)
+    if waveform.ndim == 2:
+        waveform = waveform.mean(dim=0)
+    elif waveform.ndim != 1:
+        raise ValueError(f"Expected a waveform (channels, samples) or (samples,), got shape {tuple(waveform.shape)}.")
+    return resample(waveform, sampling_rate, SAMPLING_RATE).contiguous()
+
+
+def decode_mono_16k(audio: bytes | str | os.PathLike | dict, min_samples: int = 0) -> torch.Tensor | None:
+    """
+    Decode a clip, average it to mono and resample it to 16 kHz: float32 `(samples,)`, or `None` if it has fewer than
+    `min_samples` samples at 16 kHz. The file header tells the length first, so that short clips are not decoded.
+
+    `audio` is the file's bytes, its path, or a `datasets` audio value `{"bytes", "path"}`.
+
+    Raises:
+        `AudioDecodeError`: the clip is empty, corrupt, not audio, has no samples or has non-finite samples.
+    """
+    with _open_sound_file(_audio_payload(audio)) as sound_file:
+        if _length_at_16k(sound_file.frames, sound_file.samplerate) < min_samples:
+            return None
+        waveform, sampling_rate = _read_samples(sound_file), sound_file.samplerate
+    waveform = to_mono_16k(waveform, sampling_rate)
+    if waveform.shape[-1] < min_samples:  # the header over-stated the length
+        return None
+    return waveform
+
+
+def read_mono(source: bytes | str | os.PathLike, name: str | None = None) -> tuple[np.ndarray, int]:
+    """
+    Decode a clip at its own rate and average its channels: float32 `(samples,)` and the rate in Hz.
+
+    Raises:
+        `AudioDecodeError`: naming the clip (`name`, else the path) when it cannot be decoded.
+    """
+    try:
+        waveform, sampling_rate = decode_audio(source)
+    except AudioDecodeError as error:
+        label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "audio bytes")
+        raise AudioDecodeError(f"cannot decode {label}: {error}") from error
+    return waveform.mean(axis=0), sampling_rate
+
+
+def audio_duration(source: bytes | str | os.PathLike) -> float:
+    """Seconds, from the header; 0 when unreadable (decoding the clip then raises `AudioDecodeError`)."""
+    try:
+        with _open_sound_file(source) as sound_file:
+            return sound_file.frames / sound_file.samplerate
+    except (AudioDecodeError, OSError):
+        return 0.0
+
+
+def _audio_payload(value: object) -> bytes | str | os.PathLike:
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            return value["path"]
+        raise AudioDecodeError("the row has neither audio bytes nor a path")
+    if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
+        return value
+    raise TypeError(
+        f"Expected audio as bytes, a path or a {{'bytes', 'path'}} dict, got {type(value).__name__}: point "
+        "`audio_column` at a column of undecoded audio files."
+    )
+
+
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "AudioDecodeError",
+    "decode_audio",
+    "audio_duration",
+    "decode_mono_16k",
+    "read_mono",
+    "resample",
+    "to_mono_16k",
+]
