@@ -26,10 +26,13 @@ from a checkpoint with the same processes and workers sees the same batches as t
 Distribution. Each "consumer" (a DataLoader worker of a process, or the process itself without workers) reads its own
 part of every epoch: clips with random access (files of a folder, rows of a map-style `datasets.Dataset`) are dealt
 round-robin from the epoch's permutation; a streamed `datasets.IterableDataset` is split by whole shards when it has at
-least as many shards as there are consumers, else every consumer reads all shards and keeps every n-th clip. Each clip
-is thus used exactly once per epoch. The dataset repeats epochs forever (`infinite=True`), so that processes whose
-shares differ in length never run dry at different times and hang DDP; each consumer moves on to its next epoch on its
-own (shares differing by a clip or a shard make consumers drift apart by that much per epoch). The Trainer then needs
+least as many shards as there are consumers, else every consumer reads all shards and keeps every n-th clip, and each
+consumer's clips then pass through `datasets`' shuffle buffer (`shuffle_buffer_size` clips, seeded by `(seed, epoch)`)
+so that a clip's batch-mates change every epoch. Each clip is thus used exactly once per epoch. A stream is still only
+shuffled within the buffer's reach; clips with random access (and the log-mel cache) are permuted fully every epoch.
+The dataset repeats epochs forever (`infinite=True`), so that processes whose shares differ in length never run dry at
+different times and hang DDP; each consumer moves on to its next epoch on its own (shares differing by a clip or a
+shard make consumers drift apart by that much per epoch). The Trainer then needs
 `max_steps` (convert epochs with `dataset_size`, which counts clips before skipping). Under `accelerate launch`,
 `MatpacTrainer` sets `rank` and `world_size` to the process's and builds the loader itself, so that every process
 decodes only its own share; with a plain `Trainer`, leave them at 0 and 1 and accelerate's default dispatching has
@@ -61,6 +64,11 @@ from ..feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrog
 logger = logging.get_logger(__name__)
 
 SHARD_FORMATS = {".parquet": "parquet", ".tar": "webdataset"}
+# Clips in the shuffle buffer of each consumer of a stream (`datasets`' default). It holds encoded clips: about 1 MB
+# each for AudioSet's 10 s FLAC at 48 kHz (an estimate from the format), so about 1 GB per DataLoader worker.
+DEFAULT_SHUFFLE_BUFFER_SIZE = 1000
+# Columns that tag each streamed row with its shard and its row in the shard.
+_SHARD_KEY, _ROW_KEY = "__matpac_shard", "__matpac_row"
 
 AudioSource = Sequence[str | os.PathLike] | datasets.Dataset | datasets.IterableDataset
 
@@ -241,49 +249,60 @@ class _IndexedClips:
 
 
 class _StreamedClips:
-    """Clips of a sharded stream: whole shards per consumer when there are enough shards, else every n-th clip."""
+    """
+    Clips of a sharded stream. Every epoch deals the permuted shards to the consumers (whole shards when there are at
+    least as many shards as consumers, else all of them to every consumer, which keeps every n-th clip) and passes
+    each consumer's clips through the `datasets` shuffle buffer, seeded per epoch: clips of different shards and of
+    different parts of a shard meet in a batch, and a clip's batch-mates change from epoch to epoch.
+    """
 
-    def __init__(self, dataset: datasets.IterableDataset, column: str):
+    def __init__(self, dataset: datasets.IterableDataset, column: str, shuffle_buffer_size: int):
         self.dataset = dataset
         self.column = column
+        self.shuffle_buffer_size = shuffle_buffer_size
 
     @property
     def num_clips(self) -> int | None:
-        """As declared by the dataset card, `None` when unknown."""
-        splits = self.dataset.info.splits
-        split = str(self.dataset.split) if self.dataset.split is not None else None
-        if splits and split in splits and splits[split].num_examples:
-            return splits[split].num_examples
+        """As declared by the dataset card (summed over the splits of `"a+b"`), `None` when unknown."""
+        declared = self.dataset.info.splits or {}
+        names = str(self.dataset.split).split("+") if self.dataset.split is not None else []
+        if names and all(name in declared and declared[name].num_examples for name in names):
+            return sum(declared[name].num_examples for name in names)
         return None
 
-    def _shard(self, shard: int) -> Iterator[object]:
-        # `iter` rather than `for row in dataset`: in a DataLoader worker, the latter splits the shards among the
-        # workers once more.
-        rows = self.dataset.shard(num_shards=self.dataset.num_shards, index=shard).iter(batch_size=1)
-        return (row[self.column][0] for row in rows)
+    def _keyed_shard(self, shard: int) -> datasets.IterableDataset:
+        """One shard whose rows carry their place in it: it seeds their crops and names them, wherever they go."""
+        rows = self.dataset.shard(num_shards=self.dataset.num_shards, index=shard)
+        return rows.map(lambda _, row: {_SHARD_KEY: shard, _ROW_KEY: row}, with_indices=True)
 
     def iter_epoch(self, seed: int, epoch: int, shuffle: bool, consumer: int, num_consumers: int) -> Iterator[_Clip]:
         num_shards = self.dataset.num_shards
         order = np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle else np.arange(num_shards)
-        if num_shards >= num_consumers:
-            for shard in order[consumer::num_consumers].tolist():
-                for row, value in enumerate(self._shard(shard)):
-                    yield _Clip((shard, row), f"{shard}/{row}", value)
-            return
-        position = 0
-        for shard in order.tolist():
-            for row, value in enumerate(self._shard(shard)):
-                if position % num_consumers == consumer:
-                    yield _Clip((shard, row), f"{shard}/{row}", value)
-                position += 1
+        shared = num_shards < num_consumers
+        shards = order if shared else order[consumer::num_consumers]
+        stream = datasets.concatenate_datasets([self._keyed_shard(shard) for shard in shards.tolist()])
+        if shuffle and self.shuffle_buffer_size > 1:
+            # The same seed in every consumer: a shared stream is shuffled alike everywhere, so that keeping every
+            # n-th clip still gives each clip to exactly one consumer.
+            stream = stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
+            stream.set_epoch(epoch)
+        # `iter` rather than `for row in stream`: in a DataLoader worker, the latter splits the shards among the
+        # workers once more.
+        for position, row in enumerate(stream.iter(batch_size=1)):
+            if shared and position % num_consumers != consumer:
+                continue
+            shard, index = row[_SHARD_KEY][0], row[_ROW_KEY][0]
+            yield _Clip((shard, index), f"{shard}/{index}", row[self.column][0])
 
 
-def _open_clips(source: AudioSource, audio_column: str | None) -> _IndexedClips | _StreamedClips:
+def _open_clips(
+    source: AudioSource, audio_column: str | None, shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE
+) -> _IndexedClips | _StreamedClips:
     """The clips of an audio source, in the order of the source."""
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         dataset, column = _undecoded(source, audio_column)
         if isinstance(dataset, datasets.IterableDataset):
-            return _StreamedClips(dataset, column)
+            return _StreamedClips(dataset, column, shuffle_buffer_size)
         return _IndexedClips(dataset, column)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
         return _IndexedClips(list(source))
@@ -315,7 +334,11 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         seed (`int`, *optional*, defaults to 0):
             Seeds the order of every epoch and every crop.
         shuffle (`bool`, *optional*, defaults to `True`):
-            Whether to permute the clips (the shards, for a stream) at every epoch.
+            Whether to permute the clips at every epoch (for a stream: the shards, then each consumer's clips through
+            a shuffle buffer).
+        shuffle_buffer_size (`int`, *optional*, defaults to 1000):
+            Clips in each consumer's shuffle buffer of a streamed source; 1 turns the buffer off. A larger buffer mixes
+            more widely but holds more encoded clips in memory (see `DEFAULT_SHUFFLE_BUFFER_SIZE`).
         infinite (`bool`, *optional*, defaults to `True`):
             Repeat epochs forever (training, with `max_steps`), or stop after the epoch set by `set_epoch`.
         rank (`int`, *optional*, defaults to 0):
@@ -335,7 +358,10 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         infinite: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE,
     ):
+        if shuffle_buffer_size < 1:
+            raise ValueError(f"`shuffle_buffer_size` must be at least 1, got {shuffle_buffer_size}.")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"Expected 0 <= rank < world_size, got rank={rank} and world_size={world_size}.")
         if seed < 0:
@@ -352,6 +378,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         self.infinite = infinite
         self.rank = rank
         self.world_size = world_size
+        self.shuffle_buffer_size = shuffle_buffer_size
         self.epoch = 0
 
         self._clips = self._open_clips(source, audio_column)
@@ -360,7 +387,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
 
     def _open_clips(self, source: AudioSource, audio_column: str | None) -> _IndexedClips | _StreamedClips:
         """Where the clips come from and how an epoch is split among consumers; subclasses read other sources."""
-        return _open_clips(source, audio_column)
+        return _open_clips(source, audio_column, self.shuffle_buffer_size)
 
     @property
     def dataset_size(self) -> int | None:

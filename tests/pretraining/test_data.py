@@ -324,6 +324,28 @@ def test_streamed_shards_are_split_without_duplicates_or_gaps(tmp_path, rows_per
             assert torch.equal(crop, reference[clip_id])
 
 
+def test_streamed_clips_meet_new_batch_mates_every_epoch_with_a_reproducible_seed(tmp_path):
+    """3 parquet shards of 6 clips streamed by `datasets`, read in batches of 3: the shuffle buffer mixes them anew."""
+    source = load_audio_source(data_files=_parquet_shards(tmp_path / "shards", [6, 6, 6]), streaming=True)
+    everything = sorted(f"{shard}/{row}" for shard in range(3) for row in range(6))
+
+    def batches(seed: int, epoch: int, shuffle_buffer_size: int = 6) -> list[frozenset[str]]:
+        dataset = MatpacPretrainingDataset(source, seed=seed, infinite=False, shuffle_buffer_size=shuffle_buffer_size)
+        dataset.set_epoch(epoch)
+        ids = [example["clip_id"] for example in dataset]
+        assert sorted(ids) == everything  # each clip once per epoch
+        return [frozenset(ids[start : start + 3]) for start in range(0, len(ids), 3)]
+
+    first, second = batches(seed=0, epoch=0), batches(seed=0, epoch=1)
+    assert batches(seed=0, epoch=0) == first and batches(seed=0, epoch=1) == second  # reproducible
+    kept = set(first) & set(second)
+    assert len(kept) <= 1, f"{len(kept)} of 6 batches kept their clips from one epoch to the next"
+    assert batches(seed=1, epoch=0) != first
+    assert any(len({clip.split("/")[0] for clip in batch}) > 1 for batch in first)  # shards meet in a batch
+    # Shard order alone (no buffer) leaves every batch as it was: rows 0-2 and 3-5 of each shard, every epoch.
+    assert set(batches(seed=0, epoch=0, shuffle_buffer_size=1)) == set(batches(seed=0, epoch=1, shuffle_buffer_size=1))
+
+
 def test_accelerate_recipe_without_batch_dispatching(tmp_path):
     """The module docstring's recipe: rank-aware datasets, accelerate's `IterableDatasetShard` made a pass-through."""
     files = _folder_with_bad_clips(tmp_path, num_valid=7)

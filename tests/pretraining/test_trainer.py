@@ -8,7 +8,7 @@ import torch
 from pretraining_worker import train
 from transformers import TrainingArguments
 
-from modeling_matpac import MatpacForPreTraining, MatpacModel
+from modeling_matpac import MatpacConfig, MatpacForPreTraining, MatpacModel
 from modeling_matpac.pretraining import generate_builtin_corpus
 from modeling_matpac.pretraining.trainer import MatpacTrainer
 
@@ -144,3 +144,49 @@ def test_bf16_autocast_keeps_teachers_and_centre_in_fp32(tmp_path):
     # Autocast really ran in bf16 (the losses differ) and stayed close to fp32.
     assert losses != fp32_losses
     assert losses == pytest.approx(fp32_losses, rel=0.05)
+
+
+def _decayed_numel(optimizer) -> dict[float, int]:
+    """Parameters per weight-decay value of the optimizer's groups."""
+    counts = {}
+    for group in optimizer.param_groups:
+        counts[group["weight_decay"]] = counts.get(group["weight_decay"], 0) + sum(p.numel() for p in group["params"])
+    return counts
+
+
+def test_weight_decay_covers_every_parameter_like_the_authors_adam(tmp_path):
+    from pretraining_worker import tiny_model
+
+    args = TrainingArguments(tmp_path, use_cpu=True, report_to=[], weight_decay=0.05)
+    model = tiny_model()
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    spared = {
+        name: numel
+        for name, numel in trainable.items()
+        if name.endswith(".bias") or "layernorm" in name or name.split(".")[-2] in ("norm", "layernorm")
+    }
+    head_weight_norm = [name for name in trainable if ".parametrizations.weight.original" in name]
+    assert len(head_weight_norm) == 2  # weight_g and weight_v of the student head's last layer
+
+    authors = MatpacTrainer(model=model, args=args)
+    assert set(authors.get_decay_parameter_names(model)) >= set(trainable)
+    assert _decayed_numel(authors.create_optimizer()) == {0.05: sum(trainable.values()), 0.0: 0}
+
+    usual = MatpacTrainer(model=tiny_model(), args=args, weight_decay_set="transformers")
+    names = set(usual.get_decay_parameter_names(usual.model))
+    assert not names & spared.keys() and set(head_weight_norm) <= names
+    assert _decayed_numel(usual.create_optimizer()) == {
+        0.05: sum(trainable.values()) - sum(spared.values()),
+        0.0: sum(spared.values()),
+    }
+
+    # ViT-B: the Trainer's rule spares 182,016 of the 118,084,608 trainable parameters.
+    with torch.device("meta"):
+        base = MatpacForPreTraining(MatpacConfig())
+    sizes = {name: p.numel() for name, p in base.named_parameters() if p.requires_grad}
+    assert sum(sizes.values()) == 118_084_608
+    decayed = sum(sizes[name] for name in usual.get_decay_parameter_names(base) if name in sizes)
+    assert sum(sizes.values()) - decayed == 182_016
+    assert sum(sizes[name] for name in authors.get_decay_parameter_names(base) if name in sizes) == 118_084_608
+    with pytest.raises(ValueError, match="weight_decay_set must be one of"):
+        MatpacTrainer(model=tiny_model(), args=args, weight_decay_set="none")
