@@ -4,11 +4,14 @@ Pre-trains MATPAC on audio with `MatpacTrainer`, on one device or many (`acceler
 
 Without a data source (`python run_pretraining.py`) it trains a small MATPAC for a few minutes on a built-in synthetic
 corpus, generated on the fly, and saves a model that `AutoModel.from_pretrained` and `run_probe.py` can use. With a
-source, the defaults are the paper's best recipe (ViT-B, 300 epochs, batch 2048 = 8 x 256, AdamW 3e-4, cosine with
-20 warm-up epochs, clipping 3.0, teacher temperature warm-up over 10 epochs):
+source, the defaults are the paper's best recipe (ViT-B, 300 epochs, batch 2048 = 8 x 256, AdamW 3e-4 with weight
+decay on every parameter, cosine with 20 warm-up epochs, clipping 3.0, teacher temperature warm-up over 10 epochs),
+converted to steps from the number of clips; the run logs its effective recipe and warns where it departs from the
+paper's. On 8 GPUs, AudioSet's balanced and unbalanced training sets (1,757,473 clips on the Hub):
 
-    accelerate launch run_pretraining.py --dataset_name agkphysics/AudioSet --dataset_config_name unbalanced \
-        --max_steps 294816 --warmup_steps 19654 --teacher_temperature_warmup_steps 9827 --bf16
+    accelerate launch --config_file configs/accelerate_ddp_bf16.yaml run_pretraining.py \
+        --dataset_name agkphysics/AudioSet --dataset_config_name full --dataset_split bal_train+unbal_train \
+        --dataset_size 1757473 --dataloader_num_workers 8
     python run_pretraining.py --train_dir /data/my_audio --num_train_epochs 100
 
 `--preprocess_to DIR` decodes, resamples and computes the log-mels of the audio source once, stores them in DIR and
@@ -39,13 +42,15 @@ from modeling_matpac.pretraining import (
     load_audio_source,
     preprocess_to_cache,
 )
-from modeling_matpac.pretraining.data import AudioSource
+from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource
+from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS
 
 
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "TEMPLATE.md"
 DATA_SOURCE_FLAGS = ("--dataset_name", "--train_dir", "--train_files", "--train_cache")
+PAPER_GLOBAL_BATCH = 2048  # 8 GPUs x 256 clips
 # The built-in default: a small model and a short schedule that run in a few minutes on a laptop CPU. Prepended to
 # the command line when no data source is given, so that any flag the user passes still wins.
 BUILTIN_DEFAULT_FLAGS = [
@@ -90,7 +95,24 @@ class ModelArguments:
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub audio dataset, e.g. an AudioSet mirror."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
-    dataset_split: str = field(default="train", metadata={"help": "The split to train on."})
+    dataset_split: str = field(
+        default="train",
+        metadata={"help": "The split to train on; 'a+b' concatenates splits (e.g. bal_train+unbal_train)."},
+    )
+    dataset_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Clips per epoch, to convert epochs to steps; wins over the count the source declares (a Hub "
+            "card's count includes clips shorter than a crop, which training skips)."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=DEFAULT_SHUFFLE_BUFFER_SIZE,
+        metadata={
+            "help": "Clips in each DataLoader worker's shuffle buffer of a streamed source (encoded clips in memory: "
+            "about 1 GB at 1000 for AudioSet's 10 s FLAC); a log-mel cache or a folder is shuffled fully instead."
+        },
+    )
     streaming: bool = field(
         default=True, metadata={"help": "Stream the Hub dataset (or local shards with --train_files)."}
     )
@@ -142,6 +164,14 @@ class MatpacTrainingArguments(TrainingArguments):
     warmup_epochs: float = field(
         default=20.0, metadata={"help": "Learning-rate warm-up in epochs; --warmup_steps wins when given."}
     )
+    weight_decay_set: str = field(
+        default="all",
+        metadata={
+            "help": "Parameters that get weight decay: 'all' (the authors' Adam) or 'transformers' (the Trainer's "
+            "set: no decay on biases and LayerNorm weights).",
+            "choices": list(WEIGHT_DECAY_SETS),
+        },
+    )
     logging_steps: float = 50
     save_steps: float = 5000
     remove_unused_columns: bool = False
@@ -190,12 +220,7 @@ def resolve_schedules(
     model_args: ModelArguments, training_args: MatpacTrainingArguments, config: MatpacConfig, dataset_size: int | None
 ) -> None:
     """Turns the recipe's epochs into optimizer steps, or asks for steps when the dataset size is unknown."""
-    global_batch = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * training_args.world_size
-    )
-    steps_per_epoch = math.ceil(dataset_size / global_batch) if dataset_size else None
+    steps_per_epoch = math.ceil(dataset_size / global_batch_size(training_args)) if dataset_size else None
     if training_args.max_steps <= 0:
         if steps_per_epoch is None:
             raise ValueError(
@@ -213,15 +238,73 @@ def resolve_schedules(
         config.teacher_temperature_warmup_steps = round(model_args.teacher_temperature_warmup_epochs * steps_per_epoch)
     else:
         raise ValueError("--teacher_temperature_warmup_epochs needs a dataset of known size: give the steps instead.")
-    logger.info(
-        "Schedule: %d optimizer steps of %d clips (%s steps per epoch), %d warm-up steps, teacher temperature "
-        "warm-up over %d steps.",
-        training_args.max_steps,
-        global_batch,
-        steps_per_epoch if steps_per_epoch is not None else "unknown",
-        training_args.warmup_steps,
-        config.teacher_temperature_warmup_steps,
+
+
+def global_batch_size(training_args: MatpacTrainingArguments) -> int:
+    return (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * training_args.world_size
     )
+
+
+def log_recipe(
+    training_args: MatpacTrainingArguments,
+    config: MatpacConfig,
+    dataset_size: int | None,
+    device_type: str,
+    check_paper: bool = True,
+) -> None:
+    """Logs the run's effective recipe, then warns where it departs from the paper's in a way that changes results."""
+    global_batch = global_batch_size(training_args)
+    steps_per_epoch = math.ceil(dataset_size / global_batch) if dataset_size else None
+
+    def in_epochs(steps: int) -> str:
+        return f" ({steps / steps_per_epoch:.2f} epochs)" if steps_per_epoch else ""
+
+    precision = {"no": "fp32"}.get(training_args.mixed_precision, training_args.mixed_precision)
+    logger.info(
+        "Recipe: global batch %d = %d per device x %d processes x %d accumulation steps; %s on %s; %d DataLoader "
+        "workers per process; %d steps%s of %s clips per epoch (%s steps per epoch); learning-rate warm-up %d "
+        "steps%s; teacher temperature warm-up %d steps%s; weight decay %g on %s parameters.",
+        global_batch,
+        training_args.per_device_train_batch_size,
+        training_args.world_size,
+        training_args.gradient_accumulation_steps,
+        precision,
+        device_type,
+        training_args.dataloader_num_workers,
+        training_args.max_steps,
+        in_epochs(training_args.max_steps),
+        f"{dataset_size:,}" if dataset_size else "an unknown number of",
+        steps_per_epoch or "unknown",
+        training_args.warmup_steps,
+        in_epochs(training_args.warmup_steps),
+        config.teacher_temperature_warmup_steps,
+        in_epochs(config.teacher_temperature_warmup_steps),
+        training_args.weight_decay,
+        "all" if training_args.weight_decay_set == "all" else "all but bias and LayerNorm",
+    )
+    if not check_paper:
+        return
+    deviations = []
+    if global_batch != PAPER_GLOBAL_BATCH:
+        deviations.append(
+            f"a global batch of {global_batch} clips instead of {PAPER_GLOBAL_BATCH}: the learning rate, the EMA "
+            "and the centre were tuned for 2048 (set --per_device_train_batch_size, --gradient_accumulation_steps "
+            "and the number of processes so that their product is 2048)"
+        )
+    if device_type == "cuda" and precision == "fp32":
+        deviations.append("fp32 on GPU: the paper trains in mixed precision (add --bf16, or launch with bf16)")
+    if device_type == "cuda" and training_args.dataloader_num_workers == 0:
+        deviations.append(
+            "no DataLoader workers on GPU: the training process decodes the audio itself and starves the GPU (add "
+            "--dataloader_num_workers 8)"
+        )
+    if training_args.weight_decay_set != "all":
+        deviations.append("no weight decay on biases and LayerNorm weights (--weight_decay_set transformers)")
+    for deviation in deviations:
+        logger.warning("Not the paper's recipe: %s.", deviation)
 
 
 def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size: int | None) -> None:
@@ -246,7 +329,7 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
         num_train_clips=dataset_size if dataset_size is not None else "unknown (streamed)",
         crop_seconds=config.num_frames * config.hop_length / config.sampling_rate,
         num_train_steps=trainer.state.global_step,
-        global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        global_batch_size=global_batch_size(args),
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
         lr_scheduler_type=args.lr_scheduler_type.value
@@ -373,8 +456,17 @@ def main(argv: list[str] | None = None) -> None:
             feature_extractor=feature_extractor,
             num_frames=config.num_frames,
             seed=data_seed,
+            shuffle_buffer_size=data_args.shuffle_buffer_size,
         )
-    resolve_schedules(model_args, training_args, config, train_dataset.dataset_size)
+    dataset_size = data_args.dataset_size or train_dataset.dataset_size
+    if data_args.dataset_size is None and train_dataset.dataset_size and data_args.train_cache is None:
+        logger.info(
+            "Epochs count the source's %d clips, those shorter than a crop included (training skips them): a log-mel "
+            "cache counts only the clips it keeps, or give the count with --dataset_size.",
+            train_dataset.dataset_size,
+        )
+    resolve_schedules(model_args, training_args, config, dataset_size)
+    log_recipe(training_args, config, dataset_size, training_args.device.type, check_paper=not builtin)
     logger.info("Pre-training a MATPAC encoder of %s parameters.", f"{model.matpac.num_parameters():,}")
 
     trainer = MatpacTrainer(
@@ -383,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         train_dataset=train_dataset,
         data_collator=collate_pretraining_batch,
         processing_class=feature_extractor,
+        weight_decay_set=training_args.weight_decay_set,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
@@ -390,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        write_model_card(trainer, data_description, train_dataset.dataset_size)
+        write_model_card(trainer, data_description, dataset_size)
         logger.info(
             "Saved the model to %s: AutoModel.from_pretrained(%r) loads the encoder after `import modeling_matpac`.",
             training_args.output_dir,

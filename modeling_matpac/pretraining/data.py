@@ -132,8 +132,8 @@ def load_audio_source(
     """
     Open one pre-training audio source, given by exactly one of:
 
-    - `dataset_name`: a Hub dataset (with `dataset_config_name` and `split`), streamed unless `streaming=False`
-      (which a webdataset-format Hub dataset does not support without torchcodec);
+    - `dataset_name`: a Hub dataset (with `dataset_config_name` and `split`, where `"a+b"` concatenates two splits),
+      streamed unless `streaming=False` (which a webdataset-format Hub dataset does not support without torchcodec);
     - `data_dir`: a local folder of audio files, read lazily file by file (`streaming` does not apply);
     - `data_files`: local parquet or webdataset `.tar` shards (files, folders or glob patterns), loaded into the
       `datasets` cache unless `streaming=True`, so that the dataset size is known.
@@ -155,6 +155,12 @@ def load_audio_source(
     if data_dir is not None:
         return list_audio_files(data_dir)
     if dataset_name is not None:
+        if dataset_config_name is None:
+            logger.warning(
+                f"No configuration named for the Hub dataset {dataset_name!r}: `datasets` loads its default one, "
+                "which may be a small part of it (agkphysics/AudioSet's default, `balanced`, has 18,685 clips; the "
+                "paper's data is its `full` configuration, split `bal_train+unbal_train`)."
+            )
         return datasets.load_dataset(
             dataset_name, dataset_config_name, split=split, streaming=streaming is not False, cache_dir=cache_dir
         )

@@ -524,6 +524,84 @@ def test_hub_style_dataset_name_streams_by_default(tmp_path):
     assert len(list(dataset)) == 3
 
 
+AUDIOSET_README = """---
+dataset_info:
+- config_name: full
+  features:
+  - name: video_id
+    dtype: string
+  - name: audio
+    dtype: audio
+  - name: labels
+    sequence: string
+  - name: human_labels
+    sequence: string
+  splits:
+  - name: bal_train
+    num_examples: 2
+  - name: unbal_train
+    num_examples: 4
+  - name: eval
+    num_examples: 1
+configs:
+- config_name: balanced
+  default: true
+  data_files:
+  - split: train
+    path: data/bal_train/*.parquet
+- config_name: unbalanced
+  data_files:
+  - split: train
+    path: data/unbal_train/*.parquet
+- config_name: full
+  data_files:
+  - split: bal_train
+    path: data/bal_train/*.parquet
+  - split: unbal_train
+    path: data/unbal_train/*.parquet
+  - split: eval
+    path: data/eval/*.parquet
+---
+"""
+
+
+def _audioset_like(root: Path) -> Path:
+    """A local copy of agkphysics/AudioSet's layout and columns: 2 balanced, 4 unbalanced (1 short) and 1 eval clip."""
+    import datasets
+
+    lengths = {"bal_train": [CROP + 10, CROP + 20], "unbal_train": [CROP, CROP + 5, 16_000, CROP + 7], "eval": [CROP]}
+    for split, sizes in lengths.items():
+        rows = {
+            "video_id": [f"{split}-{row}" for row in range(len(sizes))],
+            "audio": [
+                {"bytes": _wav_bytes(size, seed=row), "path": f"{split}-{row}.flac"} for row, size in enumerate(sizes)
+            ],
+            "labels": [["/m/09x0r"]] * len(sizes),
+            "human_labels": [["Speech"]] * len(sizes),
+        }
+        (root / "data" / split).mkdir(parents=True)
+        table = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio(decode=False))
+        table.to_parquet(root / "data" / split / "00000.parquet")
+    (root / "README.md").write_text(AUDIOSET_README)
+    return root
+
+
+def test_audioset_full_config_trains_on_both_training_splits(tmp_path, caplog):
+    root = _audioset_like(tmp_path / "AudioSet")
+    source = load_audio_source(dataset_name=str(root), dataset_config_name="full", split="bal_train+unbal_train")
+    assert source.num_shards == 2
+    dataset = MatpacPretrainingDataset(source, infinite=False)
+    assert dataset.dataset_size == 6  # the card's counts of both splits, the short clip included
+    examples = list(dataset)
+    assert len(examples) == 5 and sum(example["num_skipped_short"] for example in examples) == 1
+    assert sorted(example["clip_id"] for example in examples) == ["0/0", "0/1", "1/0", "1/1", "1/3"]
+
+    with caplog.at_level(logging.WARNING):
+        default = load_audio_source(dataset_name=str(root), split="train")
+    assert f"No configuration named for the Hub dataset {str(root)!r}" in caplog.text
+    assert len(list(MatpacPretrainingDataset(default, infinite=False))) == 2  # the balanced set only
+
+
 def test_builtin_corpus_is_deterministic_and_usable(tmp_path):
     first = generate_builtin_corpus(tmp_path / "first")
     second = generate_builtin_corpus(tmp_path / "second")

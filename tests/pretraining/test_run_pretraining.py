@@ -99,3 +99,60 @@ def test_bad_flags_give_clear_errors(tmp_path):
     assert config.qkv_bias is False and config.mask_ratio == 0.6
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--train_dir", str(tmp_path / "nowhere")])
+
+
+def readme_audioset_command() -> list[str]:
+    """The flags of the README's AudioSet command (the paper's run), after `run_pretraining.py`."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = readme[
+        readme.index("accelerate launch --config_file configs/accelerate_ddp_bf16.yaml run_pretraining.py") :
+    ]
+    command = block[: block.index("\n```")].replace("\\\n", " ")
+    return command.split("run_pretraining.py", 1)[1].split()
+
+
+def test_readme_paper_run_gets_the_paper_schedule_on_the_data_it_names(tmp_path, caplog, monkeypatch):
+    flags = readme_audioset_command()
+    assert flags[flags.index("--dataset_config_name") + 1] == "full"
+    assert flags[flags.index("--dataset_split") + 1] == "bal_train+unbal_train"
+    # 8 processes of 256 clips in bf16, as the accelerate config launches, simulated by 8 accumulation steps on one.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    model_args, data_args, training_args, _ = run_pretraining.parse_arguments(
+        [*flags, "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "8", "--use_cpu"]
+    )
+    assert data_args.dataset_size == 18_685 + 1_738_788  # the card's bal_train and unbal_train
+    config = MatpacConfig(**tiny_config_kwargs())
+    run_pretraining.resolve_schedules(model_args, training_args, config, data_args.dataset_size)
+    # ceil(1,757,473 / 2048) = 859 steps per epoch: 300, 20 and 10 epochs.
+    assert (training_args.max_steps, training_args.warmup_steps, config.teacher_temperature_warmup_steps) == (
+        257_700,
+        17_180,
+        8_590,
+    )
+    with caplog.at_level(logging.INFO):
+        run_pretraining.log_recipe(training_args, config, data_args.dataset_size, "cuda")
+    assert "global batch 2048 = 256 per device x 1 processes x 8 accumulation steps" in caplog.text
+    assert "257700 steps (300.00 epochs) of 1,757,473 clips per epoch (859 steps per epoch)" in caplog.text
+    assert "warm-up 17180 steps (20.00 epochs)" in caplog.text and "warm-up 8590 steps (10.00 epochs)" in caplog.text
+    assert "8 DataLoader workers" in caplog.text and "weight decay 0.05 on all parameters" in caplog.text
+    assert "bf16 on cuda" in caplog.text and "Not the paper's recipe" not in caplog.text
+
+
+def test_deviations_from_the_paper_are_warned(tmp_path, caplog):
+    model_args, _, training_args, _ = run_pretraining.parse_arguments(
+        ["--train_dir", "unused", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "64",
+         "--max_steps", "100", "--warmup_steps", "10", "--weight_decay_set", "transformers", "--use_cpu"]
+    )  # fmt: skip
+    config = MatpacConfig(**tiny_config_kwargs())
+    run_pretraining.resolve_schedules(model_args, training_args, config, dataset_size=6400)
+    with caplog.at_level(logging.WARNING):
+        run_pretraining.log_recipe(training_args, config, 6400, "cuda")
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 4
+    assert "a global batch of 64 clips instead of 2048" in warnings[0]
+    assert "fp32 on GPU" in warnings[1] and "no DataLoader workers on GPU" in warnings[2]
+    assert "no weight decay on biases and LayerNorm weights" in warnings[3]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_pretraining.log_recipe(training_args, config, 6400, "cpu")
+    assert len(caplog.records) == 2  # precision and workers are GPU matters
