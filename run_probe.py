@@ -7,6 +7,9 @@ validation rule, `modeling_matpac/evaluation/tasks.py` for the tasks and their e
     python run_probe.py --dataset esc50 --data_dir /data/ESC-50-master
     python run_probe.py --dataset gtzan                    # the Hub copy of GTZAN
     python run_probe.py --all --data_dir /data             # every task found under /data/<task>/
+
+Each split's clip count is checked against the complete dataset's (a partly extracted copy fails unless
+`--allow_incomplete` is given); the results table shows the counts used, and the tasks `--all` skipped, with why.
     python run_probe.py --dataset audiofolder --data_dir /data/my_sounds --save_head outputs/my-classifier
 
 Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing.
@@ -22,7 +25,15 @@ from transformers import HfArgumentParser
 from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
 from modeling_matpac.evaluation.probe import ProbeSettings, evaluate, save_classifier
 from modeling_matpac.evaluation.report import TaskResult, results_markdown, task_result, write_results
-from modeling_matpac.evaluation.tasks import PAPER_TASKS, TASKS, ProbeDataError, find_task_dir, get_task, load_task
+from modeling_matpac.evaluation.tasks import (
+    PAPER_TASKS,
+    TASKS,
+    ProbeDataError,
+    check_clip_counts,
+    find_task_dir,
+    get_task,
+    load_task,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -58,6 +69,13 @@ class DataArguments:
     hub_dataset: str | None = field(
         default=None,
         metadata={"help": "Another Hub repo id (or local folder) with the layout of the task's Hub copy."},
+    )
+    allow_incomplete: bool = field(
+        default=False,
+        metadata={
+            "help": "Probe a task whose splits have fewer (or more) clips than the complete dataset instead of "
+            "failing; the results table says so."
+        },
     )
     output_dir: str = field(default="outputs/probe", metadata={"help": "Where results.json and results.md go."})
     cache_dir: str | None = field(
@@ -100,18 +118,21 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
     )
     settings.device = str(extractor.device)
     cache_dir = data_args.cache_dir or str(Path(data_args.output_dir) / "embeddings")
-    results = []
+    results, skipped = [], {}
     for name in PAPER_TASKS if data_args.all else [data_args.dataset]:
         try:
             data = load_data(name, data_args)
+            check_clip_counts(data, data_args.allow_incomplete)
+            logger.info("%s: %d clips from %s", name, len(data), data.source)
+            embeddings = load_or_extract(data, extractor, cache_dir)
+            data = data.select(embeddings.positions)
+            check_clip_counts(data, data_args.allow_incomplete)  # undecodable clips are dropped while encoding
         except ProbeDataError as error:
             if not data_args.all:
                 raise
-            logger.warning("%s: skipped, %s", name, str(error).splitlines()[0])
+            skipped[name] = str(error).splitlines()[0]
+            logger.warning("%s: skipped, %s", name, skipped[name])
             continue
-        logger.info("%s: %d clips from %s", name, len(data), data.source)
-        embeddings = load_or_extract(data, extractor, cache_dir)
-        data = data.select(embeddings.positions)
         outcome = evaluate(data, embeddings.values, settings)
         results.append(task_result(data, outcome, embeddings, paper=get_task(name).paper_score))
         if data_args.save_head:
@@ -121,9 +142,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
     if not results:
         raise ProbeDataError(f"No task data found (data_dir={data_args.data_dir}).")
 
-    print(results_markdown(results))
+    print(results_markdown(results, skipped))
     run_settings = {"model": asdict(model_args), "data": asdict(data_args), "probe": asdict(settings)}
-    json_path, markdown_path = write_results(results, data_args.output_dir, run_settings)
+    json_path, markdown_path = write_results(results, data_args.output_dir, run_settings, skipped)
     logger.info("Results written to %s and %s", json_path, markdown_path)
     return results
 

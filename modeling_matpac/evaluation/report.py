@@ -10,7 +10,7 @@ import numpy as np
 
 from .embeddings import Embeddings
 from .probe import ProbeOutcome, confidence_interval
-from .tasks import ProbeData
+from .tasks import ProbeData, clip_counts, get_task
 
 
 @dataclass
@@ -30,11 +30,14 @@ class TaskResult:
     probe_seconds: float
     paper: float | None = None
     fold_scores: list[list[float]] = field(default_factory=list)
+    clips_per_split: dict[str, int] = field(default_factory=dict)
+    complete: bool | None = None  # whether every split has the complete dataset's clips; None: sizes not published
 
 
 def task_result(data: ProbeData, outcome: ProbeOutcome, embeddings: Embeddings, paper: float | None) -> TaskResult:
     """The table row of a task; `data` holds the clips that were embedded."""
     runs = [100 * value for value in outcome.run_scores]
+    counts, expected = clip_counts(data), get_task(data.task).expected_clips
     return TaskResult(
         task=data.task,
         metric="mAP" if data.multi_label else "accuracy",
@@ -49,10 +52,13 @@ def task_result(data: ProbeData, outcome: ProbeOutcome, embeddings: Embeddings, 
         probe_seconds=outcome.seconds,
         paper=paper,
         fold_scores=[[100 * value for value in run] for run in outcome.fold_scores],
+        clips_per_split={f"fold {name}" if isinstance(name, int) else name: count for name, count in counts.items()},
+        complete=counts == expected if expected else None,
     )
 
 
-def results_markdown(results: list[TaskResult]) -> str:
+def results_markdown(results: list[TaskResult], skipped: dict[str, str] | None = None) -> str:
+    """The results table; tasks in `skipped` (task -> reason) get a row that says why they have no score."""
     header = (
         "Task",
         "Metric",
@@ -64,6 +70,8 @@ def results_markdown(results: list[TaskResult]) -> str:
         "Dim",
         "Extraction (s)",
         "Probe (s)",
+        "Clips per split",
+        "Complete",
     )
     rows = [header, ("---",) * len(header)]
     for result in results:
@@ -79,16 +87,25 @@ def results_markdown(results: list[TaskResult]) -> str:
                 result.embedding_dim,
                 f"{result.extraction_seconds:.1f}" + (" (cached)" if result.extraction_cached else ""),
                 f"{result.probe_seconds:.1f}",
+                " / ".join(f"{name}: {count:,}" for name, count in result.clips_per_split.items()),
+                {True: "yes", False: "no", None: "-"}[result.complete],
             )
         )
+    for task, reason in (skipped or {}).items():
+        paper = get_task(task).paper_score
+        row = (task, "-", f"skipped: {reason}", "-" if paper is None else f"{paper:.1f}")
+        rows.append(row + ("-",) * (len(header) - len(row)))
     return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
-def write_results(results: list[TaskResult], output_dir: str | Path, settings: dict) -> tuple[Path, Path]:
-    """Writes `results.json` (rows + the run's settings) and `results.md` (the table) to `output_dir`."""
+def write_results(
+    results: list[TaskResult], output_dir: str | Path, settings: dict, skipped: dict[str, str] | None = None
+) -> tuple[Path, Path]:
+    """Writes `results.json` (rows, skipped tasks and the run's settings) and `results.md` (the table)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = output_dir / "results.json", output_dir / "results.md"
-    json_path.write_text(json.dumps({"settings": settings, "results": [asdict(r) for r in results]}, indent=2) + "\n")
-    markdown_path.write_text(results_markdown(results) + "\n")
+    content = {"settings": settings, "results": [asdict(r) for r in results], "skipped": skipped or {}}
+    json_path.write_text(json.dumps(content, indent=2) + "\n")
+    markdown_path.write_text(results_markdown(results, skipped) + "\n")
     return json_path, markdown_path

@@ -26,6 +26,16 @@ logger = logging.getLogger(__name__)
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".au", ".aiff", ".aif")
 SPLITS = ("train", "valid", "test")
 
+# ESC-50's classes in the order of its `target` column (0 = dog, 1 = rooster, ...): the authors' probe and label map.
+ESC50_CLASSES = (
+    "dog", "rooster", "pig", "cow", "frog", "cat", "hen", "insects", "sheep", "crow",
+    "rain", "sea_waves", "crackling_fire", "crickets", "chirping_birds", "water_drops", "wind", "pouring_water",
+    "toilet_flush", "thunderstorm", "crying_baby", "sneezing", "clapping", "breathing", "coughing", "footsteps",
+    "laughing", "brushing_teeth", "snoring", "drinking_sipping", "door_wood_knock", "mouse_click", "keyboard_typing",
+    "door_wood_creaks", "can_opening", "washing_machine", "vacuum_cleaner", "clock_alarm", "clock_tick",
+    "glass_breaking", "helicopter", "chainsaw", "siren", "car_horn", "engine", "train", "church_bells", "airplane",
+    "fireworks", "hand_saw",
+)  # fmt: skip
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
 US8K_CLASSES = (
     "air_conditioner",
@@ -195,7 +205,8 @@ def build_probe_data(
     if any(entry.observed is not None for entry in kept):
         label_mask = np.zeros((len(kept), len(classes)), dtype=bool)
         for row, entry in enumerate(kept):
-            label_mask[row, [index[label] for label in (entry.observed or classes)]] = True
+            observed = classes if entry.observed is None else entry.observed
+            label_mask[row, [index[label] for label in observed]] = True
     groups = np.array([entry.group for entry in kept])
     return ProbeData(
         task=task.name,
@@ -231,23 +242,41 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _check_class_indices(task: ProbeTask, rows: list[dict[str, str]], index: str, name: str, path: Path) -> None:
+    """The dataset numbers its classes itself: class i of the probe must be the one the dataset calls i."""
+    wrong = sorted(
+        {
+            f"{row[index]} = {row[name]}"
+            for row in rows
+            if row[name] in task.vocabulary and row[index] != str(task.vocabulary.index(row[name]))
+        }
+    )
+    if wrong:
+        raise ProbeDataError(
+            f"{path} numbers its classes otherwise than the official {task.title} ({', '.join(wrong[:5])}); "
+            f"expected {', '.join(f'{i} = {label}' for i, label in enumerate(task.vocabulary[:3]))}, ..."
+        )
+
+
 # Original layouts -------------------------------------------------------------------------------------------------
 
 
 def load_esc50(root: Path) -> ProbeData:
     task = TASKS["esc50"]
     _require(root, task, "meta/esc50.csv", "audio")
-    rows = _read_csv(root / "meta/esc50.csv", ("filename", "fold", "category"))
-    classes = sorted({row["category"] for row in rows})
+    rows = _read_csv(root / "meta/esc50.csv", ("filename", "fold", "target", "category"))
+    _check_class_indices(task, rows, "target", "category", root / "meta/esc50.csv")
     entries = [
         Entry(row["filename"], root / "audio" / row["filename"], [row["category"]], int(row["fold"])) for row in rows
     ]
-    return build_probe_data(task, classes, entries, by_fold=True, source=root)
+    return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
 
 
 def load_us8k(root: Path) -> ProbeData:
     task = TASKS["us8k"]
     _require(root, task, "metadata/UrbanSound8K.csv", "audio")
+    rows = _read_csv(root / "metadata/UrbanSound8K.csv", ("slice_file_name", "fold", "classID", "class"))
+    _check_class_indices(task, rows, "classID", "class", root / "metadata/UrbanSound8K.csv")
     entries = [
         Entry(
             row["slice_file_name"],
@@ -255,7 +284,7 @@ def load_us8k(root: Path) -> ProbeData:
             [row["class"]],
             int(row["fold"]),
         )
-        for row in _read_csv(root / "metadata/UrbanSound8K.csv", ("slice_file_name", "fold", "class"))
+        for row in rows
     ]
     return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
 
@@ -502,6 +531,9 @@ class ProbeTask:
     folder_names: tuple[str, ...] = ()
     hub: HubSpec | None = None
     vocabulary: tuple[str, ...] = ()
+    # Clips per official split or cross-validation fold of the complete dataset, as the paper's protocol uses it.
+    expected_clips: dict[str | int, int] = field(default_factory=dict)
+    known_issues: str = ""  # defects of common copies that make a split incomplete
 
     def where_to_get(self) -> str:
         hub = f" or load the Hub copy `{self.hub.repo_id}` by leaving out --data_dir" if self.hub else ""
@@ -524,6 +556,9 @@ TASKS: dict[str, ProbeTask] = {
             folder_names=("gtzan", "GTZAN"),
             hub=HubSpec("confit/gtzan-parquet", label_column="genre"),
             vocabulary=GTZAN_GENRES,
+            expected_clips={"train": 443, "valid": 197, "test": 290},
+            known_issues="The Kaggle copy of GTZAN (genres_original/) ships jazz/jazz.00054.wav undecodable: take "
+            "that file from the original archive.",
         ),
         ProbeTask(
             name="esc50",
@@ -537,6 +572,8 @@ TASKS: dict[str, ProbeTask] = {
             hub=HubSpec(
                 "ashraq/esc50", "category", id_column="filename", fold_column="fold", splits={"train": "train"}
             ),
+            vocabulary=ESC50_CLASSES,
+            expected_clips=dict.fromkeys(range(1, 6), 400),
         ),
         ProbeTask(
             name="us8k",
@@ -555,6 +592,7 @@ TASKS: dict[str, ProbeTask] = {
                 splits={"train": "train"},
             ),
             vocabulary=US8K_CLASSES,
+            expected_clips=dict(zip(range(1, 11), (873, 888, 925, 990, 936, 823, 838, 806, 816, 837))),
         ),
         ProbeTask(
             name="nsynth",
@@ -565,8 +603,9 @@ TASKS: dict[str, ProbeTask] = {
             url="https://magenta.tensorflow.org/datasets/nsynth",
             load_local=load_nsynth,
             folder_names=("nsynth", "NSynth"),
-            hub=HubSpec("jg583/NSynth", "instrument_family_str", id_column="note_str"),
             vocabulary=NSYNTH_FAMILIES,
+            expected_clips={"train": 289_205, "valid": 12_678, "test": 4_096},
+            known_issues="nsynth-train (about 22 GB) is often only partly extracted.",
         ),
         ProbeTask(
             name="openmic",
@@ -578,6 +617,7 @@ TASKS: dict[str, ProbeTask] = {
             url="https://zenodo.org/records/1432913",
             load_local=load_openmic,
             folder_names=("openmic", "openmic-2018", "OpenMIC-2018"),
+            expected_clips={"train": 14_915, "test": 5_085},
         ),
         ProbeTask(
             name="mtt",
@@ -590,6 +630,9 @@ TASKS: dict[str, ProbeTask] = {
             "https://github.com/minzwon/sota-music-tagging-models/tree/master/split/mtat (split)",
             load_local=load_mtt,
             folder_names=("mtt", "magnatagatune", "MagnaTagATune"),
+            expected_clips={"train": 15_244, "valid": 1_529, "test": 4_332},
+            known_issues="The audio comes as a three-part zip (mp3.zip.001 to .003): concatenate the parts, then "
+            "unzip.",
         ),
         ProbeTask(
             name="fsd50k",
@@ -601,6 +644,9 @@ TASKS: dict[str, ProbeTask] = {
             url="https://zenodo.org/records/4060432",
             load_local=load_fsd50k,
             folder_names=("fsd50k", "FSD50K"),
+            expected_clips={"train": 36_796, "valid": 4_170, "test": 10_231},
+            known_issues="The audio comes as split zips (FSD50K.dev_audio.z01 ... .zip): merge them with "
+            "`zip -s 0 FSD50K.dev_audio.zip --out dev.zip` before unzipping.",
         ),
         ProbeTask(
             name="audiofolder",
@@ -634,6 +680,44 @@ def load_task(name: str, data_dir: str | Path | None = None, hub_dataset: str | 
     if name == "audiofolder":
         raise ProbeDataError("--dataset audiofolder needs --data_dir pointing at the folder-per-class dataset.")
     return load_from_hub(name, hub_dataset)
+
+
+def clip_counts(data: ProbeData) -> dict[str | int, int]:
+    """Clips per split (in train, valid, test order) or per fold (in fold order)."""
+    if data.fold is not None:
+        folds, counts = np.unique(data.fold, return_counts=True)
+        return {int(fold): int(count) for fold, count in zip(folds, counts)}
+    found = {split: int((data.split == split).sum()) for split in SPLITS}
+    return {split: count for split, count in found.items() if count}
+
+
+def format_counts(counts: dict[str | int, int]) -> str:
+    return " / ".join(f"{'fold ' if isinstance(name, int) else ''}{name}: {count:,}" for name, count in counts.items())
+
+
+def check_clip_counts(data: ProbeData, allow_incomplete: bool = False) -> bool:
+    """
+    Compares the clips of each split (or fold) with the complete dataset's, so that a partly extracted or partly
+    readable copy cannot give a plausible score on a smaller test set. Raises [`ProbeDataError`] on a difference,
+    or only warns with `allow_incomplete`; returns whether the counts are complete (`True` for a task without known
+    sizes).
+    """
+    task = get_task(data.task)
+    if not task.expected_clips:
+        return True
+    found, expected = clip_counts(data), task.expected_clips
+    if found == expected:
+        return True
+    message = (
+        f"{task.title}: found {format_counts(found)} clips, the complete dataset has {format_counts(expected)}. "
+        "Missing files, labels outside the vocabulary and undecodable clips were skipped (see the warnings above)."
+    )
+    if task.known_issues:
+        message += f" Note: {task.known_issues}"
+    if not allow_incomplete:
+        raise ProbeDataError(f"{message} Pass --allow_incomplete to probe these clips anyway.")
+    logger.warning("%s Probing these clips anyway (--allow_incomplete).", message)
+    return False
 
 
 def find_task_dir(name: str, data_root: str | Path) -> Path | None:

@@ -14,9 +14,11 @@ import soundfile as sf
 
 from modeling_matpac.audio import AudioDecodeError, read_mono
 from modeling_matpac.evaluation.tasks import (
+    ESC50_CLASSES,
     GTZAN_GENRES,
     PAPER_TASKS,
     ProbeDataError,
+    check_clip_counts,
     find_task_dir,
     load_task,
 )
@@ -38,14 +40,14 @@ def write_csv(path: Path, header: list[str], rows: list[list], delimiter: str = 
         writer.writerows(rows)
 
 
-ESC50_CLASSES = ["dog", "rain", "rooster"]
+ESC50_FAKE = {"dog": 0, "rooster": 1, "rain": 10}  # category: ESC-50's own `target`, not alphabetical
 
 
 def make_esc50(root: Path) -> Path:
     """meta/esc50.csv + audio/, 5 folds x 3 classes x 1 clip at 44.1 kHz (as the real data)."""
     rows = []
     for fold in range(1, 6):
-        for target, category in enumerate(ESC50_CLASSES):
+        for category, target in ESC50_FAKE.items():
             name = f"{fold}-{1000 + 10 * fold + target}-A-{target}.wav"
             write_clip(root / "audio" / name, target, sampling_rate=44100, seed=fold)
             rows.append([name, fold, target, category, "False", 1000 + 10 * fold + target, "A"])
@@ -211,10 +213,9 @@ def save_tiny_matpac(directory: Path, seed: int = 0) -> Path:
 
 def test_esc50_folds_and_labels_follow_the_csv(tmp_path):
     data = load_task("esc50", make_task("esc50", tmp_path / "ESC-50-master"))
-    assert data.classes == ESC50_CLASSES
     assert data.fold is not None and data.split is None
     assert sorted(np.unique(data.fold)) == [1, 2, 3, 4, 5]
-    row = data.ids.index("3-1032-A-2.wav")
+    row = data.ids.index("3-1031-A-1.wav")
     assert (data.fold[row], data.classes[data.targets[row]]) == (3, "rooster")
     waveform, sampling_rate = data.audio[row]
     assert sampling_rate == 44100 and waveform.shape == (22050,)
@@ -337,7 +338,7 @@ def test_gtzan_list_entry_outside_the_ten_genres_is_skipped(tmp_path, caplog):
 
 def test_esc50_csv_without_its_columns_is_an_error(tmp_path):
     root = make_task("esc50", tmp_path / "esc50")
-    write_csv(root / "meta/esc50.csv", ["filename", "fold"], [["1-1000-A-0.wav", 1]])
+    write_csv(root / "meta/esc50.csv", ["filename", "fold", "target"], [["1-1000-A-0.wav", 1, 0]])
     with pytest.raises(ProbeDataError, match=r"esc50.csv lacks the column\(s\) \['category'\]"):
         load_task("esc50", root)
 
@@ -387,7 +388,7 @@ def test_hub_copy_layout_is_read_with_datasets(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # read at load time
     rows = {"filename": [], "fold": [], "target": [], "category": [], "audio": []}
     for fold in range(1, 6):
-        for target, category in enumerate(ESC50_CLASSES + ["??"]):
+        for category, target in [*ESC50_FAKE.items(), ("??", 3)]:
             buffer = io.BytesIO()
             sf.write(buffer, np.zeros(8000, np.float32) + 0.01 * target, 16000, format="WAV")
             rows["filename"].append(f"{fold}-{target}-A-{target}.wav")
@@ -400,13 +401,13 @@ def test_hub_copy_layout_is_read_with_datasets(tmp_path, monkeypatch):
 
     data = load_task("esc50", hub_dataset=str(tmp_path / "esc50"))
     assert data.source == f"hub:{tmp_path / 'esc50'}"
-    assert data.classes == sorted(ESC50_CLASSES + ["??"]) and len(data) == 20
-    row = data.ids.index("4-2-A-2.wav")
-    assert data.fold[row] == 4 and data.classes[data.targets[row]] == "rooster"
+    assert data.classes == list(ESC50_CLASSES) and len(data) == 15  # "??" is no ESC-50 class: skipped
+    row = data.ids.index("4-1-A-1.wav")
+    assert data.fold[row] == 4 and data.targets[row] == 1 and data.classes[1] == "rooster"
     waveform, sampling_rate = data.audio[row]
-    assert sampling_rate == 16000 and np.allclose(waveform, 0.02, atol=1e-4)
+    assert sampling_rate == 16000 and np.allclose(waveform, 0.01, atol=1e-4)
     subset = data.select(np.array([row]))
-    assert subset.ids == ["4-2-A-2.wav"] and np.allclose(subset.audio[0][0], 0.02, atol=1e-4)
+    assert subset.ids == ["4-1-A-1.wav"] and np.allclose(subset.audio[0][0], 0.01, atol=1e-4)
 
 
 def test_find_task_dir_knows_the_official_folder_names(tmp_path):
@@ -416,3 +417,75 @@ def test_find_task_dir_knows_the_official_folder_names(tmp_path):
     assert find_task_dir("fsd50k", tmp_path) == tmp_path / "FSD50K"
     assert find_task_dir("us8k", tmp_path) is None
     assert len(PAPER_TASKS) == 7
+
+
+def test_esc50_classes_are_indexed_by_its_target_column(tmp_path):
+    root = make_task("esc50", tmp_path / "ESC-50-master")
+    data = load_task("esc50", root)
+    assert len(data.classes) == 50 and data.classes[:3] == ["dog", "rooster", "pig"] and data.classes[49] == "hand_saw"
+    with open(root / "meta/esc50.csv", newline="") as handle:
+        targets = {row["filename"]: int(row["target"]) for row in csv.DictReader(handle)}
+    assert [int(target) for target in data.targets] == [targets[clip] for clip in data.ids]
+    assert sorted(set(data.targets.tolist())) == [0, 1, 10]  # dog, rooster, rain: not their alphabetical 0, 2, 1
+
+    text = (root / "meta/esc50.csv").read_text().replace(",1,rooster,", ",2,rooster,")
+    (root / "meta/esc50.csv").write_text(text)
+    with pytest.raises(
+        ProbeDataError, match=r"numbers its classes otherwise than the official ESC-50 \(2 = rooster\)"
+    ):
+        load_task("esc50", root)
+
+
+def test_openmic_clip_without_annotated_classes_stays_unannotated(tmp_path):
+    root = make_task("openmic", tmp_path / "openmic-2018")
+    with np.load(root / "openmic-2018.npz", allow_pickle=True) as npz:
+        arrays = dict(npz)
+    arrays["Y_mask"][5] = False  # annotated for none of the classes
+    np.savez(root / "openmic-2018.npz", **arrays)
+    data = load_task("openmic", root)
+    row = data.ids.index(str(arrays["sample_key"][5]))
+    assert data.label_mask[row].tolist() == [False, False, False]
+    assert data.targets[row].tolist() == [0.0, 0.0, 0.0]
+    assert data.label_mask.sum() == arrays["Y_mask"].sum()
+
+
+def test_clip_counts_are_checked_against_the_complete_dataset(tmp_path, caplog, monkeypatch):
+    from dataclasses import replace
+
+    from modeling_matpac.evaluation import tasks
+
+    data = load_task("gtzan", make_task("gtzan", tmp_path / "gtzan"))
+    message = (
+        "GTZAN: found train: 12 / valid: 6 / test: 6 clips, the complete dataset has train: 443 / valid: 197 / "
+        "test: 290."
+    )
+    with pytest.raises(ProbeDataError, match="Pass --allow_incomplete") as error:
+        check_clip_counts(data)
+    assert message in str(error.value) and "jazz/jazz.00054.wav" in str(error.value)
+    caplog.set_level(logging.WARNING)
+    assert check_clip_counts(data, allow_incomplete=True) is False
+    assert message in caplog.text and "Probing these clips anyway (--allow_incomplete)" in caplog.text
+
+    # The fake copy's own sizes pass; one clip less in one fold does not.
+    esc50 = load_task("esc50", make_task("esc50", tmp_path / "esc50"))
+    monkeypatch.setitem(
+        tasks.TASKS, "esc50", replace(tasks.TASKS["esc50"], expected_clips=dict.fromkeys(range(1, 6), 3))
+    )
+    assert check_clip_counts(esc50) is True
+    with pytest.raises(ProbeDataError, match="found fold 1: 3 / fold 2: 2 / fold 3: 3 .* fold 2: 3 / fold 3: 3"):
+        check_clip_counts(esc50.select(np.flatnonzero(esc50.ids != np.array("2-1021-A-1.wav"))))
+    assert check_clip_counts(load_task("audiofolder", make_task("gtzan", tmp_path / "folder") / "genres")) is True
+
+
+def test_every_paper_task_states_its_complete_sizes():
+    from modeling_matpac.evaluation.tasks import TASKS
+
+    assert {name: sum(TASKS[name].expected_clips.values()) for name in PAPER_TASKS} == {
+        "gtzan": 930,
+        "esc50": 2_000,
+        "us8k": 8_732,
+        "nsynth": 305_979,
+        "openmic": 20_000,
+        "mtt": 21_105,
+        "fsd50k": 51_197,
+    }
