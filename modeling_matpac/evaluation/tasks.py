@@ -5,6 +5,7 @@ published layout (`data_dir`) or from a script-free copy on the Hugging Face Hub
 Every loader returns a [`ProbeData`]: clip ids, a lazy audio source, targets, and either the official split of each
 clip or its cross-validation fold. Clips whose file is missing or whose label is outside the task's vocabulary are
 skipped with a warning; a missing or malformed layout raises [`ProbeDataError`] saying where to get the data.
+[`check_clip_counts`] then compares each split with the complete dataset, so that skipped clips cannot go unnoticed.
 """
 
 from __future__ import annotations

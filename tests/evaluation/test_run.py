@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO))  # run_probe.py is a script at the repository root
 import run_probe  # noqa: E402
 
 
-FAST = ["--num_runs", "2", "--max_epochs", "4", "--patience", "2", "--learning_rate", "0.01"]
+# The fake copies are far smaller than the real datasets: the clip-count check is tested on its own below.
+FAST = ["--num_runs", "2", "--max_epochs", "4", "--patience", "2", "--learning_rate", "0.01", "--allow_incomplete"]
 OFFICIAL_FOLDERS = {
     "gtzan": "gtzan",
     "esc50": "ESC-50-master",
@@ -78,6 +79,9 @@ def test_esc50_end_to_end_then_cached_rerun(tiny_model, data_root, tmp_path, for
     assert saved["settings"]["probe"]["learning_rate"] == 0.01 and saved["settings"]["model"]["layer"] == "last"
     table = (tmp_path / "results.md").read_text()
     assert f"| esc50 | accuracy | {result.mean:.2f} ± {result.ci95:.2f} | 93.5 | 2 | 5 | 15 | 160 |" in table
+    assert "| fold 1: 3 / fold 2: 3 / fold 3: 3 / fold 4: 3 / fold 5: 3 | no |" in table  # not the real 5 x 400
+    assert saved["results"][0]["clips_per_split"] == {f"fold {fold}": 3 for fold in range(1, 6)}
+    assert saved["results"][0]["complete"] is False
 
     # Other probe hyper-parameters: the embeddings come from the cache, the model never runs.
     (rerun,) = run_probe.main([*args, "--learning_rate", "0.001", "--num_runs", "3"])
@@ -131,6 +135,12 @@ def test_all_skips_tasks_without_data(tiny_model, tmp_path, caplog):
     assert [r.task for r in results] == ["nsynth"]
     assert "openmic: skipped, no openmic or openmic-2018 or OpenMIC-2018 folder" in caplog.text
     assert f"esc50: skipped, no esc50 or ESC-50 or ESC-50-master folder in {tmp_path / 'data'}" in caplog.text
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert (
+        f"| esc50 | - | skipped: no esc50 or ESC-50 or ESC-50-master folder in {tmp_path / 'data'} | 93.5 |" in table
+    )
+    skipped = json.loads((tmp_path / "out" / "results.json").read_text())["skipped"]
+    assert sorted(skipped) == sorted(set(PAPER_TASKS) - {"nsynth"})
 
 
 def test_all_without_data_dir_reads_the_hub_copies(tiny_model, tmp_path, caplog):
@@ -138,6 +148,7 @@ def test_all_without_data_dir_reads_the_hub_copies(tiny_model, tmp_path, caplog)
         run_probe.main(["--all", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)])
     assert "gtzan: skipped, Cannot load GTZAN from the Hub dataset 'confit/gtzan-parquet'" in caplog.text  # offline
     assert "mtt: skipped, MagnaTagATune (top-50 tags) has no script-free copy on the Hub" in caplog.text
+    assert "nsynth: skipped, NSynth (instrument family) has no script-free copy on the Hub" in caplog.text
 
 
 def test_saved_head_is_an_audio_classification_pipeline(tiny_model, data_root, tmp_path):
@@ -189,6 +200,7 @@ def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data
         ([], "Pass either --dataset NAME or --all"),
         (["--dataset", "esc50", "--data_dir", "{empty}"], "ESC-50 not found .* missing meta/esc50.csv"),
         (["--dataset", "openmic"], "OpenMIC-2018 has no script-free copy on the Hub"),
+        (["--dataset", "nsynth"], "NSynth \\(instrument family\\) has no script-free copy on the Hub"),
         (["--dataset", "audiofolder"], "audiofolder needs --data_dir"),
         (
             ["--dataset", "esc50", "--layer", "2", "--save_head", "x", "--data_dir", "{empty}"],
@@ -229,3 +241,26 @@ def test_command_line(tiny_model, data_root, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| gtzan | accuracy |" in done.stdout and "| 85.3 |" in done.stdout
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["num_clips"] == 24
+
+
+def test_clip_counts_decide_between_probing_and_failing(tiny_model, data_root, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from modeling_matpac.evaluation import tasks
+
+    args = ["--model_name_or_path", tiny_model, "--output_dir", str(tmp_path), *FAST[:-1]]
+    with pytest.raises(SystemExit, match=r"ESC-50: found fold 1: 3 .* has fold 1: 400 .* Pass --allow_incomplete"):
+        run_probe.main(["--dataset", "esc50", "--data_dir", str(data_root / "ESC-50-master"), *args])
+
+    # With the fake GTZAN's sizes as the complete ones, GTZAN is probed; under --all, every other task is listed
+    # as skipped because its clips are incomplete.
+    gtzan = replace(tasks.TASKS["gtzan"], expected_clips={"train": 12, "valid": 6, "test": 6})
+    monkeypatch.setitem(tasks.TASKS, "gtzan", gtzan)
+    results = run_probe.main(["--all", "--data_dir", str(data_root), *args])
+    assert [(r.task, r.complete, r.num_clips) for r in results] == [("gtzan", True, 24)]
+    table = (tmp_path / "results.md").read_text()
+    assert "| train: 12 / valid: 6 / test: 6 | yes |" in table
+    assert "| nsynth | - | skipped: NSynth (instrument family): found train: 12 / valid: 6 / test: 6 clips" in table
+    skipped = json.loads((tmp_path / "results.json").read_text())["skipped"]
+    assert sorted(skipped) == sorted(set(PAPER_TASKS) - {"gtzan"})
+    assert "the complete dataset has train: 14,915 / test: 5,085" in skipped["openmic"]
