@@ -10,7 +10,7 @@ import numpy as np
 
 from .embeddings import Embeddings
 from .probe import ProbeOutcome, confidence_interval
-from .tasks import ProbeData, clip_counts, get_task
+from .tasks import TASKS, ProbeData, clip_counts
 
 
 @dataclass
@@ -37,7 +37,8 @@ class TaskResult:
 def task_result(data: ProbeData, outcome: ProbeOutcome, embeddings: Embeddings, paper: float | None) -> TaskResult:
     """The table row of a task; `data` holds the clips that were embedded."""
     runs = [100 * value for value in outcome.run_scores]
-    counts, expected = clip_counts(data), get_task(data.task).expected_clips
+    counts = clip_counts(data)
+    expected = TASKS[data.task].expected_clips if data.task in TASKS else {}
     return TaskResult(
         task=data.task,
         metric="mAP" if data.multi_label else "accuracy",
@@ -92,7 +93,7 @@ def results_markdown(results: list[TaskResult], skipped: dict[str, str] | None =
             )
         )
     for task, reason in (skipped or {}).items():
-        paper = get_task(task).paper_score
+        paper = TASKS[task].paper_score
         row = (task, "-", f"skipped: {reason}", "-" if paper is None else f"{paper:.1f}")
         rows.append(row + ("-",) * (len(header) - len(row)))
     return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)

@@ -688,6 +688,8 @@ def clip_counts(data: ProbeData) -> dict[str | int, int]:
     if data.fold is not None:
         folds, counts = np.unique(data.fold, return_counts=True)
         return {int(fold): int(count) for fold, count in zip(folds, counts)}
+    if data.split is None:
+        return {}
     found = {split: int((data.split == split).sum()) for split in SPLITS}
     return {split: count for split, count in found.items() if count}
 

@@ -106,17 +106,17 @@ def test_retrained_model_invalidates_the_cache(tmp_path, us8k):
 def test_corrupt_and_too_short_clips_are_skipped(tiny_model, tmp_path, caplog):
     root = make_task("esc50", tmp_path / "esc50")
     (root / "audio/2-1021-A-1.wav").write_bytes(b"RIFF\x00\x00 definitely not audio")
-    write_clip(root / "audio/4-1042-A-2.wav", 2, seconds=0.01)  # less than one 25 ms analysis window
+    write_clip(root / "audio/4-1050-A-10.wav", 10, seconds=0.01)  # less than one 25 ms analysis window
     data = load_task("esc50", root)
     caplog.set_level(logging.WARNING)
     embeddings, positions = EmbeddingExtractor(tiny_model, batch_size=4)(data)
     assert len(positions) == len(data) - 2 == embeddings.shape[0]
     assert [data.ids[i] for i in sorted(set(range(len(data))) - set(positions))] == [
         "2-1021-A-1.wav",
-        "4-1042-A-2.wav",
+        "4-1050-A-10.wav",
     ]
     assert "skipped clip 2-1021-A-1.wav: cannot decode" in caplog.text
-    assert "skipped clip 4-1042-A-2.wav: Clip 0 has 160 samples" in caplog.text
+    assert "skipped clip 4-1050-A-10.wav: Clip 0 has 160 samples" in caplog.text
     assert "shorter than one analysis window" in caplog.text
 
 
