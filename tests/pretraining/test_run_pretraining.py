@@ -156,3 +156,20 @@ def test_deviations_from_the_paper_are_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         run_pretraining.log_recipe(training_args, config, 6400, "cpu")
     assert len(caplog.records) == 2  # precision and workers are GPU matters
+
+
+def test_audioset_layout_trains_on_both_training_splits_with_epochs_from_the_card(tmp_path, caplog):
+    from test_data import _audioset_like
+
+    root = _audioset_like(tmp_path / "AudioSet")
+    with caplog.at_level(logging.INFO):
+        history = run(tmp_path / "out", "--dataset_name", str(root), "--dataset_config_name", "full",
+                      "--dataset_split", "bal_train+unbal_train", "--num_train_epochs", "1",
+                      "--warmup_epochs", "0.5", "--teacher_temperature_warmup_epochs", "1")  # fmt: skip
+    # The card declares 2 + 4 clips: 3 steps of 2 clips make one epoch, the short clip counted but skipped.
+    assert "Epochs count the source's 6 clips, those shorter than a crop included" in caplog.text
+    assert "3 steps (1.00 epochs) of 6 clips per epoch (3 steps per epoch)" in caplog.text
+    assert "a global batch of 2 clips instead of 2048" in caplog.text
+    losses = [entry for entry in history if "loss" in entry]
+    assert [entry["step"] for entry in losses] == [1, 2, 3] and losses[-1]["num_skipped_short"] >= 1
+    assert MatpacForPreTraining.from_pretrained(tmp_path / "out").config.teacher_temperature_warmup_steps == 3
