@@ -7,10 +7,10 @@ validation rule, `modeling_matpac/evaluation/tasks.py` for the tasks and their e
     python run_probe.py --dataset esc50 --data_dir /data/ESC-50-master
     python run_probe.py --dataset gtzan                    # the Hub copy of GTZAN
     python run_probe.py --all --data_dir /data             # every task found under /data/<task>/
+    python run_probe.py --dataset audiofolder --data_dir /data/my_sounds --save_head outputs/my-classifier
 
 Each split's clip count is checked against the complete dataset's (a partly extracted copy fails unless
 `--allow_incomplete` is given); the results table shows the counts used, and the tasks `--all` skipped, with why.
-    python run_probe.py --dataset audiofolder --data_dir /data/my_sounds --save_head outputs/my-classifier
 
 Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing.
 """

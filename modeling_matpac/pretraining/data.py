@@ -32,11 +32,10 @@ so that a clip's batch-mates change every epoch. Each clip is thus used exactly 
 shuffled within the buffer's reach; clips with random access (and the log-mel cache) are permuted fully every epoch.
 The dataset repeats epochs forever (`infinite=True`), so that processes whose shares differ in length never run dry at
 different times and hang DDP; each consumer moves on to its next epoch on its own (shares differing by a clip or a
-shard make consumers drift apart by that much per epoch). The Trainer then needs
-`max_steps` (convert epochs with `dataset_size`, which counts clips before skipping). Under `accelerate launch`,
-`MatpacTrainer` sets `rank` and `world_size` to the process's and builds the loader itself, so that every process
-decodes only its own share; with a plain `Trainer`, leave them at 0 and 1 and accelerate's default dispatching has
-process 0 read for all.
+shard make consumers drift apart by that much per epoch). The Trainer then needs `max_steps` (convert epochs with
+`dataset_size`, which counts clips before skipping). Under `accelerate launch`, `MatpacTrainer` sets `rank` and
+`world_size` to the process's and builds the loader itself, so that every process decodes only its own share; with a
+plain `Trainer`, leave them at 0 and 1 and accelerate's default dispatching has process 0 read for all.
 
 Skip counts. DataLoader workers are separate processes, so counters cannot be read from the dataset object. Each
 example instead carries how many clips were skipped (too short, undecodable) since its consumer's previous example;
