@@ -606,7 +606,7 @@ TASKS: dict[str, ProbeTask] = {
             folder_names=("nsynth", "NSynth"),
             vocabulary=NSYNTH_FAMILIES,
             expected_clips={"train": 289_205, "valid": 12_678, "test": 4_096},
-            known_issues="nsynth-train (about 22 GB) is often only partly extracted.",
+            known_issues="nsynth-train is the largest archive: check that its extraction finished.",
         ),
         ProbeTask(
             name="openmic",
