@@ -348,6 +348,8 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
 
 
 def check_data_arguments(data_args: DataArguments) -> None:
+    if data_args.dataset_size is not None and data_args.dataset_size < 1:
+        raise ValueError(f"--dataset_size must be a positive number of clips, got {data_args.dataset_size}.")
     if data_args.train_cache is None:
         return
     if data_args.preprocess_to is not None:

@@ -99,6 +99,8 @@ def test_bad_flags_give_clear_errors(tmp_path):
     assert config.qkv_bias is False and config.mask_ratio == 0.6
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--train_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="--dataset_size must be a positive number of clips, got 0"):
+        run_pretraining.main(["--output_dir", str(tmp_path), "--train_dir", str(tmp_path), "--dataset_size", "0"])
 
 
 def readme_audioset_command() -> list[str]:
