@@ -125,8 +125,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
             check_clip_counts(data, data_args.allow_incomplete)
             logger.info("%s: %d clips from %s", name, len(data), data.source)
             embeddings = load_or_extract(data, extractor, cache_dir)
+            if len(embeddings.positions) < len(data):  # undecodable clips were dropped while encoding
+                check_clip_counts(data.select(embeddings.positions), data_args.allow_incomplete)
             data = data.select(embeddings.positions)
-            check_clip_counts(data, data_args.allow_incomplete)  # undecodable clips are dropped while encoding
         except ProbeDataError as error:
             if not data_args.all:
                 raise

@@ -264,3 +264,19 @@ def test_clip_counts_decide_between_probing_and_failing(tiny_model, data_root, t
     skipped = json.loads((tmp_path / "results.json").read_text())["skipped"]
     assert sorted(skipped) == sorted(set(PAPER_TASKS) - {"gtzan"})
     assert "the complete dataset has train: 14,915 / test: 5,085" in skipped["openmic"]
+
+
+def test_clips_that_do_not_decode_make_a_complete_copy_incomplete(tiny_model, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from modeling_matpac.evaluation import tasks
+
+    esc50 = replace(tasks.TASKS["esc50"], expected_clips=dict.fromkeys(range(1, 6), 3))
+    monkeypatch.setitem(tasks.TASKS, "esc50", esc50)
+    root = make_task("esc50", tmp_path / "ESC-50-master")
+    (root / "audio/2-1021-A-1.wav").write_bytes(b"RIFF\x00\x00 not audio")  # present, so it passes the first check
+    args = ["--dataset", "esc50", "--data_dir", str(root), "--model_name_or_path", tiny_model]
+    with pytest.raises(SystemExit, match="found fold 1: 3 / fold 2: 2 / fold 3: 3 .* has fold 1: 3 / fold 2: 3"):
+        run_probe.main([*args, "--output_dir", str(tmp_path / "out"), *FAST[:-1]])
+    (result,) = run_probe.main([*args, "--output_dir", str(tmp_path / "out"), *FAST])
+    assert result.num_clips == 14 and result.complete is False and result.clips_per_split["fold 2"] == 2
