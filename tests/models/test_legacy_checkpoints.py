@@ -1,0 +1,47 @@
+"""Checkpoints saved by the code of commit 35f5365 (tests/fixtures/legacy_v0) load with identical outputs."""
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file
+
+from modeling_matpac import MatpacFeatureExtractor, MatpacForAudioClassification, MatpacForPreTraining
+
+
+LEGACY = FIXTURES / "legacy_v0"
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return load_file(LEGACY / "expected.safetensors")
+
+
+def test_pretraining_checkpoint_loads_with_identical_outputs(expected):
+    model = MatpacForPreTraining.from_pretrained(LEGACY / "pretraining").eval()
+    with torch.no_grad():
+        outputs = model(expected["pretraining.input_values"], noise=expected["pretraining.noise"], step=2)
+    for name in ("loss", "loss_pred", "loss_cls", "teacher_sum"):
+        assert torch.equal(getattr(outputs, name), expected[f"pretraining.{name}"]), name
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert not any(name.startswith("teacher_") or "position_embeddings" in name for name in trainable)
+
+
+def test_audio_classification_checkpoint_loads_with_identical_outputs(expected):
+    model = MatpacForAudioClassification.from_pretrained(LEGACY / "audio_classification").eval()
+    assert model.config.id2label == {0: "dog", 1: "rain", 2: "siren"}
+    values, mask = expected["classification.input_values"], expected["classification.attention_mask"]
+    with torch.no_grad():
+        encoder = model.matpac(values, attention_mask=mask, output_hidden_states=True)
+        logits = model(values, attention_mask=mask).logits
+    assert torch.equal(encoder.last_hidden_state, expected["classification.last_hidden_state"])
+    assert torch.equal(encoder.pooler_output, expected["classification.pooler_output"])
+    assert torch.equal(torch.stack(encoder.hidden_states), expected["classification.hidden_states"])
+    assert torch.equal(logits, expected["classification.logits"])
+
+
+def test_feature_extractor_settings_load(expected):
+    loaded = MatpacFeatureExtractor.from_pretrained(LEGACY / "audio_classification")
+    waveform = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    reference = MatpacFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
+    features = loaded(waveform, sampling_rate=16000, return_tensors="pt")
+    assert torch.equal(features["input_values"], reference["input_values"])
