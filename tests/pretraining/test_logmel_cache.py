@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_config_kwargs
 from torch.utils.data import DataLoader
 
-from modeling_matpac.pretraining import logmel_cache
 from modeling_matpac.audio import decode_mono_16k
 from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor
+from modeling_matpac.pretraining import logmel_cache
 from modeling_matpac.pretraining.data import list_audio_files
 from modeling_matpac.pretraining.logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
 
