@@ -84,7 +84,7 @@ def test_auto_classes_resolve_after_import(tmp_path):
         "AutoModelForPreTraining": "modeling_matpac.MatpacForPreTraining",
         "AutoModelForAudioClassification": "modeling_matpac.MatpacForAudioClassification",
     }
-    assert {"configuration_matpac.py", "modeling_matpac.py", "feature_extraction_matpac.py"} <= {
+    assert {"configuration_matpac.py", "modeling_matpac.py", "feature_extraction_matpac.py", "audio.py"} <= {
         path.name for path in tmp_path.iterdir()
     }
 
