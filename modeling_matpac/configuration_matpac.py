@@ -4,6 +4,19 @@ from transformers import PreTrainedConfig
 
 
 CENTER_MODES = ("probabilities", "logits")
+# The front end, described once: each config field and the `MatpacFeatureExtractor` argument it sets (the feature
+# extractor's defaults are these fields' defaults, and `MatpacFeatureExtractor.from_model_config` copies them).
+FRONT_END_FIELDS = {
+    "num_mel_bins": "feature_size",
+    "sampling_rate": "sampling_rate",
+    "n_fft": "n_fft",
+    "hop_length": "hop_length",
+    "f_min": "f_min",
+    "f_max": "f_max",
+    "log_offset": "log_offset",
+    "lms_mean": "mean",
+    "lms_std": "std",
+}
 
 
 class MatpacConfig(PreTrainedConfig):
@@ -11,7 +24,7 @@ class MatpacConfig(PreTrainedConfig):
     Configuration of a MATPAC model (Masked Latent Prediction And Classification, Quelennec et al., ICASSP 2025).
     The defaults are the published ViT-B model and the paper's best pre-training recipe.
 
-    Front end (mirrored by [`MatpacFeatureExtractor`]):
+    Front end (the single source of [`MatpacFeatureExtractor`]'s settings, see `FRONT_END_FIELDS`):
         sampling_rate (`int`, defaults to 16000): Sampling rate the model was trained on, in Hz.
         num_mel_bins (`int`, defaults to 80): Number of mel bands of the log-mel input.
         n_fft (`int`, defaults to 400): FFT size and Hann window length, in samples (25 ms).
@@ -209,4 +222,4 @@ class MatpacConfig(PreTrainedConfig):
             raise ValueError(f"`hop_length` ({self.hop_length}) must not exceed `n_fft` ({self.n_fft}).")
 
 
-__all__ = ["MatpacConfig"]
+__all__ = ["FRONT_END_FIELDS", "MatpacConfig"]

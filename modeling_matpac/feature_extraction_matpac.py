@@ -23,6 +23,7 @@ This file is copied next to saved checkpoints as remote code, so it imports noth
 
 import math
 import numbers
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -31,10 +32,13 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import TensorType, logging
 
 from .audio import _check_sampling_rate, _resampled_length, resample
+from .configuration_matpac import FRONT_END_FIELDS, MatpacConfig
 
 
 logger = logging.get_logger(__name__)
 
+# The feature extractor's defaults: those of the config's front-end fields.
+_DEFAULTS = {FRONT_END_FIELDS[field.name]: field.default for field in fields(MatpacConfig) if field.name in FRONT_END_FIELDS}
 # A 2-D clip is multichannel along its axis of at most this size (channels-first or channels-last).
 MAX_CHANNELS = 8
 
@@ -203,16 +207,16 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
 
     def __init__(
         self,
-        feature_size: int = 80,
-        sampling_rate: int = 16000,
+        feature_size: int = _DEFAULTS["feature_size"],
+        sampling_rate: int = _DEFAULTS["sampling_rate"],
         padding_value: float = 0.0,
-        n_fft: int = 400,
-        hop_length: int = 160,
-        f_min: float = 50.0,
-        f_max: float = 8000.0,
-        log_offset: float = 1.1920928955078125e-07,
-        mean: float = -7.056,
-        std: float = 4.193,
+        n_fft: int = _DEFAULTS["n_fft"],
+        hop_length: int = _DEFAULTS["hop_length"],
+        f_min: float = _DEFAULTS["f_min"],
+        f_max: float = _DEFAULTS["f_max"],
+        log_offset: float = _DEFAULTS["log_offset"],
+        mean: float = _DEFAULTS["mean"],
+        std: float = _DEFAULTS["std"],
         return_attention_mask: bool = True,
         **kwargs,
     ):
@@ -237,17 +241,20 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
     @classmethod
     def from_model_config(cls, config) -> "MatpacFeatureExtractor":
         """The front end a model was configured with (the front-end fields of a `MatpacConfig`)."""
-        return cls(
-            feature_size=config.num_mel_bins,
-            sampling_rate=config.sampling_rate,
-            n_fft=config.n_fft,
-            hop_length=config.hop_length,
-            f_min=config.f_min,
-            f_max=config.f_max,
-            log_offset=config.log_offset,
-            mean=config.lms_mean,
-            std=config.lms_std,
-        )
+        return cls(**{argument: getattr(config, field) for field, argument in FRONT_END_FIELDS.items()})
+
+    def num_samples(self, num_frames: int) -> int:
+        """Samples at `self.sampling_rate` that give exactly `num_frames` frames."""
+        return self.n_fft + (num_frames - 1) * self.hop_length
+
+    def normalized_log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """
+        The model input of mono `waveform` `(..., n_samples)` already at `self.sampling_rate`: its log-mel `(...,
+        feature_size, n_frames)` normalised with the pre-training statistics. The only place that computes it: the
+        pre-training crops and the log-mel cache call it too.
+        """
+        log_mel = log_mel_spectrogram(waveform, self.mel_filters, self.window, self.hop_length, self.log_offset)
+        return (log_mel - self.mean) / self.std
 
     def __call__(
         self,
@@ -314,8 +321,7 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         if sampling_rate != self.sampling_rate:
             waveforms = resample(waveforms, sampling_rate, self.sampling_rate)
             lengths = [_resampled_length(length, sampling_rate, self.sampling_rate) for length in lengths]
-        log_mel = log_mel_spectrogram(waveforms, self.mel_filters, self.window, self.hop_length, self.log_offset)
-        input_values = (log_mel - self.mean) / self.std
+        input_values = self.normalized_log_mel(waveforms)
 
         n_frames = torch.tensor([1 + (length - self.n_fft) // self.hop_length for length in lengths], device=device)
         attention_mask = torch.arange(input_values.shape[-1], device=device)[None, :] < n_frames[:, None]

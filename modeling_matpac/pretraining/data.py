@@ -57,7 +57,7 @@ import torch
 from transformers.utils import logging
 
 from ..audio import AUDIO_EXTENSIONS, SAMPLING_RATE, AudioDecodeError, decode_mono_16k
-from ..feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
+from ..feature_extraction_matpac import MatpacFeatureExtractor
 
 
 logger = logging.get_logger(__name__)
@@ -377,7 +377,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         if self.feature_extractor.sampling_rate != SAMPLING_RATE:
             raise ValueError(f"The feature extractor must work at {SAMPLING_RATE} Hz, like the crops.")
         self.num_frames = num_frames
-        self.crop_length = self.feature_extractor.n_fft + (num_frames - 1) * self.feature_extractor.hop_length
+        self.crop_length = self.feature_extractor.num_samples(num_frames)
         self.seed = seed
         self.shuffle = shuffle
         self.infinite = infinite
@@ -415,12 +415,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
             return None
         rng = np.random.default_rng([self.seed, epoch, *clip.key])
         start = int(rng.integers(waveform.shape[-1] - self.crop_length + 1))
-        crop = waveform[None, start : start + self.crop_length]
-        extractor = self.feature_extractor
-        log_mel = log_mel_spectrogram(
-            crop, extractor.mel_filters, extractor.window, extractor.hop_length, extractor.log_offset
-        )
-        return ((log_mel - extractor.mean) / extractor.std)[0]
+        return self.feature_extractor.normalized_log_mel(waveform[None, start : start + self.crop_length])[0]
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()

@@ -52,7 +52,8 @@ import torch
 from transformers.utils import logging
 
 from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k
-from ..feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
+from ..configuration_matpac import FRONT_END_FIELDS
+from ..feature_extraction_matpac import MatpacFeatureExtractor
 from .data import AudioSource, MatpacPretrainingDataset, _Clip, _IndexedClips, _open_clips
 
 
@@ -63,18 +64,6 @@ CACHE_FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 SHARD_PREFIX = "logmels-"
 SHARD_SCHEMA = pa.schema([("clip_id", pa.string()), ("num_frames", pa.int32()), ("log_mel", pa.binary())])
-# The feature extractor settings that change the log-mels; a cache is only read with the same values.
-FRONT_END_SETTINGS = (
-    "feature_size",
-    "sampling_rate",
-    "n_fft",
-    "hop_length",
-    "f_min",
-    "f_max",
-    "log_offset",
-    "mean",
-    "std",
-)
 # Frames computed at once: bounds the framed copies of long clips (a frame's log-mel only depends on its samples).
 _FRAMES_PER_BLOCK = 8192
 # A record batch is written once it holds this many clips or bytes (binary arrays have 32-bit offsets).
@@ -84,7 +73,7 @@ _BYTES_PER_BATCH = 64 * 2**20
 
 def front_end_settings(feature_extractor: MatpacFeatureExtractor) -> dict[str, int | float]:
     """The settings of `feature_extractor` that the log-mels depend on, as stored in a cache's metadata."""
-    return {name: getattr(feature_extractor, name) for name in FRONT_END_SETTINGS}
+    return {name: getattr(feature_extractor, name) for name in FRONT_END_FIELDS.values()}
 
 
 def _normalised_log_mel(waveform: torch.Tensor, extractor: MatpacFeatureExtractor) -> np.ndarray:
@@ -94,11 +83,8 @@ def _normalised_log_mel(waveform: torch.Tensor, extractor: MatpacFeatureExtracto
     blocks = []
     for first in range(0, num_frames, _FRAMES_PER_BLOCK):
         count = min(_FRAMES_PER_BLOCK, num_frames - first)
-        samples = waveform[first * hop_length : (first + count - 1) * hop_length + n_fft]
-        log_mel = log_mel_spectrogram(
-            samples, extractor.mel_filters, extractor.window, hop_length, extractor.log_offset
-        )
-        blocks.append(((log_mel - extractor.mean) / extractor.std).to(torch.float16))
+        samples = waveform[first * hop_length : first * hop_length + extractor.num_samples(count)]
+        blocks.append(extractor.normalized_log_mel(samples).to(torch.float16))
     return torch.cat(blocks, dim=-1).numpy()
 
 
@@ -274,7 +260,7 @@ def preprocess_to_cache(
     output_dir = Path(output_dir)
     _prepare_output_dir(output_dir, overwrite)
 
-    min_samples = extractor.n_fft + (min_frames - 1) * extractor.hop_length
+    min_samples = extractor.num_samples(min_frames)
     writer = _ShardWriter(output_dir, shard_size)
     counts = {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}
     stream = clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_matpac.audio import resample
+from modeling_matpac.configuration_matpac import FRONT_END_FIELDS, MatpacConfig
 from modeling_matpac.feature_extraction_matpac import (
     MatpacFeatureExtractor,
     log_mel_spectrogram,
@@ -398,3 +399,17 @@ def test_grouped_resampling_equals_the_plain_polyphase_filter(orig_sr, num_sampl
     resampled = resample(waveform, orig_sr, 16000)
     assert resampled.shape == expected.shape
     torch.testing.assert_close(resampled, expected, atol=1e-6, rtol=0)
+
+
+def test_the_config_is_the_single_source_of_the_front_end():
+    default, config = MatpacFeatureExtractor(), MatpacConfig()
+    assert {argument: getattr(default, argument) for argument in FRONT_END_FIELDS.values()} == {
+        argument: getattr(config, field) for field, argument in FRONT_END_FIELDS.items()
+    }
+    changed = MatpacConfig(num_mel_bins=128, hop_length=320, f_max=7000.0, lms_mean=-6.0)
+    extractor = MatpacFeatureExtractor.from_model_config(changed)
+    assert (extractor.feature_size, extractor.hop_length, extractor.f_max, extractor.mean) == (128, 320, 7000.0, -6.0)
+    waveform = torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    features = extractor(waveform, sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert features.shape == (2, 128, 1 + (16000 - 400) // 320)
+    assert torch.equal(features, extractor.normalized_log_mel(waveform))
