@@ -38,7 +38,7 @@ from .configuration_matpac import FRONT_END_FIELDS, MatpacConfig
 logger = logging.get_logger(__name__)
 
 # The feature extractor's defaults: those of the config's front-end fields.
-_DEFAULTS = {FRONT_END_FIELDS[field.name]: field.default for field in fields(MatpacConfig) if field.name in FRONT_END_FIELDS}
+_DEFAULTS = {FRONT_END_FIELDS[f.name]: f.default for f in fields(MatpacConfig) if f.name in FRONT_END_FIELDS}
 # A 2-D clip is multichannel along its axis of at most this size (channels-first or channels-last).
 MAX_CHANNELS = 8
 
