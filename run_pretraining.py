@@ -174,7 +174,6 @@ class MatpacTrainingArguments(TrainingArguments):
     )
     logging_steps: float = 50
     save_steps: float = 5000
-    remove_unused_columns: bool = False
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MatpacTrainingArguments, bool]:
@@ -448,7 +447,12 @@ def main(argv: list[str] | None = None) -> None:
     data_seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
     if data_args.train_cache is not None:
         train_dataset = MatpacLogMelCacheDataset(
-            data_args.train_cache, feature_extractor=feature_extractor, num_frames=config.num_frames, seed=data_seed
+            data_args.train_cache,
+            feature_extractor=feature_extractor,
+            num_frames=config.num_frames,
+            seed=data_seed,
+            rank=training_args.process_index,
+            world_size=training_args.world_size,
         )
         data_description = train_dataset.description
     else:
@@ -459,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
             num_frames=config.num_frames,
             seed=data_seed,
             shuffle_buffer_size=data_args.shuffle_buffer_size,
+            rank=training_args.process_index,
+            world_size=training_args.world_size,
         )
     dataset_size = data_args.dataset_size or train_dataset.dataset_size
     if data_args.dataset_size is None and train_dataset.dataset_size and data_args.train_cache is None:

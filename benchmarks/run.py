@@ -152,8 +152,7 @@ def measure_pretraining(
             outputs = forward(values, step=torch.full((), state["step"], device=device))
         outputs.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        model.update_center(outputs.teacher_sum, outputs.teacher_count)
-        model.update_teachers(state["step"])
+        model.update_teachers_and_center(state["step"], outputs.teacher_sum, outputs.teacher_count)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1

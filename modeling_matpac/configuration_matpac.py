@@ -74,8 +74,9 @@ class MatpacConfig(PreTrainedConfig):
             EMA decay, linear from start to end over `ema_anneal_end_step`.
         head_ema_decay (`float`, defaults to 0.998) / head_ema_end_decay (`float`, defaults to 1.0): Teacher head
             EMA decay schedule, over the same steps. A decay of 1 means no update.
-        ema_anneal_end_step (`int`, defaults to 294816): Step at which both decays reach their end value; the
-            Trainer sets it to the run's total number of optimizer steps (the official `max_update`).
+        ema_anneal_end_step (`int`, defaults to 294816): Step at which both decays reach their end value (the best
+            model's `max_update`). A training loop that knows its length passes it instead (`MatpacTrainer` passes
+            `max_steps` to [`~MatpacForPreTraining.update_teachers_and_center`]), leaving this field as it is.
 
     Audio classification:
         freeze_encoder (`bool`, defaults to `False`): Train only the linear head of

@@ -50,7 +50,7 @@ class MatpacForPreTrainingOutput(ModelOutput):
         Mean cross-entropy between the teacher's and the student's class distributions (detached).
     teacher_sum (`torch.FloatTensor` of shape `(head_num_prototypes,)`):
         Sum over the masked patches of what the centre averages (`config.center_mode`): the input of
-        [`MatpacForPreTraining.update_center`], to be summed over micro-batches and processes first.
+        [`MatpacForPreTraining.update_teachers_and_center`], to be summed over micro-batches and processes first.
     teacher_count (`torch.FloatTensor` of shape `()`):
         Number of masked patches summed in `teacher_sum`.
     teacher_temperature (`torch.FloatTensor` of shape `()`):
@@ -491,9 +491,9 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
     """
     MATPAC pre-training: the student encodes the visible patches, the predictor predicts the teacher's latents of the
     masked ones (prediction loss), and the student head on those predictions learns the teacher head's centred,
-    sharpened class distribution (classification loss). The teachers are EMAs of the student encoder and head,
-    updated by [`~MatpacForPreTraining.update_teachers`]; the centre by [`~MatpacForPreTraining.update_center`]. A
-    training loop calls both once per optimizer step, after the backward and before `optimizer.step()`.
+    sharpened class distribution (classification loss). The teachers are EMAs of the student encoder and head; a
+    training loop moves them and the centre with [`~MatpacForPreTraining.update_teachers_and_center`], once per
+    optimizer step, after the backward and before `optimizer.step()`.
     """
 
     _keep_in_fp32_modules_strict = ["teacher_encoder", "teacher_head"]
@@ -525,21 +525,42 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             config.teacher_temperature_warmup_steps,
         )
 
-    def ema_decays(self, step: int) -> tuple[float, float]:
-        """Decays of the teacher encoder and teacher head EMAs at `step`, each annealed to its own end value."""
+    def ema_decays(self, step: int, anneal_end_step: int | None = None) -> tuple[float, float]:
+        """
+        Decays of the teacher encoder and teacher head EMAs at `step`, each annealed to its own end value at
+        `anneal_end_step`: the run's length (the authors' `max_update`), `config.ema_anneal_end_step` when not given.
+        """
         config = self.config
+        end = config.ema_anneal_end_step if anneal_end_step is None else anneal_end_step
         return (
-            linear_schedule(step, config.ema_decay, config.ema_end_decay, config.ema_anneal_end_step),
-            linear_schedule(step, config.head_ema_decay, config.head_ema_end_decay, config.ema_anneal_end_step),
+            linear_schedule(step, config.ema_decay, config.ema_end_decay, end),
+            linear_schedule(step, config.head_ema_decay, config.head_ema_end_decay, end),
         )
 
     @torch.no_grad()
-    def update_teachers(self, step: int) -> tuple[float, float]:
+    def update_teachers_and_center(
+        self,
+        step: int,
+        teacher_sum: torch.Tensor,
+        teacher_count: torch.Tensor | float,
+        anneal_end_step: int | None = None,
+    ) -> tuple[float, float]:
         """
-        Moves each teacher toward the student's current weights, `T <- d T + (1 - d) S`, unless its decay is 1. As in
-        the authors' code there is no update at step 0. Returns the decays (NaN where nothing was done).
+        The teacher side of optimizer step `step`, to call once per step after its backward and before
+        `optimizer.step()` (the authors' timing, which the fixtures pin):
+
+        1. the centre moves toward the step's teacher statistics, `C <- m C + (1 - m) teacher_sum / teacher_count`,
+           with `teacher_sum` and `teacher_count` of the forward outputs summed over the step's micro-batches and
+           processes;
+        2. each teacher moves toward the student's current weights (those that produced the step's loss),
+           `T <- d T + (1 - d) S`, unless its decay (`ema_decays(step, anneal_end_step)`) is 1; as in the authors'
+           code there is no update at step 0.
+
+        Returns the two decays (NaN where nothing was done).
         """
-        decays = self.ema_decays(step)
+        batch_mean = (teacher_sum.float() / teacher_count).view_as(self.center)
+        self.center.mul_(self.config.center_momentum).add_(batch_mean, alpha=1 - self.config.center_momentum)
+        decays = self.ema_decays(step, anneal_end_step)
         pairs = ((self.teacher_encoder, self.matpac.encoder), (self.teacher_head, self.student_head))
         applied = []
         for decay, (teacher, student) in zip(decays, pairs):
@@ -552,12 +573,6 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             torch._foreach_add_(teacher_params, student_params, alpha=1 - decay)
             applied.append(decay)
         return applied[0], applied[1]
-
-    @torch.no_grad()
-    def update_center(self, teacher_sum: torch.Tensor, teacher_count: torch.Tensor | float) -> None:
-        """`C <- m C + (1 - m) mean`, from the sums and counts of one optimizer step, reduced over processes."""
-        batch_mean = (teacher_sum.float() / teacher_count).view_as(self.center)
-        self.center.mul_(self.config.center_momentum).add_(batch_mean, alpha=1 - self.config.center_momentum)
 
     def random_masking(
         self, batch_size: int, device: torch.device, noise: torch.Tensor | None = None

@@ -33,19 +33,21 @@ shuffled within the buffer's reach; clips with random access (and the log-mel ca
 The dataset repeats epochs forever (`infinite=True`), so that processes whose shares differ in length never run dry at
 different times and hang DDP; each consumer moves on to its next epoch on its own (shares differing by a clip or a
 shard make consumers drift apart by that much per epoch). The Trainer then needs `max_steps` (convert epochs with
-`dataset_size`, which counts clips before skipping). Under `accelerate launch`, `MatpacTrainer` sets `rank` and
-`world_size` to the process's and builds the loader itself, so that every process decodes only its own share; with a
-plain `Trainer`, leave them at 0 and 1 and accelerate's default dispatching has process 0 read for all.
+`dataset_size`, which counts clips before skipping). Which share a dataset reads is set explicitly, by `rank` and
+`world_size`: `run_pretraining.py` passes the process's, and `MatpacTrainer` refuses a dataset split for another
+process. With a plain `Trainer`, leave them at 0 and 1 and accelerate's default dispatching has process 0 read for all.
 
-Skip counts. DataLoader workers are separate processes, so counters cannot be read from the dataset object. Each
-example instead carries how many clips were skipped (too short, undecodable) since its consumer's previous example;
-`collate_pretraining_batch` keeps these as `(batch,)` tensors, which survive accelerate's dispatching and slicing.
-Summed over batches and processes they give exact totals: the Trainer must pop `num_skipped_short` and
-`num_skipped_corrupt` from the batch before calling the model (and needs `remove_unused_columns=False`).
+Skip counts. The clips skipped (too short, undecodable) are counted where they are met, in the DataLoader worker that
+reads them. Each example carries the clips its consumer skipped since its previous example to the collate function
+(in the same worker); `SkippedClips`, the collate function `MatpacTrainer` gives its loader, takes them out there and
+reports each batch's totals beside the batches, on a queue, so that batches hold only model inputs. The totals of the
+batches consumed so far are exact and deterministic, and come back after a resumption (see `SkippedClips`).
 """
 
 import glob
+import multiprocessing
 import os
+import queue
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,7 +349,8 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         infinite (`bool`, *optional*, defaults to `True`):
             Repeat epochs forever (training, with `max_steps`), or stop after the epoch set by `set_epoch`.
         rank (`int`, *optional*, defaults to 0):
-            This process's index among the `world_size` processes that each read their own share of the data.
+            This process's index among the `world_size` processes that each read their own share of the data
+            (`training_args.process_index` under `accelerate launch`).
         world_size (`int`, *optional*, defaults to 1):
             Number of processes that each read their own share of the data (1 when accelerate dispatches batches).
     """
@@ -469,28 +472,66 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
 
 
 def collate_pretraining_batch(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack examples of `MatpacPretrainingDataset` into `input_values` `(batch, 80, num_frames)`."""
+    return {"input_values": torch.stack([example["input_values"] for example in examples])}
+
+
+SKIP_COUNTERS = ("num_skipped_short", "num_skipped_corrupt")
+
+
+class SkippedClips:
     """
-    Stack examples of `MatpacPretrainingDataset` into `input_values` `(batch, 80, num_frames)`, with the skip counts
-    as `(batch,)` int64 tensors (summed, they are the clips skipped while this batch was read).
+    Counts the clips the data pipeline skipped beside the batches, not inside them.
+
+    It is the loader's collate function: wherever batches are made (a DataLoader worker, or the main process without
+    workers) it takes the skip counts out of the examples, posts the batch's totals on a queue with the batch's number
+    in its worker, and collates the rest with `collate_fn`. `totals(num_batches)`, in the main process, sums the
+    totals of the first `num_batches` batches of the loader: a DataLoader hands out the batches of an iterable
+    dataset's workers in turn (in order, none running dry: the dataset is infinite), so batch `b` is batch
+    `b // num_workers` of worker `b % num_workers`. Counters read from the workers themselves would run ahead by the
+    batches they have prefetched; these are exact, and the same in every run. A run resumed from a checkpoint gets
+    the totals of its first steps back for free: the Trainer replays the loader's first batches to skip them, and
+    they are posted again.
     """
-    if "num_skipped_short" not in examples[0]:
-        raise KeyError(
-            "The examples have no skip counts: `Trainer` removed them as inputs unknown to the model. Set "
-            "`remove_unused_columns=False` and pop the counts from the batch in `compute_loss`."
-        )
-    return {
-        "input_values": torch.stack([example["input_values"] for example in examples]),
-        "num_skipped_short": torch.tensor([example["num_skipped_short"] for example in examples], dtype=torch.int64),
-        "num_skipped_corrupt": torch.tensor(
-            [example["num_skipped_corrupt"] for example in examples], dtype=torch.int64
-        ),
-    }
+
+    def __init__(self, collate_fn=collate_pretraining_batch, num_workers: int = 0, multiprocessing_context=None):
+        self.collate_fn = collate_fn
+        self.num_workers = max(num_workers, 1)
+        # A `Queue` buffers in the sender: a worker never blocks on it, however seldom the totals are read.
+        self._queue = multiprocessing.get_context(multiprocessing_context).Queue()
+        self._batches_made = 0  # in the process that makes batches (each worker has its own copy)
+        self._posted: dict[tuple[int, int], tuple[int, ...]] = {}  # (worker, its batch) -> counts, not summed yet
+        self._summed_batches = 0
+        self._sums = [0] * len(SKIP_COUNTERS)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        counts = tuple(sum(example.pop(name, 0) for example in examples) for name in SKIP_COUNTERS)
+        worker = torch.utils.data.get_worker_info()
+        self._queue.put((worker.id if worker is not None else 0, self._batches_made, counts))
+        self._batches_made += 1
+        return self.collate_fn(examples)
+
+    def totals(self, num_batches: int, timeout: float = 60.0) -> dict[str, int]:
+        """Clips skipped while the first `num_batches` batches were read, by reason (`SKIP_COUNTERS`)."""
+        for index in range(self._summed_batches, num_batches):
+            key = (index % self.num_workers, index // self.num_workers)
+            while key not in self._posted:
+                try:  # a worker posts a batch's counts before it hands the batch over: they are on their way
+                    worker, batch, counts = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    raise RuntimeError("The data pipeline did not report the skip counts of a batch read.") from None
+                self._posted[worker, batch] = counts
+            self._sums = [total + count for total, count in zip(self._sums, self._posted.pop(key))]
+        self._summed_batches = max(self._summed_batches, num_batches)
+        return dict(zip(SKIP_COUNTERS, self._sums))
 
 
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
     "MatpacPretrainingDataset",
+    "SKIP_COUNTERS",
+    "SkippedClips",
     "collate_pretraining_batch",
     "list_audio_files",
     "load_audio_source",

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
 from ..modeling_matpac import MatpacForPreTraining
-from .data import MatpacPretrainingDataset
+from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate_pretraining_batch
 
 
 logger = logging.getLogger(__name__)
@@ -24,8 +24,6 @@ LOGGED_OUTPUTS = (
     "prediction_std",
     "teacher_temperature",
 )
-# Batch entries that count the clips the data pipeline skipped while reading the batch (see `pretraining_data`).
-DATA_COUNTERS = ("num_skipped_corrupt", "num_skipped_short")
 # Which parameters get weight decay: "all" (the authors' fairseq Adam) or "transformers" (the Trainer's rule, which
 # spares biases and LayerNorm weights).
 WEIGHT_DECAY_SETS = ("all", "transformers")
@@ -39,10 +37,7 @@ class _TeacherUpdateCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.reset_accumulators(state.global_step)
-        model = self.trainer.pretraining_model
-        if model.config.ema_anneal_end_step != state.max_steps:
-            logger.info("EMA decays anneal over the whole run: ema_anneal_end_step = %d.", state.max_steps)
-            model.config.ema_anneal_end_step = state.max_steps
+        logger.info("The teachers' EMA decays anneal over the whole run: %d steps.", state.max_steps)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.update_teachers_and_center(state.global_step)
@@ -54,7 +49,11 @@ class MatpacTrainer(Trainer):
     last micro-batch: the centre moves toward the teacher statistics summed over all micro-batches and processes,
     then each teacher moves toward the student weights that produced the step's loss (skipped at step 0). Every
     process applies the same update, so teachers and centre stay identical under DDP. The schedules are functions of
-    `state.global_step` and `state.max_steps`, so a resumed run needs nothing beyond the model's state dict.
+    `state.global_step` and `state.max_steps` (the EMA decays anneal over the run, whatever the saved config's
+    `ema_anneal_end_step`), so a resumed run needs nothing beyond the model's state dict.
+
+    A [`MatpacPretrainingDataset`] (or log-mel cache) must be infinite and split for this process (`rank`,
+    `world_size`); its loader counts the clips the pipeline skipped (`SkippedClips`), logged as running totals.
 
     Single device and DDP are supported (with bf16/fp16 autocast: the teachers and the centre stay fp32). FSDP and
     DeepSpeed are refused: the EMA would see sharded or partitioned parameters.
@@ -73,7 +72,7 @@ class MatpacTrainer(Trainer):
             # Every student parameter takes part in the loss; the teachers need no gradients.
             self.args.ddp_find_unused_parameters = False
         self.check_supported_setup()
-        self.skipped_clips = dict.fromkeys(DATA_COUNTERS, 0)
+        self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
 
@@ -82,8 +81,9 @@ class MatpacTrainer(Trainer):
         self._teacher_sum: torch.Tensor | None = None
         self._teacher_count: torch.Tensor | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
-        self._skipped_since_log = torch.zeros(len(DATA_COUNTERS))
         self._steps_at_last_log = global_step
+        # The loader's first batch is the one of this step, unless Trainer replays the batches before it.
+        self._first_step_of_loader = global_step if self.args.ignore_data_skip else 0
 
     def check_supported_setup(self) -> None:
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -110,33 +110,49 @@ class MatpacTrainer(Trainer):
         """
         A `MatpacPretrainingDataset` splits itself among processes (and their workers): every process reads and
         decodes only its own share, instead of process 0 reading for all and broadcasting each batch. Its loader is
-        therefore not handed to accelerate, which would shard or dispatch it a second time.
+        therefore not handed to accelerate, which would shard or dispatch it a second time; its collate function
+        counts the skipped clips beside the batches.
         """
         dataset = self.train_dataset
-        if not isinstance(dataset, MatpacPretrainingDataset) or self.args.world_size == 1:
+        if not isinstance(dataset, MatpacPretrainingDataset):
             return super().get_train_dataloader()
-        dataset.rank, dataset.world_size = self.args.process_index, self.args.world_size
+        args = self.args
+        if (dataset.rank, dataset.world_size) != (args.process_index, args.world_size):
+            raise ValueError(
+                f"The dataset reads the share of process {dataset.rank} of {dataset.world_size}, but this is process "
+                f"{args.process_index} of {args.world_size}: build it with `rank=args.process_index, "
+                "world_size=args.world_size`."
+            )
+        if not dataset.infinite or not args.dataloader_in_order:
+            raise ValueError(
+                "MatpacTrainer reads a MatpacPretrainingDataset as an infinite stream (`infinite=True`, with "
+                "`max_steps`) of batches in order (`dataloader_in_order=True`)."
+            )
+        self.skipped_clips = SkippedClips(
+            self.data_collator or collate_pretraining_batch,
+            args.dataloader_num_workers,
+            args.dataloader_multiprocessing_context,
+        )
         return DataLoader(
             dataset,
             batch_size=self._train_batch_size,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers,
-            prefetch_factor=self.args.dataloader_prefetch_factor,
-            multiprocessing_context=self.args.dataloader_multiprocessing_context,
+            collate_fn=self.skipped_clips,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        counters = {name: inputs.pop(name) for name in DATA_COUNTERS if name in inputs}
         # The step as a device tensor: a compiled forward neither recompiles per step nor waits for the host.
         step = torch.full((), self.state.global_step, device=inputs["input_values"].device)
         outputs = model(input_values=inputs["input_values"], noise=inputs.get("noise"), step=step)
         if model.training:
-            self._accumulate(outputs, counters)
+            self._accumulate(outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    def _accumulate(self, outputs, counters: dict[str, torch.Tensor]) -> None:
+    def _accumulate(self, outputs) -> None:
         """Sums the step's centre statistics and the values to log, as the Trainer sums `loss`."""
         teacher_sum = outputs.teacher_sum.float()
         self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
@@ -146,21 +162,14 @@ class MatpacTrainer(Trainer):
         for name in LOGGED_OUTPUTS:
             value = getattr(outputs, name).detach().float() / accumulation
             self._log_sums[name] = self._log_sums.get(name, 0) + value
-        for index, name in enumerate(DATA_COUNTERS):
-            if name in counters:
-                counter = counters[name]
-                self._skipped_since_log = self._skipped_since_log.to(counter.device)
-                self._skipped_since_log[index] += counter.sum()
 
     @torch.no_grad()
     def update_teachers_and_center(self, step: int) -> None:
-        model = self.pretraining_model
-        if self._teacher_sum is not None:
-            teacher_sum = self.accelerator.reduce(self._teacher_sum, reduction="sum")
-            teacher_count = self.accelerator.reduce(self._teacher_count, reduction="sum")
-            model.update_center(teacher_sum, teacher_count)
-            self._teacher_sum = self._teacher_count = None
-        model.update_teachers(step)
+        """The step's centre statistics, summed over its micro-batches and all processes, to the model's update."""
+        teacher_sum = self.accelerator.reduce(self._teacher_sum, reduction="sum")
+        teacher_count = self.accelerator.reduce(self._teacher_count, reduction="sum")
+        self._teacher_sum = self._teacher_count = None
+        self.pretraining_model.update_teachers_and_center(step, teacher_sum, teacher_count, self.state.max_steps)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation of a label-free objective: the pre-training loss is the metric."""
@@ -174,12 +183,13 @@ class MatpacTrainer(Trainer):
             steps = max(self.state.global_step - self._steps_at_last_log, 1)
             means = self.accelerator.reduce(torch.stack(list(self._log_sums.values())), reduction="mean") / steps
             logs.update({name: round(value, 6) for name, value in zip(self._log_sums, means.tolist())})
-            skipped = self.accelerator.reduce(self._skipped_since_log.to(self.args.device), reduction="sum")
-            for name, count in zip(DATA_COUNTERS, skipped.tolist()):
-                self.skipped_clips[name] += int(count)
-                logs[name] = self.skipped_clips[name]
-            self._skipped_since_log.zero_()
-            logs["ema_decay"], logs["head_ema_decay"] = self.pretraining_model.ema_decays(self.state.global_step - 1)
+            if self.skipped_clips is not None:
+                batches = (self.state.global_step - self._first_step_of_loader) * self.args.gradient_accumulation_steps
+                counts = torch.tensor(list(self.skipped_clips.totals(batches).values()), device=self.args.device)
+                logs.update(zip(SKIP_COUNTERS, self.accelerator.reduce(counts, reduction="sum").tolist()))
+            logs["ema_decay"], logs["head_ema_decay"] = self.pretraining_model.ema_decays(
+                self.state.global_step - 1, self.state.max_steps
+            )
             self._log_sums = {}
             self._steps_at_last_log = self.state.global_step
         super().log(logs, start_time)

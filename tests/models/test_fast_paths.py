@@ -77,7 +77,7 @@ def test_fused_ema_equals_a_per_parameter_loop():
         for param in model.matpac.parameters():
             param.add_(torch.randn_like(param))
     teacher_before = [param.clone() for param in model.teacher_encoder.parameters()]
-    decay, _ = model.update_teachers(5)
+    decay, _ = model.update_teachers_and_center(5, torch.zeros(model.config.head_num_prototypes), 1.0)
     pairs = zip(teacher_before, model.teacher_encoder.parameters(), model.matpac.encoder.parameters())
     for before, teacher, student in pairs:
         assert torch.equal(teacher, before.mul(decay).add_(student.detach(), alpha=1 - decay))

@@ -28,8 +28,7 @@ def run_authors_loop(model, reference, steps=4):
         center_used = model.center.clone()
         outputs = model(reference["input.logmel_norm"], noise=reference[f"step{step}.noise"], step=step)
         outputs.loss.backward()
-        decays = model.update_teachers(step)
-        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        decays = model.update_teachers_and_center(step, outputs.teacher_sum, outputs.teacher_count)
         optimizer.step()
         optimizer.zero_grad()
         records.append((outputs, decays, center_used, model.center.clone()))
@@ -101,8 +100,7 @@ def test_per_patch_losses_and_step0_intermediates_match(reference):
             error = (value.detach() - reference[f"step{step}.{name}"]).abs().max().item()
             errors[name] = max(errors.get(name, 0.0), error)
         outputs.loss.backward()
-        model.update_teachers(step)
-        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        model.update_teachers_and_center(step, outputs.teacher_sum, outputs.teacher_count)
         optimizer.step()
         optimizer.zero_grad()
     print({name: f"{error:.2e}" for name, error in errors.items()})
@@ -118,8 +116,7 @@ def test_updating_teachers_after_the_optimizer_step_is_one_step_off(reference):
         outputs.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        model.update_teachers(step)
-        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        model.update_teachers_and_center(step, outputs.teacher_sum, outputs.teacher_count)
     assert abs(outputs.loss_cls.item() - reference["step2.loss_cls"].mean().item()) > 1e-4
 
 
@@ -130,7 +127,7 @@ def test_paper_mode_centres_the_logits(reference):
         outputs = model(values, noise=noise, step=0)
     teacher_logits = reference["step0.teacher_logits"]
     torch.testing.assert_close(outputs.teacher_sum, teacher_logits.sum(dim=(0, 1)), atol=1e-4, rtol=1e-5)
-    model.update_center(outputs.teacher_sum, outputs.teacher_count)
+    model.update_teachers_and_center(0, outputs.teacher_sum, outputs.teacher_count)
     torch.testing.assert_close(model.center.flatten(), 0.1 * teacher_logits.mean(dim=(0, 1)), atol=1e-6, rtol=1e-5)
     # With a non-zero centre the step's teacher targets use it: the loss changes, the prediction loss does not.
     with torch.no_grad():
@@ -148,8 +145,11 @@ def test_schedules():
     assert model.ema_decays(50) == (pytest.approx(0.99997), pytest.approx(0.999))
     # Past the end each EMA keeps its own end decay (the authors' code gave the head the encoder's).
     assert model.ema_decays(100) == (0.99999, 1.0)
+    # A training loop passes its own length; the config keeps its value.
+    assert model.ema_decays(50, anneal_end_step=200) == (pytest.approx(0.99996), pytest.approx(0.9985))
+    assert model.config.ema_anneal_end_step == 100
     before = [param.clone() for param in model.teacher_head.parameters()]
-    assert math.isnan(model.update_teachers(100)[1])
+    assert math.isnan(model.update_teachers_and_center(100, torch.zeros(24), 1.0)[1])
     assert all(torch.equal(a, b) for a, b in zip(before, model.teacher_head.parameters()))
 
 

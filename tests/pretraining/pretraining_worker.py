@@ -63,8 +63,6 @@ def train(
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         **extra,
     )
-    if dataset is not None:
-        args.remove_unused_columns = False
     trainer = MatpacTrainer(model=model, args=args, train_dataset=dataset or FixedCrops(), data_collator=collator)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
@@ -87,7 +85,9 @@ if __name__ == "__main__":
         # Audio files in sys.argv[2]: 2 steps of 2 crops per process read exactly one process's share of 8 clips.
         files = sorted(str(path) for path in Path(sys.argv[2]).glob("*.wav"))
         collator = RecordingCollator()
-        trainer = train(output_dir, 2, 1, 2, dataset=MatpacPretrainingDataset(files), collator=collator)
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        dataset = MatpacPretrainingDataset(files, rank=rank, world_size=world_size)
+        trainer = train(output_dir, 2, 1, 2, dataset=dataset, collator=collator)
         torch.save(collator.clip_ids, f"{output_dir}/clips{trainer.args.process_index}.pt")
     else:
         trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3)

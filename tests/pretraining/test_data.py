@@ -33,6 +33,7 @@ from modeling_matpac.pretraining import (
     list_audio_files,
     load_audio_source,
 )
+from modeling_matpac.pretraining.data import SKIP_COUNTERS, SkippedClips
 
 
 CROP = 97_520  # 400 + 607 * 160 samples: exactly 608 frames
@@ -239,7 +240,7 @@ def test_corrupt_and_empty_files_are_skipped_with_a_warning(tmp_path, caplog):
         assert any(name in message and reason in message for message in warnings), (name, warnings)
 
 
-def test_collate_stacks_crops_and_keeps_skip_counts_per_example():
+def test_batches_hold_model_inputs_and_skip_counts_go_beside_them():
     examples = [
         {
             "input_values": torch.full((80, 608), float(index)),
@@ -249,14 +250,40 @@ def test_collate_stacks_crops_and_keeps_skip_counts_per_example():
         }
         for index in range(3)
     ]
-    batch = collate_pretraining_batch(examples)
-    assert batch.keys() == {"input_values", "num_skipped_short", "num_skipped_corrupt"}
+    skipped = SkippedClips()
+    batch = skipped([dict(example) for example in examples])
+    assert batch.keys() == {"input_values"}
     assert batch["input_values"].shape == (3, 80, 608) and batch["input_values"][2, 5, 7] == 2.0
-    assert batch["num_skipped_short"].tolist() == [0, 1, 2] and batch["num_skipped_short"].dtype == torch.int64
-    assert int(batch["num_skipped_corrupt"].sum()) == 3
-    trimmed = [{"input_values": example["input_values"]} for example in examples]  # what remove_unused_columns does
-    with pytest.raises(KeyError, match="remove_unused_columns=False"):
-        collate_pretraining_batch(trimmed)
+    assert collate_pretraining_batch(examples).keys() == {"input_values"}
+    skipped([{"input_values": torch.zeros(80, 608), "num_skipped_short": 5, "num_skipped_corrupt": 0}])
+    assert skipped.totals(1) == {"num_skipped_short": 3, "num_skipped_corrupt": 3}
+    assert skipped.totals(2) == {"num_skipped_short": 8, "num_skipped_corrupt": 3}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_counts_of_the_batches_read_are_exact_under_workers(tmp_path, num_workers):
+    """Batch b comes from worker b % W; the totals of the first n batches equal those of the examples inside them."""
+    generate_builtin_corpus(tmp_path / "corpus", num_clips=5)
+    sf.write(tmp_path / "corpus" / "short.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (tmp_path / "corpus" / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    files = list_audio_files(tmp_path / "corpus")
+    assert len(files) == 7
+    consumers = []
+    for worker in range(max(num_workers, 1)):
+        dataset = MatpacPretrainingDataset(files, seed=3, rank=worker, world_size=max(num_workers, 1))
+        consumers.append(iter(dataset))
+    batches = []  # what batch b must count: the skips behind the examples of worker b % W's next batch
+    for index in range(6):
+        examples = [next(consumers[index % len(consumers)]) for _ in range(2)]
+        batches.append([sum(example[name] for example in examples) for name in SKIP_COUNTERS])
+    skipped = SkippedClips(num_workers=num_workers)
+    dataset = MatpacPretrainingDataset(files, seed=3)
+    iterator = iter(DataLoader(dataset, batch_size=2, collate_fn=skipped, num_workers=num_workers))
+    for read in range(1, 7):
+        batch = next(iterator)
+        assert batch.keys() == {"input_values"}
+        assert list(skipped.totals(read).values()) == [sum(column) for column in zip(*batches[:read])]
+    assert sum(skipped.totals(6).values()) > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,22 +23,23 @@ def max_difference(first: dict, second: dict) -> float:
 
 def test_updates_run_once_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch):
     calls = []
-    original = MatpacForPreTraining.update_teachers
+    original = MatpacForPreTraining.update_teachers_and_center
 
-    def spy(self, step):
+    def spy(self, step, *args):
         calls.append(step)
-        return original(self, step)
+        return original(self, step, *args)
 
-    monkeypatch.setattr(MatpacForPreTraining, "update_teachers", spy)
+    monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", spy)
     accumulated = train(tmp_path / "ga", batch_size=2, accumulation=2, max_steps=3)
     assert calls == [0, 1, 2]
-    monkeypatch.setattr(MatpacForPreTraining, "update_teachers", original)
+    monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", original)
     whole = train(tmp_path / "whole", batch_size=4, accumulation=1, max_steps=3)
     # The same global batches give the same run: centre statistics and EMA cover both micro-batches at once.
     state_ga = accumulated.pretraining_model.state_dict()
     assert max_difference(state_ga, whole.pretraining_model.state_dict()) < 1e-5
     assert torch.count_nonzero(state_ga["center"]) > 0
-    assert accumulated.pretraining_model.config.ema_anneal_end_step == 3
+    # The run's length reached the EMA schedule (see the logged decays below) without rewriting the config.
+    assert accumulated.pretraining_model.config.ema_anneal_end_step == MatpacConfig().ema_anneal_end_step
 
 
 def test_logs_average_the_losses_like_loss(tmp_path):
@@ -190,3 +191,39 @@ def test_weight_decay_covers_every_parameter_like_the_authors_adam(tmp_path):
     assert sum(sizes[name] for name in authors.get_decay_parameter_names(base) if name in sizes) == 118_084_608
     with pytest.raises(ValueError, match="weight_decay_set must be one of"):
         MatpacTrainer(model=tiny_model(), args=args, weight_decay_set="none")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_counts_reach_the_logs_beside_the_batches_and_survive_a_resume(tmp_path, num_workers):
+    import numpy as np
+    import soundfile as sf
+
+    from modeling_matpac.pretraining.data import MatpacPretrainingDataset, list_audio_files
+
+    generate_builtin_corpus(tmp_path / "corpus", num_clips=6)
+    for index in range(2):
+        sf.write(tmp_path / "corpus" / f"short{index}.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (tmp_path / "corpus" / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    files = list_audio_files(tmp_path / "corpus")
+
+    def run(output_dir, **kwargs):
+        trainer = train(
+            output_dir,
+            batch_size=2,
+            accumulation=1,
+            max_steps=4,
+            dataset=MatpacPretrainingDataset(files, seed=1),
+            dataloader_num_workers=num_workers,
+            **kwargs,
+        )
+        return [
+            (entry["num_skipped_short"], entry["num_skipped_corrupt"])
+            for entry in trainer.state.log_history
+            if "loss" in entry
+        ]
+
+    straight = run(tmp_path / "straight", save_steps=2)
+    # Running totals: 4 steps of 2 crops of 6 good clips reach a second epoch; each meets 2 short and 1 broken clip.
+    assert straight == sorted(straight) and straight[-1][0] >= 2 and straight[-1][1] >= 1
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
+    assert resumed == straight  # steps 1-2 restored from the checkpoint's log history, steps 3-4 logged again
