@@ -1,9 +1,45 @@
 """MATPAC model configuration."""
 
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 
 CENTER_MODES = ("probabilities", "logits")
+# Every MATPAC class, so that a saved directory's remote code loads any of them (saving lists only the saved class).
+AUTO_MAP = {
+    "AutoConfig": "configuration_matpac.MatpacConfig",
+    "AutoModel": "modeling_matpac.MatpacModel",
+    "AutoModelForPreTraining": "modeling_matpac.MatpacForPreTraining",
+    "AutoModelForAudioClassification": "modeling_matpac.MatpacForAudioClassification",
+}
+_POSITIVE_FIELDS = (
+    "sampling_rate num_mel_bins n_fft hop_length patch_size num_frames hidden_size num_hidden_layers "
+    "num_attention_heads intermediate_size predictor_hidden_size predictor_num_hidden_layers "
+    "predictor_num_attention_heads predictor_intermediate_size head_hidden_size head_bottleneck_size "
+    "head_num_layers head_num_prototypes lms_std student_temperature teacher_temperature "
+    "teacher_temperature_warmup ema_anneal_end_step"
+).split()
+# The constraints on one field alone: checked at construction, on assignment and on save. name -> (test, requirement)
+FIELD_RULES = {
+    **{name: (lambda value: value > 0, "positive") for name in _POSITIVE_FIELDS},
+    "mask_ratio": (lambda value: 0 < value < 1, "in (0, 1)"),
+    "loss_pred_weight": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "center_momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "center_mode": (lambda value: value in CENTER_MODES, f"one of {CENTER_MODES}"),
+    **{
+        name: (lambda value: 0 <= value <= 1, "in [0, 1]")
+        for name in ("ema_decay", "ema_end_decay", "head_ema_decay", "head_ema_end_decay")
+    },
+    "teacher_temperature_warmup_steps": (lambda value: value >= 0, ">= 0"),
+}
+
+
+def check_field(name: str, value) -> None:
+    """Raises a `ValueError` naming the field if `value` breaks its rule in `FIELD_RULES`."""
+    test, requirement = FIELD_RULES[name]
+    if not test(value):
+        got = repr(value) if isinstance(value, str) else value
+        raise ValueError(f"`{name}` must be {requirement}, got {got}.")
 # The front end, described once: each config field and the `MatpacFeatureExtractor` argument it sets (the feature
 # extractor's defaults are these fields' defaults, and `MatpacFeatureExtractor.from_model_config` copies them).
 FRONT_END_FIELDS = {
@@ -19,6 +55,7 @@ FRONT_END_FIELDS = {
 }
 
 
+@strict
 class MatpacConfig(PreTrainedConfig):
     r"""
     Configuration of a MATPAC model (Masked Latent Prediction And Classification, Quelennec et al., ICASSP 2025).
@@ -142,7 +179,14 @@ class MatpacConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        # A plain ValueError at construction; `@strict` runs the `validate_*` methods again (and on save).
         self.validate_architecture()
+
+    def __setattr__(self, name, value):
+        if name in FIELD_RULES and self.__dict__.get("_post_init_done"):  # construction checks all fields at once
+            check_field(name, value)
+        super().__setattr__(name, value)
 
     @property
     def num_frequency_patches(self) -> int:
@@ -168,16 +212,8 @@ class MatpacConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Refuses combinations that cannot build or train a model, saying which field is wrong."""
-        positive = (
-            "sampling_rate num_mel_bins n_fft hop_length patch_size num_frames hidden_size num_hidden_layers "
-            "num_attention_heads intermediate_size predictor_hidden_size predictor_num_hidden_layers "
-            "predictor_num_attention_heads predictor_intermediate_size head_hidden_size head_bottleneck_size "
-            "head_num_layers head_num_prototypes lms_std student_temperature teacher_temperature "
-            "teacher_temperature_warmup ema_anneal_end_step"
-        ).split()
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        for name in FIELD_RULES:
+            check_field(name, getattr(self, name))
         if self.num_mel_bins % self.patch_size:
             raise ValueError(
                 f"`num_mel_bins` ({self.num_mel_bins}) must be divisible by `patch_size` ({self.patch_size})."
@@ -192,27 +228,10 @@ class MatpacConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`{prefix}hidden_size` ({width}) must be divisible by `{prefix}num_attention_heads` ({heads})."
                 )
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"`mask_ratio` must be in (0, 1), got {self.mask_ratio}.")
         if self.num_visible_patches < 1 or self.num_visible_patches == self.num_patches:
             raise ValueError(
                 f"`mask_ratio` {self.mask_ratio} leaves {self.num_visible_patches} of {self.num_patches} patches "
                 "visible: the student and the teacher each need at least one patch."
-            )
-        if not 0 <= self.loss_pred_weight <= 1:
-            raise ValueError(f"`loss_pred_weight` must be in [0, 1], got {self.loss_pred_weight}.")
-        if not 0 <= self.center_momentum < 1:
-            raise ValueError(f"`center_momentum` must be in [0, 1), got {self.center_momentum}.")
-        if self.center_mode not in CENTER_MODES:
-            raise ValueError(f"`center_mode` must be one of {CENTER_MODES}, got {self.center_mode!r}.")
-        for name in ("ema_decay", "ema_end_decay", "head_ema_decay", "head_ema_end_decay"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)}.")
-        if self.head_num_layers < 1:
-            raise ValueError(f"`head_num_layers` must be at least 1, got {self.head_num_layers}.")
-        if self.teacher_temperature_warmup_steps < 0:
-            raise ValueError(
-                f"`teacher_temperature_warmup_steps` must be >= 0, got {self.teacher_temperature_warmup_steps}."
             )
         if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
             raise ValueError(
@@ -223,4 +242,4 @@ class MatpacConfig(PreTrainedConfig):
             raise ValueError(f"`hop_length` ({self.hop_length}) must not exceed `n_fft` ({self.n_fft}).")
 
 
-__all__ = ["FRONT_END_FIELDS", "MatpacConfig"]
+__all__ = ["AUTO_MAP", "FIELD_RULES", "FRONT_END_FIELDS", "MatpacConfig"]

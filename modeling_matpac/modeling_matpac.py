@@ -10,11 +10,14 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_matpac import MatpacConfig
 
@@ -29,6 +32,9 @@ class MatpacModelOutput(ModelOutput):
         Mean of `last_hidden_state` over the valid time steps: the clip embedding the paper probes.
     hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
         The patch embeddings and the raw output of every block, in the layout of `last_hidden_state`.
+    attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
+        The attention weights of every block, `(batch_size * chunks, num_heads, tokens, tokens)`: each chunk of
+        `config.num_frames` frames is its own sequence, its CLS token followed by its patches, frequency-major.
     time_mask (`torch.BoolTensor` of shape `(batch_size, time_steps)`):
         Which time steps hold audio of the clip (the others are batch padding, excluded from `pooler_output`).
     """
@@ -36,6 +42,7 @@ class MatpacModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     time_mask: torch.BoolTensor | None = None
 
 
@@ -121,7 +128,8 @@ class MatpacEmbeddings(nn.Module):
         self.config = config
         self.patch_embeddings = MatpacPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        # Fixed sin-cos positions (the authors never train them): a buffer, saved under the key of a parameter.
+        self.register_buffer("position_embeddings", torch.zeros(1, config.num_patches + 1, config.hidden_size))
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         """`(batch, mel_bins, frames)` with frames a multiple of the patch size -> `(batch, patches, hidden)`."""
@@ -146,7 +154,7 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -168,16 +176,21 @@ class MatpacAttention(nn.Module):
         self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
-            self, qkv[0], qkv[1], qkv[2], attention_mask, scaling=self.scaling, dropout=0.0, is_causal=False
+        attn_output, attn_weights = attention_interface(
+            self, qkv[0], qkv[1], qkv[2], attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
         )
-        return self.out_proj(attn_output.reshape(batch_size, seq_len, -1))
+        return self.out_proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
 
 
 class MatpacMLP(nn.Module):
@@ -201,8 +214,14 @@ class MatpacLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
         self.mlp = MatpacMLP(config, hidden_size, intermediate_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.layernorm_before(hidden_states), attention_mask)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        hidden_states = hidden_states + attention_output
         return hidden_states + self.mlp(self.layernorm_after(hidden_states))
 
 
@@ -221,15 +240,12 @@ class MatpacEncoder(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Returns the normalised last output and, if asked, the input followed by every block's raw output."""
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """The blocks, then the final LayerNorm (every block's raw output is what `output_hidden_states` records)."""
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        return self.layernorm(hidden_states), all_hidden_states
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return self.layernorm(hidden_states)
 
 
 class MatpacPredictor(nn.Module):
@@ -243,7 +259,9 @@ class MatpacPredictor(nn.Module):
         self.config = config
         self.embed = nn.Linear(config.hidden_size, config.predictor_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.predictor_hidden_size))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.predictor_hidden_size))
+        self.register_buffer(
+            "position_embeddings", torch.zeros(1, config.num_patches + 1, config.predictor_hidden_size)
+        )
         self.layers = nn.ModuleList(
             MatpacLayer(
                 config,
@@ -302,30 +320,19 @@ class MatpacPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MatpacLayer"]
     _supports_sdpa = True
+    _can_record_outputs = {"hidden_states": MatpacLayer, "attentions": MatpacAttention}
+    _input_embed_layer = "patch_embeddings"
     accepts_loss_kwargs = False
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Lists every MATPAC class in `auto_map`, so that remote code can load any of them from the directory."""
-        self.config.auto_map = {
-            "AutoConfig": "configuration_matpac.MatpacConfig",
-            "AutoModel": "modeling_matpac.MatpacModel",
-            "AutoModelForPreTraining": "modeling_matpac.MatpacForPreTraining",
-            "AutoModelForAudioClassification": "modeling_matpac.MatpacForAudioClassification",
-        }
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
+    # Kept because transformers' loader recreates every loaded parameter with requires_grad=True: re-freeze.
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """Loading makes every parameter trainable again: re-freeze what MATPAC never trains."""
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_fixed_parameters()
         return loaded
 
     def freeze_fixed_parameters(self) -> None:
-        """The sin-cos positions are fixed (the authors never optimise them)."""
-        for module in self.modules():
-            if isinstance(module, (MatpacEmbeddings, MatpacPredictor)):
-                module.position_embeddings.requires_grad_(False)
+        """Parameters that only move outside the optimizer, or not at all: none in the encoder."""
 
     def _init_weights(self, module: nn.Module) -> None:
         """
@@ -382,7 +389,6 @@ class MatpacModel(MatpacPreTrainedModel):
         super().__init__(config)
         self.embeddings = MatpacEmbeddings(config)
         self.encoder = MatpacEncoder(config)
-        self.freeze_fixed_parameters()
         self.post_init()
 
     def _chunk(
@@ -410,16 +416,6 @@ class MatpacModel(MatpacPreTrainedModel):
         chunks = chunks.reshape(batch_size * num_chunks, num_mel_bins, chunk_steps * patch)
         return chunks, step_mask.view(batch_size * num_chunks, chunk_steps), time_steps
 
-    def _attention_bias(self, step_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """Additive key mask hiding padded time steps (all frequency rows of them); the CLS token stays visible."""
-        if bool(step_mask.all()):
-            return None
-        token_mask = step_mask.repeat(1, self.config.num_frequency_patches)
-        token_mask = nn.functional.pad(token_mask, (1, 0), value=True)
-        bias = torch.zeros(token_mask.shape, dtype=dtype, device=token_mask.device)
-        bias = bias.masked_fill(~token_mask, torch.finfo(dtype).min)
-        return bias[:, None, None, :]
-
     def _to_time_steps(self, tokens: torch.Tensor, batch_size: int, time_steps: int) -> torch.Tensor:
         """`(batch * chunks, F * T_chunk, hidden)` patch tokens -> `(batch, time_steps, F * hidden)` in time order."""
         num_frequency = self.config.num_frequency_patches
@@ -428,13 +424,23 @@ class MatpacModel(MatpacPreTrainedModel):
         tokens = tokens.permute(0, 1, 3, 2, 4).reshape(batch_size, -1, num_frequency * hidden)
         return tokens[:, :time_steps]
 
+    @capture_outputs(tie_last_hidden_states=False)
+    def _encode(
+        self, embeddings: torch.Tensor, token_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutput:
+        """Chunks' patch embeddings -> the encoder's output, CLS first; records hidden states and attentions."""
+        hidden_states = self.embeddings.prepend_cls_token(embeddings)
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=token_mask
+        )
+        return BaseModelOutput(last_hidden_state=self.encoder(hidden_states, attention_mask, **kwargs))
+
     @can_return_tuple
     def forward(
         self,
         input_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MatpacModelOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
@@ -452,28 +458,28 @@ class MatpacModel(MatpacPreTrainedModel):
                 f"`attention_mask` must have shape (batch, frames) = {tuple(input_values.shape[::2])}, got "
                 f"{tuple(attention_mask.shape)}."
             )
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
+        if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
+            raise ValueError(
+                "`output_attentions=True` needs the eager attention: load the model with attn_implementation='eager'."
+            )
         batch_size = input_values.shape[0]
         chunks, step_mask, time_steps = self._chunk(input_values, attention_mask)
+        # Padded time steps are hidden in all their frequency rows; the CLS token stays visible.
+        token_mask = nn.functional.pad(step_mask.repeat(1, self.config.num_frequency_patches), (1, 0), value=True)
+        encoded = self._encode(self.embeddings(chunks), token_mask, **kwargs)
 
-        embeddings = self.embeddings(chunks)
-        attention_bias = self._attention_bias(step_mask, embeddings.dtype)
-        sequence, hidden_states = self.encoder(
-            self.embeddings.prepend_cls_token(embeddings), attention_bias, output_hidden_states
-        )
-
-        last_hidden_state = self._to_time_steps(sequence[:, 1:], batch_size, time_steps)
+        last_hidden_state = self._to_time_steps(encoded.last_hidden_state[:, 1:], batch_size, time_steps)
         time_mask = step_mask.view(batch_size, -1)[:, :time_steps]
         weights = time_mask.unsqueeze(-1).to(last_hidden_state.dtype)
         pooler_output = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
-        if output_hidden_states:
+        hidden_states = encoded.hidden_states
+        if hidden_states is not None:
             hidden_states = tuple(self._to_time_steps(state[:, 1:], batch_size, time_steps) for state in hidden_states)
         return MatpacModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,
             hidden_states=hidden_states,
+            attentions=encoded.attentions,
             time_mask=time_mask,
         )
 
@@ -510,8 +516,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         self.post_init()
 
     def freeze_fixed_parameters(self) -> None:
-        """Positions are fixed and the teachers move only by EMA, so none of them is given to the optimizer."""
-        super().freeze_fixed_parameters()
+        """The teachers move only by EMA, so they are not given to the optimizer."""
         self.teacher_encoder.requires_grad_(False)
         self.teacher_head.requires_grad_(False)
 
@@ -593,7 +598,6 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         input_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         step: int | torch.Tensor | None = None,
-        return_dict: bool | None = None,
     ) -> MatpacForPreTrainingOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, num_frames)`):
@@ -618,11 +622,10 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         shuffled = torch.gather(embeddings, 1, ids_shuffle.unsqueeze(-1).expand(-1, -1, hidden_size))
         visible, masked = shuffled[:, :num_visible], shuffled[:, num_visible:]
 
-        student_output, _ = self.matpac.encoder(self.matpac.embeddings.prepend_cls_token(visible))
+        student_output = self.matpac.encoder(self.matpac.embeddings.prepend_cls_token(visible))
         predictions = self.predictor(student_output, ids_shuffle, ids_restore)
         with torch.no_grad():
-            targets, _ = self.teacher_encoder(self.matpac.embeddings.prepend_cls_token(masked))
-            targets = targets[:, 1:]
+            targets = self.teacher_encoder(self.matpac.embeddings.prepend_cls_token(masked))[:, 1:]
             teacher_logits = self.teacher_head(targets).float()
 
         predictions_unit = nn.functional.normalize(predictions.float(), dim=-1)
@@ -669,7 +672,6 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
 
     def freeze_fixed_parameters(self) -> None:
         """With `config.freeze_encoder` only the linear head trains (the paper's probe)."""
-        super().freeze_fixed_parameters()
         if self.config.freeze_encoder:
             self.matpac.requires_grad_(False)
 
@@ -679,8 +681,7 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         input_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, or `torch.FloatTensor` `(batch_size, num_labels)`):
@@ -688,14 +689,14 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
             cross-entropy), following `config.problem_type`.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
-            outputs = self.matpac(
-                input_values, attention_mask=attention_mask, output_hidden_states=output_hidden_states
-            )
+            outputs = self.matpac(input_values, attention_mask=attention_mask, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 __all__ = ["MatpacPreTrainedModel", "MatpacModel", "MatpacForPreTraining", "MatpacForAudioClassification"]

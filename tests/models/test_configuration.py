@@ -1,6 +1,8 @@
 import pytest
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 
 from modeling_matpac import MatpacConfig
+from modeling_matpac.configuration_matpac import AUTO_MAP
 
 
 def test_defaults_are_the_published_vit_b_and_recipe():
@@ -65,3 +67,29 @@ def test_save_load_round_trip(tmp_path):
 def test_invalid_configs_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MatpacConfig(**kwargs)
+
+
+def test_assignment_is_validated_field_by_field():
+    config = MatpacConfig()
+    with pytest.raises(ValueError, match=r"`mask_ratio` must be in \(0, 1\), got 1.5"):
+        config.mask_ratio = 1.5
+    with pytest.raises(ValueError, match="`center_mode` must be one of"):
+        config.center_mode = "mean"
+    with pytest.raises(StrictDataclassFieldValidationError, match="hidden_size"):
+        config.hidden_size = "big"
+    assert (config.mask_ratio, config.center_mode, config.hidden_size) == (0.7, "probabilities", 768)
+    config.mask_ratio = 0.5
+    assert config.num_visible_patches == 95
+
+
+def test_save_refuses_a_config_made_inconsistent_after_construction(tmp_path):
+    config = MatpacConfig()
+    config.patch_size = 10  # a valid value alone; 608 frames are no whole number of patches
+    with pytest.raises(StrictDataclassClassValidationError, match="num_frames.*divisible by `patch_size`"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_every_saved_config_lists_all_classes_for_remote_code(tmp_path):
+    MatpacConfig().save_pretrained(tmp_path)
+    assert MatpacConfig.from_pretrained(tmp_path).auto_map == AUTO_MAP

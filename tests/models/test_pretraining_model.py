@@ -81,7 +81,7 @@ def test_per_patch_losses_and_step0_intermediates_match(reference):
     for step in range(4):
         center = model.center.clone()
         outputs = model(reference["input.logmel_norm"], noise=reference[f"step{step}.noise"], step=step)
-        predictions, targets = captured["predictor"], captured["teacher_encoder"][0][:, 1:]
+        predictions, targets = captured["predictor"], captured["teacher_encoder"][:, 1:]
         teacher_probs = torch.softmax((captured["teacher_head"] - center) / outputs.teacher_temperature, dim=-1)
         student_log_probs = torch.log_softmax(captured["student_head"] / 0.1, dim=-1)
         per_patch = {
