@@ -40,6 +40,8 @@ def check_field(name: str, value) -> None:
     if not test(value):
         got = repr(value) if isinstance(value, str) else value
         raise ValueError(f"`{name}` must be {requirement}, got {got}.")
+
+
 # The front end, described once: each config field and the `MatpacFeatureExtractor` argument it sets (the feature
 # extractor's defaults are these fields' defaults, and `MatpacFeatureExtractor.from_model_config` copies them).
 FRONT_END_FIELDS = {

@@ -502,7 +502,8 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
     optimizer step, after the backward and before `optimizer.step()`.
     """
 
-    _keep_in_fp32_modules_strict = ["teacher_encoder", "teacher_head"]
+    # The EMA state: updates of (1 - decay) ~ 1e-5 vanish in bf16.
+    _keep_in_fp32_modules_strict = ["teacher_encoder", "teacher_head", "center"]
 
     def __init__(self, config: MatpacConfig):
         super().__init__(config)
@@ -614,6 +615,11 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             raise ValueError(
                 f"`input_values` must have shape (batch, {expected[0]}, {expected[1]}), got "
                 f"{tuple(input_values.shape)}."
+            )
+        if self.matpac.embeddings.cls_token.dtype != self.center.dtype and not torch.is_autocast_enabled():
+            raise ValueError(
+                "The student is in reduced precision and the teachers in float32: pre-train in float32 "
+                "(`from_pretrained(..., dtype=torch.float32)`) with autocast (`--bf16`)."
             )
         embeddings = self.matpac.embeddings(input_values)
         batch_size, _, hidden_size = embeddings.shape
