@@ -15,9 +15,9 @@ AUTO_MAP = {
 _POSITIVE_FIELDS = (
     "sampling_rate num_mel_bins n_fft hop_length patch_size num_frames hidden_size num_hidden_layers "
     "num_attention_heads intermediate_size predictor_hidden_size predictor_num_hidden_layers "
-    "predictor_num_attention_heads predictor_intermediate_size head_hidden_size head_bottleneck_size "
-    "head_num_layers head_num_prototypes lms_std student_temperature teacher_temperature "
-    "teacher_temperature_warmup ema_anneal_end_step"
+    "predictor_num_attention_heads predictor_intermediate_size predictor_num_hypotheses head_hidden_size "
+    "head_bottleneck_size head_num_layers head_num_prototypes lms_std student_temperature teacher_temperature "
+    "teacher_temperature_warmup ema_anneal_end_step mcl_temperature_start mcl_temperature_end"
 ).split()
 # The constraints on one field alone: checked at construction, on assignment and on save. name -> (test, requirement)
 FIELD_RULES = {
@@ -31,6 +31,7 @@ FIELD_RULES = {
         for name in ("ema_decay", "ema_end_decay", "head_ema_decay", "head_ema_end_decay")
     },
     "teacher_temperature_warmup_steps": (lambda value: value >= 0, ">= 0"),
+    "mcl_temperature_decay": (lambda value: 0 < value <= 1, "in (0, 1]"),
 }
 
 
@@ -89,6 +90,18 @@ class MatpacConfig(PreTrainedConfig):
     Predictor (the M2D-style decoder that predicts the teacher's latents of the masked patches):
         predictor_hidden_size (`int`, defaults to 512), predictor_num_hidden_layers (`int`, defaults to 8),
         predictor_num_attention_heads (`int`, defaults to 16), predictor_intermediate_size (`int`, defaults to 2048).
+        predictor_num_hypotheses (`int`, defaults to 1): Output heads of the predictor. 1 is MATPAC (one linear
+            projection); more is MATPAC++ (5 in the paper): that many independent linear heads, trained by
+            multiple-choice learning (per masked patch, the head closest to the teacher wins).
+
+    Multiple-choice learning (MATPAC++, used when `predictor_num_hypotheses > 1`): the prediction loss of a patch is
+    annealed winner-takes-all, `sum_h w_h l_h` with `w = softmax(-l / tau)` over the heads (not back-propagated),
+    while `tau(t) = mcl_temperature_start * mcl_temperature_decay**t` (t = optimizer updates done) is above
+    `mcl_temperature_end`, and the smallest head loss from then on:
+        mcl_temperature_start (`float`, defaults to 0.1): Temperature at step 0.
+        mcl_temperature_end (`float`, defaults to 1e-4): Temperature at or below which the hard minimum is used
+            (from update 230,256 with the defaults).
+        mcl_temperature_decay (`float`, defaults to 0.99997): Factor applied to the temperature at every update.
 
     Classification heads (DINO-style projection heads of the student and teacher):
         head_hidden_size (`int`, defaults to 2048): Width of the hidden layers of the head MLP.
@@ -157,6 +170,11 @@ class MatpacConfig(PreTrainedConfig):
     predictor_num_hidden_layers: int = 8
     predictor_num_attention_heads: int = 16
     predictor_intermediate_size: int = 2048
+    predictor_num_hypotheses: int = 1
+
+    mcl_temperature_start: float = 0.1
+    mcl_temperature_end: float = 1e-4
+    mcl_temperature_decay: float = 0.99997
 
     head_hidden_size: int = 2048
     head_bottleneck_size: int = 256

@@ -3,8 +3,9 @@ Converts the authors' MATPAC checkpoints into `save_pretrained` directories.
 
 Two inputs are understood: the released inference weights (a flat state dict of the student encoder, as
 `torch.load` returns it) and a full training state (the same plus the predictor, the student head, the centre, and
-the teachers as the nested dicts `_ema` and `_cls_head_ema`). Sizes are read from the tensor shapes; the head
-counts, which shapes cannot tell, are arguments.
+the teachers as the nested dicts `_ema` and `_cls_head_ema`), of MATPAC or of MATPAC++ (whose `mcl_heads` replace
+the predictor's projection). Sizes are read from the tensor shapes; the head counts, which shapes cannot tell, are
+arguments.
 
     python -m modeling_matpac.convert --checkpoint matpac_10_2048.pt --output_dir matpac-base
 """
@@ -41,6 +42,7 @@ PREFIX_RULES = [
     (r"^decoder\.decoder_blocks\.(\d+)\.", r"predictor.layers.\1."),
     (r"^decoder\.decoder_norm\.", "predictor.layernorm."),
     (r"^decoder\.decoder_pred\.", "predictor.projection."),
+    (r"^mcl_heads\.mcl_heads\.(\d+)\.", r"mcl_heads.heads.\1."),
     (r"^cls_head_loss\.center$", "center"),
     (r"^cls_student_head\.", "student_head."),
     (r"^_cls_head_ema\.", "teacher_head."),
@@ -56,7 +58,9 @@ SUFFIX_RULES = [
 # The inference wrapper's torchaudio buffers: front-end constants, not weights (our feature extractor computes them).
 FRONT_END_KEYS = re.compile(r"^log_mel\.")
 # Authors' keys that only the pre-training model has.
-TRAINING_ONLY_KEYS = re.compile(r"^(_ema|_cls_head_ema|decoder|cls_student_head|cls_head_loss)\.")
+TRAINING_ONLY_KEYS = re.compile(r"^(_ema|_cls_head_ema|decoder|mcl_heads|cls_student_head|cls_head_loss)\.")
+# MATPAC++ builds, saves and never uses the predictor's single projection: its MCL heads predict instead.
+UNUSED_WITH_MCL_KEYS = re.compile(r"^decoder\.decoder_pred\.")
 
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -138,6 +142,9 @@ def infer_config(
             predictor_num_attention_heads=predictor_num_attention_heads or max(predictor_hidden_size // 32, 1),
             predictor_intermediate_size=state_dict["decoder.decoder_blocks.0.mlp.fc1.weight"].shape[0],
         )
+    num_hypotheses = _count_blocks(state_dict, "mcl_heads.mcl_heads.")
+    if num_hypotheses:
+        kwargs["predictor_num_hypotheses"] = num_hypotheses
     if "cls_student_head.last_layer.weight_v" in state_dict:
         mlp_weights = sorted(
             (int(match.group(1)), tensor)
@@ -170,6 +177,10 @@ def convert_state_dict(
     dropped = sorted(key for key in original if encoder_only and TRAINING_ONLY_KEYS.match(key))
     if dropped:
         logger.info("Dropped %d training-only tensors (teachers, predictor, heads, centre).", len(dropped))
+    elif config.predictor_num_hypotheses > 1:
+        dropped = sorted(key for key in original if UNUSED_WITH_MCL_KEYS.match(key))
+        if dropped:
+            logger.info("Dropped the predictor projection MATPAC++ never uses (its MCL heads predict): %s", dropped)
 
     prefix = "matpac." if encoder_only else ""
     converted = {

@@ -69,8 +69,13 @@ class MatpacForPreTrainingOutput(ModelOutput):
     teacher_num_classes (`torch.FloatTensor` of shape `()`):
         Number of distinct teacher argmax classes in the batch; 1 means collapse.
     target_std (`torch.FloatTensor` of shape `()`) / prediction_std (`torch.FloatTensor` of shape `()`):
-        Standard deviation over the masked patches of the l2-normalised teacher latents / predictions, averaged
-        over channels; near 0 means collapsed representations.
+        Standard deviation over the masked patches of the l2-normalised teacher latents / predictions (the winning
+        ones under MATPAC++), averaged over channels; near 0 means collapsed representations.
+    mcl_temperature (`torch.FloatTensor` of shape `()`, MATPAC++ only):
+        Temperature of the multiple-choice schedule at this step; at or below `config.mcl_temperature_end` the
+        prediction loss is the hard minimum over the heads.
+    mcl_win_share (`torch.FloatTensor` of shape `(predictor_num_hypotheses,)`, MATPAC++ only):
+        Fraction of the masked patches each head wins; one head winning everything means the hypotheses collapsed.
     """
 
     loss: torch.FloatTensor | None = None
@@ -84,6 +89,8 @@ class MatpacForPreTrainingOutput(ModelOutput):
     teacher_num_classes: torch.FloatTensor | None = None
     target_std: torch.FloatTensor | None = None
     prediction_std: torch.FloatTensor | None = None
+    mcl_temperature: torch.FloatTensor | None = None
+    mcl_win_share: torch.FloatTensor | None = None
 
 
 def get_2d_sincos_position_embeddings(embed_dim: int, grid_frequency: int, grid_time: int) -> torch.Tensor:
@@ -252,6 +259,8 @@ class MatpacPredictor(nn.Module):
     """
     Predicts the teacher's latents of the masked patches from the student's output (the M2D decoder): a narrower
     transformer over the visible tokens and one shared mask token at every masked position, with fixed positions.
+    With several hypotheses (MATPAC++) its normalised output goes to [`MatpacMultipleChoiceHeads`] instead of its
+    own projection.
     """
 
     def __init__(self, config: MatpacConfig):
@@ -272,12 +281,19 @@ class MatpacPredictor(nn.Module):
             for _ in range(config.predictor_num_hidden_layers)
         )
         self.layernorm = nn.LayerNorm(config.predictor_hidden_size, eps=config.layer_norm_eps)
-        self.projection = nn.Linear(config.predictor_hidden_size, config.hidden_size)
+        self.projection = (
+            nn.Linear(config.predictor_hidden_size, config.hidden_size)
+            if config.predictor_num_hypotheses == 1
+            else nn.Identity()
+        )
 
     def forward(
         self, student_output: torch.Tensor, ids_shuffle: torch.Tensor, ids_restore: torch.Tensor
     ) -> torch.Tensor:
-        """`(batch, 1 + visible, hidden)` student output -> `(batch, masked, hidden)` in the shuffle order."""
+        """
+        `(batch, 1 + visible, hidden)` student output -> `(batch, masked, hidden)` in the shuffle order (the width
+        is the predictor's with several hypotheses).
+        """
         hidden_states = self.embed(student_output)
         batch_size, num_patches = ids_shuffle.shape
         num_visible = hidden_states.shape[1] - 1
@@ -293,6 +309,20 @@ class MatpacPredictor(nn.Module):
             hidden_states, 1, masked_ids.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
         )
         return self.projection(hidden_states)
+
+
+class MatpacMultipleChoiceHeads(nn.Module):
+    """MATPAC++'s hypotheses: independent linear heads, each predicting every masked patch's teacher latent."""
+
+    def __init__(self, config: MatpacConfig):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Linear(config.predictor_hidden_size, config.hidden_size) for _ in range(config.predictor_num_hypotheses)
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch, masked, predictor_hidden)` -> `(batch, masked, hypotheses, hidden)`."""
+        return torch.stack([head(hidden_states) for head in self.heads], dim=2)
 
 
 class MatpacProjectionHead(nn.Module):
@@ -383,7 +413,7 @@ class MatpacModel(MatpacPreTrainedModel):
     gets the same embeddings alone or in a padded batch.
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"teacher_", r"predictor\.", r"student_head\.", r"center"]
+    _keys_to_ignore_on_load_unexpected = [r"teacher_", r"predictor\.", r"mcl_heads\.", r"student_head\.", r"center"]
 
     def __init__(self, config: MatpacConfig):
         super().__init__(config)
@@ -500,6 +530,10 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
     sharpened class distribution (classification loss). The teachers are EMAs of the student encoder and head; a
     training loop moves them and the centre with [`~MatpacForPreTraining.update_teachers_and_center`], once per
     optimizer step, after the backward and before `optimizer.step()`.
+
+    With `config.predictor_num_hypotheses > 1` this is MATPAC++: several heads predict each masked patch, the
+    prediction loss is annealed winner-takes-all over them ([`~MatpacForPreTraining.multiple_choice_loss`]), and the
+    student head classifies the winning head's prediction.
     """
 
     # The EMA state: updates of (1 - decay) ~ 1e-5 vanish in bf16.
@@ -509,6 +543,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         super().__init__(config)
         self.matpac = MatpacModel(config)
         self.predictor = MatpacPredictor(config)
+        self.mcl_heads = MatpacMultipleChoiceHeads(config) if config.predictor_num_hypotheses > 1 else None
         self.student_head = MatpacProjectionHead(config)
         self.teacher_encoder = MatpacEncoder(config)
         self.teacher_head = MatpacProjectionHead(config)
@@ -542,6 +577,46 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             linear_schedule(step, config.ema_decay, config.ema_end_decay, end),
             linear_schedule(step, config.head_ema_decay, config.head_ema_end_decay, end),
         )
+
+    def mcl_temperature(self, step: int | torch.Tensor) -> float | torch.Tensor:
+        """Multiple-choice temperature after `step` optimizer updates: `start * decay**step`."""
+        return self.config.mcl_temperature_start * self.config.mcl_temperature_decay**step
+
+    def mcl_first_hard_step(self) -> float:
+        """
+        First update whose temperature is at or below `mcl_temperature_end` (`inf` if none), found with Python floats
+        as the authors compute the temperature: comparing a tensor step with it decides the phase exactly.
+        """
+        config = self.config
+        if config.mcl_temperature_start <= config.mcl_temperature_end:
+            return 0
+        if config.mcl_temperature_decay == 1:
+            return math.inf
+        ratio = math.log(config.mcl_temperature_end / config.mcl_temperature_start)
+        step = math.ceil(ratio / math.log(config.mcl_temperature_decay))
+        while step > 0 and self.mcl_temperature(step - 1) <= config.mcl_temperature_end:
+            step -= 1
+        while self.mcl_temperature(step) > config.mcl_temperature_end:
+            step += 1
+        return step
+
+    def multiple_choice_loss(
+        self, head_losses: torch.Tensor, step: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Annealed winner-takes-all over the heads' losses `(batch, masked, hypotheses)`: `sum_h w_h l_h` with
+        `w = softmax(-l / tau)` while the temperature is above its end value (and `step` is given), the smallest loss
+        afterwards, written as one-hot weights so that a tensor step selects the phase without a Python branch. The
+        weights carry no gradient. Returns the per-patch loss, the weights and the winning head of each patch.
+        """
+        winner = head_losses.min(dim=-1).indices
+        heads = torch.arange(head_losses.shape[-1], device=head_losses.device)
+        weights = (winner.unsqueeze(-1) == heads).to(head_losses.dtype)
+        if step is not None:
+            soft_phase = torch.as_tensor(step < self.mcl_first_hard_step(), device=head_losses.device)
+            soft_weights = torch.softmax(-head_losses.detach() / self.mcl_temperature(step), dim=-1)
+            weights = torch.where(soft_phase, soft_weights, weights)
+        return (weights * head_losses).sum(-1), weights, winner
 
     @torch.no_grad()
     def update_teachers_and_center(
@@ -606,8 +681,8 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
             Masking noise; its argsort orders the patches (visible first). Random when not given.
         step (`int` or `torch.Tensor`, *optional*):
-            Optimizer updates done so far, for the teacher temperature schedule; the end temperature when not given.
-            A 0-d tensor keeps a compiled forward from specialising on it.
+            Optimizer updates done so far, for the teacher (and MATPAC++'s multiple-choice) temperature schedules; the
+            end of the schedules when not given. A 0-d tensor keeps a compiled forward from specialising on it.
         """
         config = self.config
         expected = (config.num_mel_bins, config.num_frames)
@@ -634,9 +709,19 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             targets = self.teacher_encoder(self.matpac.embeddings.prepend_cls_token(masked))[:, 1:]
             teacher_logits = self.teacher_head(targets).float()
 
-        predictions_unit = nn.functional.normalize(predictions.float(), dim=-1)
         targets_unit = nn.functional.normalize(targets.float(), dim=-1)
-        loss_pred = 2 - 2 * (predictions_unit * targets_unit).sum(-1)
+        if self.mcl_heads is None:
+            predictions_unit = nn.functional.normalize(predictions.float(), dim=-1)
+            loss_pred = 2 - 2 * (predictions_unit * targets_unit).sum(-1)
+        else:
+            hypotheses = self.mcl_heads(predictions)
+            hypotheses_unit = nn.functional.normalize(hypotheses.float(), dim=-1)
+            head_losses = 2 - 2 * (hypotheses_unit * targets_unit.unsqueeze(2)).sum(-1)
+            loss_pred, _, winner = self.multiple_choice_loss(head_losses, step)
+            # The student head classifies the winner's raw prediction, in the soft phase too (the authors' code).
+            winner_index = winner[..., None, None]
+            predictions = torch.take_along_dim(hypotheses, winner_index, dim=2).squeeze(2)
+            predictions_unit = torch.take_along_dim(hypotheses_unit, winner_index, dim=2).squeeze(2)
 
         temperature = self.teacher_temperature(step) if step is not None else config.teacher_temperature
         teacher_probs = torch.softmax((teacher_logits - self.center) / temperature, dim=-1)
@@ -645,6 +730,14 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         loss = (1 - config.loss_pred_weight) * loss_cls.mean() + config.loss_pred_weight * loss_pred.mean()
 
         with torch.no_grad():
+            mcl_statistics = {}
+            if self.mcl_heads is not None:
+                mcl_temperature = self.mcl_temperature(step) if step is not None else config.mcl_temperature_end
+                heads = torch.arange(config.predictor_num_hypotheses, device=winner.device)
+                mcl_statistics = {
+                    "mcl_temperature": torch.as_tensor(mcl_temperature, dtype=torch.float32, device=loss.device),
+                    "mcl_win_share": (winner.flatten().unsqueeze(-1) == heads).float().mean(0),
+                }
             centred = teacher_probs if config.center_mode == "probabilities" else teacher_logits
             mean_probs = teacher_probs.mean(dim=(0, 1))
             output = MatpacForPreTrainingOutput(
@@ -661,6 +754,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 .sum(),
                 target_std=targets_unit.flatten(0, 1).std(0).mean(),
                 prediction_std=predictions_unit.detach().flatten(0, 1).std(0).mean(),
+                **mcl_statistics,
             )
         return output
 
