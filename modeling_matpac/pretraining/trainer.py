@@ -13,7 +13,7 @@ from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate
 logger = logging.getLogger(__name__)
 
 # Detached model outputs averaged into the logs like `loss` (per micro-batch / accumulation steps, per step, over
-# processes).
+# processes). The MATPAC++ ones are absent for MATPAC; a vector is logged per entry (`mcl_win_share_0`, ...).
 LOGGED_OUTPUTS = (
     "loss_pred",
     "loss_cls",
@@ -23,6 +23,8 @@ LOGGED_OUTPUTS = (
     "target_std",
     "prediction_std",
     "teacher_temperature",
+    "mcl_temperature",
+    "mcl_win_share",
 )
 # Which parameters get weight decay: "all" (the authors' fairseq Adam) or "transformers" (the Trainer's rule, which
 # spares biases and LayerNorm weights).
@@ -160,8 +162,9 @@ class MatpacTrainer(Trainer):
         self._teacher_count = count if self._teacher_count is None else self._teacher_count + count
         accumulation = self.args.gradient_accumulation_steps
         for name in LOGGED_OUTPUTS:
-            value = getattr(outputs, name).detach().float() / accumulation
-            self._log_sums[name] = self._log_sums.get(name, 0) + value
+            if getattr(outputs, name) is not None:
+                value = getattr(outputs, name).detach().float() / accumulation
+                self._log_sums[name] = self._log_sums.get(name, 0) + value
 
     @torch.no_grad()
     def update_teachers_and_center(self, step: int) -> None:
@@ -181,8 +184,14 @@ class MatpacTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._log_sums:
             steps = max(self.state.global_step - self._steps_at_last_log, 1)
-            means = self.accelerator.reduce(torch.stack(list(self._log_sums.values())), reduction="mean") / steps
-            logs.update({name: round(value, 6) for name, value in zip(self._log_sums, means.tolist())})
+            names = [
+                f"{name}_{index}" if value.ndim else name
+                for name, value in self._log_sums.items()
+                for index in range(value.numel())
+            ]
+            values = torch.cat([value.reshape(-1) for value in self._log_sums.values()])
+            means = self.accelerator.reduce(values, reduction="mean") / steps
+            logs.update({name: round(value, 6) for name, value in zip(names, means.tolist())})
             if self.skipped_clips is not None:
                 batches = (self.state.global_step - self._first_step_of_loader) * self.args.gradient_accumulation_steps
                 counts = torch.tensor(list(self.skipped_clips.totals(batches).values()), device=self.args.device)

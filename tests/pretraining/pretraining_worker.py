@@ -1,7 +1,7 @@
 """Trains a tiny MATPAC with MatpacTrainer on fixed data and masking; run directly or under `accelerate launch`."""
 
+import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -28,7 +28,8 @@ class FixedCrops(torch.utils.data.Dataset):
         return {"input_values": self.values[index], "noise": self.noise[index]}
 
 
-def tiny_model() -> MatpacForPreTraining:
+def tiny_model(num_hypotheses: int = 1) -> MatpacForPreTraining:
+    """A tiny MATPAC, or MATPAC++ whose multiple-choice loss is soft at steps 0 and 1 and hard from step 2."""
     set_seed(0)
     config = MatpacConfig(
         **tiny_config_kwargs(
@@ -37,15 +38,28 @@ def tiny_model() -> MatpacForPreTraining:
             head_ema_decay=0.6,
             head_ema_end_decay=0.95,
             teacher_temperature_warmup_steps=2,
+            predictor_num_hypotheses=num_hypotheses,
+            mcl_temperature_start=0.1,
+            mcl_temperature_end=0.03,
+            mcl_temperature_decay=0.5,
         )
     )
     return MatpacForPreTraining(config)
 
 
 def train(
-    output_dir, batch_size, accumulation, max_steps, save_steps=None, resume=None, dataset=None, collator=None, **extra
+    output_dir,
+    batch_size,
+    accumulation,
+    max_steps,
+    save_steps=None,
+    resume=None,
+    dataset=None,
+    collator=None,
+    num_hypotheses=1,
+    **extra,
 ) -> MatpacTrainer:
-    model = tiny_model()
+    model = tiny_model(num_hypotheses)
     args = TrainingArguments(
         output_dir,
         per_device_train_batch_size=batch_size,
@@ -80,17 +94,22 @@ class RecordingCollator:
 
 
 if __name__ == "__main__":
-    output_dir = sys.argv[1]
-    if len(sys.argv) > 2:
-        # Audio files in sys.argv[2]: 2 steps of 2 crops per process read exactly one process's share of 8 clips.
-        files = sorted(str(path) for path in Path(sys.argv[2]).glob("*.wav"))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--audio_dir", help="Train on its wav files and record which clips each process read.")
+    parser.add_argument("--num_hypotheses", type=int, default=1)
+    arguments = parser.parse_args()
+    output_dir = arguments.output_dir
+    if arguments.audio_dir:
+        # 2 steps of 2 crops per process read exactly one process's share of 8 clips.
+        files = sorted(str(path) for path in Path(arguments.audio_dir).glob("*.wav"))
         collator = RecordingCollator()
         rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         dataset = MatpacPretrainingDataset(files, rank=rank, world_size=world_size)
         trainer = train(output_dir, 2, 1, 2, dataset=dataset, collator=collator)
         torch.save(collator.clip_ids, f"{output_dir}/clips{trainer.args.process_index}.pt")
     else:
-        trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3)
+        trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3, num_hypotheses=arguments.num_hypotheses)
     rank = trainer.args.process_index
     state = {name: tensor.clone() for name, tensor in trainer.pretraining_model.state_dict().items()}
     torch.save({"state": state, "log_history": trainer.state.log_history}, f"{output_dir}/rank{rank}.pt")

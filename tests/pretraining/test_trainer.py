@@ -21,7 +21,12 @@ def max_difference(first: dict, second: dict) -> float:
     return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
-def test_updates_run_once_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch):
+# MATPAC, and MATPAC++ with its multiple-choice loss soft at steps 0 and 1 and hard from step 2.
+HYPOTHESES = pytest.mark.parametrize("num_hypotheses", [1, 5], ids=["matpac", "matpac++"])
+
+
+@HYPOTHESES
+def test_updates_run_once_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch, num_hypotheses):
     calls = []
     original = MatpacForPreTraining.update_teachers_and_center
 
@@ -30,10 +35,10 @@ def test_updates_run_once_per_optimizer_step_under_gradient_accumulation(tmp_pat
         return original(self, step, *args)
 
     monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", spy)
-    accumulated = train(tmp_path / "ga", batch_size=2, accumulation=2, max_steps=3)
+    accumulated = train(tmp_path / "ga", batch_size=2, accumulation=2, max_steps=3, num_hypotheses=num_hypotheses)
     assert calls == [0, 1, 2]
     monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", original)
-    whole = train(tmp_path / "whole", batch_size=4, accumulation=1, max_steps=3)
+    whole = train(tmp_path / "whole", batch_size=4, accumulation=1, max_steps=3, num_hypotheses=num_hypotheses)
     # The same global batches give the same run: centre statistics and EMA cover both micro-batches at once.
     state_ga = accumulated.pretraining_model.state_dict()
     assert max_difference(state_ga, whole.pretraining_model.state_dict()) < 1e-5
@@ -51,25 +56,42 @@ def test_logs_average_the_losses_like_loss(tmp_path):
         assert 1 <= entry["teacher_num_classes"] <= 24 and entry["teacher_perplexity"] >= 1
     assert [entry["teacher_temperature"] for entry in logged] == pytest.approx([0.04, 0.055, 0.07])
     assert [entry["ema_decay"] for entry in logged] == pytest.approx([0.5, 0.5 + 0.4 / 3, 0.5 + 0.8 / 3])
+    assert not any(name.startswith("mcl_") for name in logged[0])
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    straight = train(tmp_path / "straight", batch_size=2, accumulation=2, max_steps=4, save_steps=2)
+def test_matpac_plus_plus_logs_its_temperature_and_win_shares(tmp_path):
+    trainer = train(tmp_path, batch_size=2, accumulation=2, max_steps=3, num_hypotheses=5)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["mcl_temperature"] for entry in logged] == pytest.approx([0.1, 0.05, 0.025])
+    for entry in logged:
+        shares = [entry[f"mcl_win_share_{head}"] for head in range(5)]
+        # Each share is a fraction of the step's 4 x 133 masked patches (2 micro-batches averaged).
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5) and max(shares) < 1
+        assert all(share * 4 * 133 == pytest.approx(round(share * 4 * 133), abs=1e-3) for share in shares)
+        assert entry["loss"] == pytest.approx(0.5 * entry["loss_pred"] + 0.5 * entry["loss_cls"], abs=1e-5)
+
+
+@HYPOTHESES
+def test_resume_continues_bit_for_bit(tmp_path, num_hypotheses):
+    kwargs = dict(batch_size=2, accumulation=2, max_steps=4, num_hypotheses=num_hypotheses)
+    straight = train(tmp_path / "straight", save_steps=2, **kwargs)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").is_file()
-    resumed = train(tmp_path / "resumed", batch_size=2, accumulation=2, max_steps=4, resume=str(checkpoint))
+    resumed = train(tmp_path / "resumed", resume=str(checkpoint), **kwargs)
     straight_state = straight.pretraining_model.state_dict()
     resumed_state = resumed.pretraining_model.state_dict()
     for name, tensor in straight_state.items():
         assert torch.equal(tensor, resumed_state[name]), name
     # The logged averages after the resumption cover the steps since it, as in the uninterrupted run.
     logged = ("step", "loss", "loss_pred", "loss_cls", "teacher_temperature", "ema_decay")
+    logged += ("mcl_temperature", "mcl_win_share_0") if num_hypotheses > 1 else ()
     history = [{key: entry[key] for key in logged} for entry in straight.state.log_history if "loss" in entry]
     resumed_history = [{key: entry[key] for key in logged} for entry in resumed.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in resumed_history] == [1, 2, 3, 4]
     assert resumed_history == history
     halfway = MatpacForPreTraining.from_pretrained(checkpoint)
     assert not torch.equal(halfway.center, straight_state["center"])
+    assert halfway.config.predictor_num_hypotheses == num_hypotheses
     assert isinstance(MatpacModel.from_pretrained(checkpoint), MatpacModel)
 
 
@@ -93,10 +115,13 @@ def logged_losses(log_history: list[dict]) -> list[float]:
     return [entry["loss"] for entry in log_history if "loss" in entry]
 
 
-def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@HYPOTHESES
+def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path, num_hypotheses):
     flags = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    ranks = launch_two_processes(tmp_path, *flags, "--main_process_port", "29531")
-    single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3)
+    port = str(29531 + 10 * (num_hypotheses > 1))
+    worker_args = ("--num_hypotheses", str(num_hypotheses))
+    ranks = launch_two_processes(tmp_path, *flags, "--main_process_port", port, worker_args=worker_args)
+    single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3, num_hypotheses=num_hypotheses)
     assert max_difference(ranks[0]["state"], single.pretraining_model.state_dict()) < 1e-5
     assert logged_losses(ranks[0]["log_history"]) == pytest.approx(logged_losses(single.state.log_history), abs=1e-5)
 
@@ -112,7 +137,8 @@ def test_the_documented_ddp_bf16_config_runs(tmp_path):
 def test_each_process_reads_its_own_share_of_the_audio(tmp_path):
     files = generate_builtin_corpus(tmp_path / "corpus", num_clips=8)
     flags = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch_two_processes(tmp_path, *flags, "--main_process_port", "29535", worker_args=(str(tmp_path / "corpus"),))
+    worker_args = ("--audio_dir", str(tmp_path / "corpus"))
+    launch_two_processes(tmp_path, *flags, "--main_process_port", "29535", worker_args=worker_args)
     seen = [torch.load(tmp_path / f"clips{rank}.pt") for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 4
     assert sorted(seen[0] + seen[1]) == sorted(str(path) for path in files)
@@ -133,14 +159,15 @@ def test_unsupported_setups_are_refused(tmp_path):
         setattr(trainer, backend, False)
 
 
-def test_bf16_autocast_keeps_teachers_and_centre_in_fp32(tmp_path):
-    trainer = train(tmp_path, batch_size=2, accumulation=1, max_steps=2, bf16=True)
+@HYPOTHESES
+def test_bf16_autocast_keeps_teachers_and_centre_in_fp32(tmp_path, num_hypotheses):
+    trainer = train(tmp_path, batch_size=2, accumulation=1, max_steps=2, bf16=True, num_hypotheses=num_hypotheses)
     model = trainer.pretraining_model
     assert {param.dtype for param in model.parameters()} == {torch.float32}
     assert model.center.dtype == torch.float32 and torch.count_nonzero(model.center) > 0
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    fp32 = train(tmp_path / "fp32", batch_size=2, accumulation=1, max_steps=2)
+    fp32 = train(tmp_path / "fp32", batch_size=2, accumulation=1, max_steps=2, num_hypotheses=num_hypotheses)
     fp32_losses = [entry["loss"] for entry in fp32.state.log_history if "loss" in entry]
     # Autocast really ran in bf16 (the losses differ) and stayed close to fp32.
     assert losses != fp32_losses
