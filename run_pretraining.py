@@ -14,6 +14,9 @@ paper's. On 8 GPUs, AudioSet's balanced and unbalanced training sets (1,757,473 
         --dataset_size 1757473 --dataloader_num_workers 8
     python run_pretraining.py --train_dir /data/my_audio --num_train_epochs 100
 
+`--predictor_num_hypotheses 5` trains MATPAC++ instead (five multiple-choice prediction heads, the authors' best
+model), with any data source or the built-in corpus.
+
 `--preprocess_to DIR` decodes, resamples and computes the log-mels of the audio source once, stores them in DIR and
 exits; `--train_cache DIR` then trains on random crops of them, without decoding any audio:
 
@@ -82,6 +85,13 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Config fields to change for a fresh model, e.g. 'hidden_size=384,num_attention_heads=6'."},
+    )
+    predictor_num_hypotheses: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prediction heads: 5 trains MATPAC++ (multiple-choice heads), 1 MATPAC (a fresh model's default). "
+            "With --model_name_or_path, heads the checkpoint lacks start fresh."
+        },
     )
     teacher_temperature_warmup_epochs: float = field(
         default=10.0, metadata={"help": "Epochs of the teacher temperature warm-up (n_tau; 10 in the best model)."}
@@ -197,14 +207,16 @@ def parse_config_value(name: str, value: str, default: object) -> object:
 
 def build_config(model_args: ModelArguments) -> MatpacConfig:
     config = MatpacConfig()
+    typed = {}
     if model_args.config_overrides:
         overrides = dict(item.split("=", 1) for item in model_args.config_overrides.split(","))
         unknown = sorted(name for name in overrides if not hasattr(config, name))
         if unknown:
             raise ValueError(f"--config_overrides names fields MatpacConfig does not have: {unknown}")
         typed = {name: parse_config_value(name, value, getattr(config, name)) for name, value in overrides.items()}
-        config = MatpacConfig(**{**config.to_diff_dict(), **typed})
-    return config
+    if model_args.predictor_num_hypotheses is not None:
+        typed["predictor_num_hypotheses"] = model_args.predictor_num_hypotheses
+    return MatpacConfig(**{**config.to_diff_dict(), **typed}) if typed else config
 
 
 def load_model(model_args: ModelArguments) -> MatpacForPreTraining:
@@ -212,7 +224,10 @@ def load_model(model_args: ModelArguments) -> MatpacForPreTraining:
         return MatpacForPreTraining(build_config(model_args))
     if model_args.config_overrides:
         raise ValueError("--config_overrides applies to a fresh model, not to --model_name_or_path.")
-    return MatpacForPreTraining.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+    overrides = {}
+    if model_args.predictor_num_hypotheses is not None:
+        overrides["predictor_num_hypotheses"] = model_args.predictor_num_hypotheses
+    return MatpacForPreTraining.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **overrides)
 
 
 def resolve_schedules(
@@ -310,11 +325,13 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
     model, args = trainer.pretraining_model, trainer.args
     config = model.config
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    hypotheses = config.predictor_num_hypotheses
+    variant = f" as MATPAC++ ({hypotheses} multiple-choice prediction heads)" if hypotheses > 1 else ""
     card = MODEL_CARD_TEMPLATE.read_text().format(
         model_name=Path(args.output_dir).name,
         model_id=args.output_dir,
         license="apache-2.0",
-        description=f"Pre-trained for {trainer.state.global_step} steps on {data_description}.",
+        description=f"Pre-trained{variant} for {trainer.state.global_step} steps on {data_description}.",
         sampling_rate=config.sampling_rate,
         num_mel_bins=config.num_mel_bins,
         patch_size=config.patch_size,
@@ -475,7 +492,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     resolve_schedules(model_args, training_args, config, dataset_size)
     log_recipe(training_args, config, dataset_size, training_args.device.type, check_paper=not builtin)
-    logger.info("Pre-training a MATPAC encoder of %s parameters.", f"{model.matpac.num_parameters():,}")
+    logger.info(
+        "Pre-training a %s encoder of %s parameters.",
+        "MATPAC++" if config.predictor_num_hypotheses > 1 else "MATPAC",
+        f"{model.matpac.num_parameters():,}",
+    )
 
     trainer = MatpacTrainer(
         model=model,

@@ -178,3 +178,23 @@ def test_audioset_layout_trains_on_both_training_splits_with_epochs_from_the_car
     losses = [entry for entry in history if "loss" in entry]
     assert [entry["step"] for entry in losses] == [1, 2, 3] and losses[-1]["num_skipped_short"] >= 1
     assert MatpacForPreTraining.from_pretrained(tmp_path / "out").config.teacher_temperature_warmup_steps == 3
+
+
+def test_one_flag_trains_matpac_plus_plus_from_the_log_mel_cache(tmp_path):
+    cache = tmp_path / "logmels"
+    with pytest.raises(FileNotFoundError):  # it only pre-processes: no trainer state
+        run(tmp_path / "prepare", "--preprocess_to", str(cache), "--builtin_corpus_clips", "3")
+    flags = ("--train_cache", str(cache), "--max_steps", "2", "--predictor_num_hypotheses", "5")
+    history = run(tmp_path / "train", *flags)
+    losses = [entry for entry in history if "loss" in entry]
+    assert [entry["mcl_temperature"] for entry in losses] == pytest.approx([0.1, 0.1 * 0.99997])
+    for entry in losses:
+        assert sum(entry[f"mcl_win_share_{head}"] for head in range(5)) == pytest.approx(1, abs=1e-5)
+    pretraining = MatpacForPreTraining.from_pretrained(tmp_path / "train")
+    assert pretraining.config.predictor_num_hypotheses == 5 and len(pretraining.mcl_heads.heads) == 5
+    assert pretraining.config.hidden_size == 32  # the flag leaves the other overrides alone
+    card = (tmp_path / "train" / "README.md").read_text()
+    assert "Pre-trained as MATPAC++ (5 multiple-choice prediction heads) for 2 steps on " in card
+    encoder = AutoModel.from_pretrained(tmp_path / "train")
+    assert isinstance(encoder, MatpacModel)
+    assert torch.equal(encoder.encoder.layers[0].mlp.fc1.weight, pretraining.matpac.encoder.layers[0].mlp.fc1.weight)
