@@ -6,7 +6,8 @@ Throughput of matpac, from the front end to a pre-training step, as a table and 
     python benchmarks/run.py --device cuda --batch_size 256 --dtypes bf16 --compile
     python benchmarks/run.py --size tiny --sections frontend,pretraining
 
-Each pre-training and embedding measurement runs in a fresh process, so that its peak memory is its own.
+Each pre-training and embedding measurement runs in a fresh process, so that its peak memory is its own. The
+pre-training step is measured for MATPAC and for MATPAC++ (5 multiple-choice prediction heads).
 """
 
 import argparse
@@ -53,6 +54,8 @@ SIZES = {
     ),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# The pre-training variants: MATPAC and MATPAC++ (the authors' 5 multiple-choice heads).
+VARIANTS = {"MATPAC": {}, "MATPAC++": {"predictor_num_hypotheses": 5}}
 SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "embedding")
 
 
@@ -108,7 +111,8 @@ def pretraining_flops(config: MatpacConfig) -> dict[str, float]:
     predictor_forward = config.predictor_num_hidden_layers * block_flops(
         patches + 1, predictor, config.predictor_intermediate_size
     )
-    predictor_forward += 2 * (visible + 1) * width * predictor + 2 * masked * predictor * width
+    predictor_forward += 2 * (visible + 1) * width * predictor
+    predictor_forward += 2 * masked * predictor * width * config.predictor_num_hypotheses
     return {
         "student": 3 * student,
         "teacher": teacher,
@@ -253,23 +257,29 @@ def bench_pipeline(clips: int) -> list[Row]:
 
 
 def bench_pretraining(args, device: torch.device) -> list[Row]:
-    rows = []
-    config = MatpacConfig(**SIZES[args.size])
-    flops = pretraining_flops(config)
-    for dtype in args.dtypes:
-        result = in_fresh_process(
-            measure_pretraining, SIZES[args.size], args.batch_size, str(device), dtype, args.steps, args.compile
-        )
-        ceiling = matmul_gflops(device, dtype, args.repeats)
-        detail = (
-            f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {result['gflops']:.0f} GFLOP/s "
-            f"({100 * result['gflops'] / ceiling:.0f} % of the matmul ceiling)"
-        )
-        case = f"{args.size}, batch {args.batch_size}, {dtype}{', compiled' if args.compile else ''}"
-        rows.append(Row("pretraining", case, args.batch_size / result["seconds"], "samples/s", detail))
-    total = sum(flops.values()) / 1e9
-    parts = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in flops.items())
-    rows.append(Row("pretraining", f"FLOP count per sample ({args.size})", total, "GFLOP", parts))
+    rows, seconds = [], {}
+    for variant, variant_kwargs in VARIANTS.items():
+        config_kwargs = {**SIZES[args.size], **variant_kwargs}
+        for dtype in args.dtypes:
+            result = in_fresh_process(
+                measure_pretraining, config_kwargs, args.batch_size, str(device), dtype, args.steps, args.compile
+            )
+            seconds[variant, dtype] = result["seconds"]
+            ceiling = matmul_gflops(device, dtype, args.repeats)
+            detail = (
+                f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {result['gflops']:.0f} GFLOP/s "
+                f"({100 * result['gflops'] / ceiling:.0f} % of the matmul ceiling)"
+            )
+            if variant != "MATPAC":
+                detail += f", step time {seconds[variant, dtype] / seconds['MATPAC', dtype]:.3f} x MATPAC's"
+            case = f"{args.size}, batch {args.batch_size}, {dtype}{', compiled' if args.compile else ''}"
+            case += f", {variant}" if variant != "MATPAC" else ""
+            rows.append(Row("pretraining", case, args.batch_size / result["seconds"], "samples/s", detail))
+    for variant, variant_kwargs in VARIANTS.items():
+        flops = pretraining_flops(MatpacConfig(**SIZES[args.size], **variant_kwargs))
+        parts = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in flops.items())
+        case = f"FLOP count per sample ({args.size}{', ' + variant if variant != 'MATPAC' else ''})"
+        rows.append(Row("pretraining", case, sum(flops.values()) / 1e9, "GFLOP", parts))
     return rows
 
 

@@ -37,7 +37,25 @@ def test_script_writes_every_section(tmp_path):
     assert {row["section"] for row in results["rows"]} == set(benchmarks.SECTIONS)
     assert len(results["rows"]) == len(rows) and all(row["value"] > 0 for row in results["rows"])
     cases = [row["case"] for row in results["rows"] if row["section"] == "pretraining"]
-    assert cases[:2] == ["tiny, batch 8, fp32", "tiny, batch 8, bf16"]
+    assert cases[:4] == [
+        "tiny, batch 8, fp32",
+        "tiny, batch 8, bf16",
+        "tiny, batch 8, fp32, MATPAC++",
+        "tiny, batch 8, bf16, MATPAC++",
+    ]
+    details = {row["case"]: row["detail"] for row in results["rows"]}
+    assert "x MATPAC's" in details["tiny, batch 8, bf16, MATPAC++"]
+
+
+def test_matpac_plus_plus_adds_the_flops_of_four_more_heads():
+    matpac = benchmarks.pretraining_flops(MatpacConfig())
+    plus_plus = benchmarks.pretraining_flops(MatpacConfig(predictor_num_hypotheses=5))
+    # Each extra head: a 512 -> 768 projection of the 133 masked patches, forward and backward.
+    head = 3 * 2 * (190 - 57) * 512 * 768
+    assert plus_plus["predictor"] - matpac["predictor"] == 4 * head
+    assert {name: value for name, value in plus_plus.items() if name != "predictor"} == {
+        name: value for name, value in matpac.items() if name != "predictor"
+    }
 
 
 def test_bad_arguments_are_refused(capsys):
