@@ -73,8 +73,7 @@ def record_training_steps(model: MatpacForPreTraining, reference: dict, tensor_s
         }
         record = {name: value.detach().clone() for name, value in record.items()}
         outputs.loss.backward()
-        record["decays"] = model.update_teachers(step)
-        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        record["decays"] = model.update_teachers_and_center(step, outputs.teacher_sum, outputs.teacher_count)
         optimizer.step()
         optimizer.zero_grad()
         records.append({**record, "outputs": outputs, "center_after": model.center.clone()})
@@ -180,8 +179,8 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-# What the MATPAC code gave before MATPAC++ existed (commit 35f5365, torch 2.13 CPU): the fixture's 4 steps' losses
-# (float.hex), the state after them, and a fresh tiny model's state (seed 0).
+# What the MATPAC code gave before MATPAC++ existed (commits 35f5365 and 314d9d3, torch 2.13 CPU): the fixture's 4
+# steps' losses (float.hex), the state after them, and a fresh tiny model's state (seed 0).
 MATPAC_LOSSES = {
     "loss": ["0x1.d7e0880000000p+1", "0x1.b97cc80000000p+1", "0x1.b2a5180000000p+1", "0x1.ad000c0000000p+1"],
     "loss_pred": ["0x1.0bdc8a0000000p+1", "0x1.df2dd80000000p+0", "0x1.cc234c0000000p+0", "0x1.bbd2a20000000p+0"],
@@ -206,8 +205,7 @@ def test_one_hypothesis_is_bitwise_matpac_on_its_fixture():
         for name in losses:
             losses[name].append(outputs[name].item().hex())
         outputs.loss.backward()
-        model.update_teachers(step)
-        model.update_center(outputs.teacher_sum, outputs.teacher_count)
+        model.update_teachers_and_center(step, outputs.teacher_sum, outputs.teacher_count)
         optimizer.step()
         optimizer.zero_grad()
     assert losses == MATPAC_LOSSES
