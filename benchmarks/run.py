@@ -11,6 +11,7 @@ pre-training step is measured for MATPAC and for MATPAC++ (5 multiple-choice pre
 """
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -121,6 +122,26 @@ def pretraining_flops(config: MatpacConfig) -> dict[str, float]:
     }
 
 
+def embedding_flops(config: MatpacConfig, frames: int) -> int:
+    """Forward FLOPs of the precise embeddings of one clip: its chunks, the short last one at its own length."""
+    steps = -(-frames // config.patch_size)
+    chunk_lengths = [config.num_time_patches] * (steps // config.num_time_patches)
+    if steps % config.num_time_patches:
+        chunk_lengths.append(steps % config.num_time_patches)
+    width = config.hidden_size
+    flops = 0
+    for length in chunk_lengths:
+        patches = config.num_frequency_patches * length
+        flops += config.num_hidden_layers * block_flops(patches + 1, width, config.intermediate_size)
+        flops += 2 * patches * config.patch_size**2 * width
+    return flops
+
+
+def share_of_ceiling(gflops: float, device: torch.device, dtype: str, repeats: int) -> str:
+    """A rate as a share of this machine's matmul ceiling in the same precision (what it could reach at most)."""
+    return f"{gflops:.0f} GFLOP/s ({100 * gflops / matmul_gflops(device, dtype, repeats):.0f} % of the matmul ceiling)"
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -189,8 +210,9 @@ def in_fresh_process(function, *args):
         return pool.apply(function, args)
 
 
+@functools.cache
 def matmul_gflops(device: torch.device, dtype: str, repeats: int) -> float:
-    """This machine's dense matrix ceiling: a 2048^3 matmul."""
+    """This machine's dense matrix ceiling: a 2048^3 matmul (measured once per run and precision)."""
     size = 2048
     left, right = (torch.randn(size, size, device=device, dtype=DTYPES[dtype] or torch.float32) for _ in range(2))
     return 2 * size**3 / timed(lambda: left @ right, max(repeats, 5), device) / 1e9
@@ -265,10 +287,9 @@ def bench_pretraining(args, device: torch.device) -> list[Row]:
                 measure_pretraining, config_kwargs, args.batch_size, str(device), dtype, args.steps, args.compile
             )
             seconds[variant, dtype] = result["seconds"]
-            ceiling = matmul_gflops(device, dtype, args.repeats)
             detail = (
-                f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {result['gflops']:.0f} GFLOP/s "
-                f"({100 * result['gflops'] / ceiling:.0f} % of the matmul ceiling)"
+                f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, "
+                f"{share_of_ceiling(result['gflops'], device, dtype, args.repeats)}"
             )
             if variant != "MATPAC":
                 detail += f", step time {seconds[variant, dtype] / seconds['MATPAC', dtype]:.3f} x MATPAC's"
@@ -286,17 +307,21 @@ def bench_pretraining(args, device: torch.device) -> list[Row]:
 def bench_embedding(args, device: torch.device) -> list[Row]:
     rows = []
     clips, seconds_per_clip = 4, 30.0
+    extractor = MatpacFeatureExtractor()
+    frames = 1 + (int(16000 * seconds_per_clip) - extractor.n_fft) // extractor.hop_length
+    flops = clips * embedding_flops(MatpacConfig(**SIZES[args.size]), frames)
     for dtype in args.dtypes:
         result = in_fresh_process(
             measure_embedding, SIZES[args.size], clips, seconds_per_clip, str(device), dtype, args.repeats
         )
+        rate = share_of_ceiling(flops / result["seconds"] / 1e9, device, dtype, args.repeats)
         rows.append(
             Row(
                 "embedding",
                 f"{args.size}, {clips} x {seconds_per_clip:.0f} s, precise, {dtype}",
                 clips * seconds_per_clip / result["seconds"],
                 "s audio / s",
-                f"{result['seconds']:.2f} s, peak {result['memory_gb']:.2f} GB",
+                f"{result['seconds']:.2f} s, peak {result['memory_gb']:.2f} GB, {rate}",
             )
         )
     return rows

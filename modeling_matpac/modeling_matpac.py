@@ -62,13 +62,13 @@ class MatpacForPreTrainingOutput(ModelOutput):
         Number of masked patches summed in `teacher_sum`.
     teacher_temperature (`torch.FloatTensor` of shape `()`):
         Teacher softmax temperature used for this step.
-    teacher_entropy (`torch.FloatTensor` of shape `()`):
+    teacher_entropy (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
         Mean entropy of the teacher's per-patch distributions (nats); near 0 means over-sharpened targets.
-    teacher_perplexity (`torch.FloatTensor` of shape `()`):
+    teacher_perplexity (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
         Exponential of the entropy of the batch-mean teacher distribution: about how many classes are in use.
-    teacher_num_classes (`torch.FloatTensor` of shape `()`):
+    teacher_num_classes (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
         Number of distinct teacher argmax classes in the batch; 1 means collapse.
-    target_std (`torch.FloatTensor` of shape `()`) / prediction_std (`torch.FloatTensor` of shape `()`):
+    target_std / prediction_std (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
         Standard deviation over the masked patches of the l2-normalised teacher latents / predictions (the winning
         ones under MATPAC++), averaged over channels; near 0 means collapsed representations.
     mcl_temperature (`torch.FloatTensor` of shape `()`, MATPAC++ only):
@@ -171,6 +171,28 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def cpu_bf16_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Attention for bf16 on CPU, where torch's flash-attention kernel runs 2.5-5x slower than two bf16 matmuls at
+    MATPAC's shapes (forward and backward). The softmax stays in bf16 (fp32 inside the kernel), so that the backward
+    keeps one bf16 copy of the weights, not the fp32 and bf16 pair of `eager_attention_forward`.
+    """
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
 class MatpacAttention(nn.Module):
     """Bidirectional multi-head self-attention, fused qkv projection, dispatched through transformers' kernels."""
 
@@ -194,8 +216,13 @@ class MatpacAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self.config._attn_implementation == "sdpa" and qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16:
+            attention_interface = cpu_bf16_attention_forward  # the fast path (tests/models/test_fast_paths.py)
+        # unbind, not qkv[0], qkv[1], qkv[2]: its backward stacks the three gradients once, where three selects
+        # would each zero-fill and add a gradient of the whole qkv tensor.
+        query, key, value = qkv.unbind(0)
         attn_output, attn_weights = attention_interface(
-            self, qkv[0], qkv[1], qkv[2], attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
+            self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs
         )
         return self.out_proj(attn_output.reshape(batch_size, seq_len, -1)), attn_weights
 
@@ -408,9 +435,10 @@ class MatpacPreTrainedModel(PreTrainedModel):
 class MatpacModel(MatpacPreTrainedModel):
     """
     The MATPAC encoder for audio of any length. The log-mel is zero-padded to a multiple of the patch size and cut
-    into `config.num_frames` chunks (the paper's "precise" inference); all chunks of the batch are encoded in one pass
-    and put back in time order. Batch padding (given by `attention_mask`) is masked out of the attention, so a clip
-    gets the same embeddings alone or in a padded batch.
+    into `config.num_frames` chunks (the paper's "precise" inference); the chunks of the batch are encoded in one pass
+    per chunk length (each clip's short last chunk at its own length, as the authors do) and put back in time order.
+    Batch padding (given by `attention_mask`) is left out of every chunk (or masked out of the attention of a chunk
+    with holes), so a clip gets the same embeddings alone or in a padded batch; padded time steps are zeros.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"teacher_", r"predictor\.", r"mcl_heads\.", r"student_head\.", r"center"]
@@ -446,17 +474,76 @@ class MatpacModel(MatpacPreTrainedModel):
         chunks = chunks.reshape(batch_size * num_chunks, num_mel_bins, chunk_steps * patch)
         return chunks, step_mask.view(batch_size * num_chunks, chunk_steps), time_steps
 
-    def _to_time_steps(self, tokens: torch.Tensor, batch_size: int, time_steps: int) -> torch.Tensor:
-        """`(batch * chunks, F * T_chunk, hidden)` patch tokens -> `(batch, time_steps, F * hidden)` in time order."""
+    def _chunk_groups(
+        self, step_mask: torch.Tensor, batch_size: int, time_steps: int, has_padding: bool
+    ) -> list[tuple[slice | torch.Tensor, int, bool]]:
+        """
+        Groups the chunks that can be encoded together as `(rows, valid time steps, needs a mask)`. A chunk whose
+        valid steps are a prefix is encoded cut to that prefix, without padding or mask: the same result as masking
+        the padding (the positions are those of the first steps), less work, and the unmasked attention kernel.
+        Without batch padding the groups follow from the shapes (no host synchronisation): every chunk is full but
+        each clip's last. Chunks with no valid step are not encoded; a chunk with holes keeps the masked full length.
+        """
+        num_chunks, chunk_steps = step_mask.shape[0] // batch_size, step_mask.shape[1]
+        if not has_padding:
+            last_steps = time_steps - (num_chunks - 1) * chunk_steps
+            if last_steps == chunk_steps:
+                return [(slice(None), chunk_steps, False)]
+            rows = torch.arange(step_mask.shape[0], device=step_mask.device).view(batch_size, num_chunks)
+            return [(rows[:, :-1].flatten(), chunk_steps, False), (rows[:, -1], last_steps, False)]
+        lengths = step_mask.sum(1)
+        is_prefix = (step_mask == (torch.arange(chunk_steps, device=step_mask.device) < lengths[:, None])).all(1)
+        lengths = torch.where(is_prefix, lengths, -1)  # -1: holes, encoded masked at full length
+        groups = []
+        for length in lengths.unique().tolist():
+            if length != 0:
+                rows = (lengths == length).nonzero().squeeze(1)
+                groups.append((rows, chunk_steps if length < 0 else length, length < 0))
+        return groups or [(slice(None), chunk_steps, True)]  # an all-padding batch: encode it masked, as it is
+
+    def _to_time_steps(self, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+        """`(chunks, 1 + F * steps, hidden)` with the CLS token -> `(chunks, steps, F * hidden)` in time order."""
         num_frequency = self.config.num_frequency_patches
-        hidden = tokens.shape[-1]
-        tokens = tokens.view(batch_size, -1, num_frequency, tokens.shape[1] // num_frequency, hidden)
-        tokens = tokens.permute(0, 1, 3, 2, 4).reshape(batch_size, -1, num_frequency * hidden)
-        return tokens[:, :time_steps]
+        tokens = tokens[:, 1:].unflatten(1, (num_frequency, steps))
+        return tokens.transpose(1, 2).flatten(2)
+
+    def _encode_chunks(
+        self,
+        embeddings: torch.Tensor,
+        step_mask: torch.Tensor,
+        groups: list[tuple[slice | torch.Tensor, int, bool]],
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
+        """
+        Encodes each group of chunks in one pass. Returns the last hidden state (then the recorded hidden states) as
+        `(chunks, chunk_steps, F * hidden)` in time order, zero at the steps not encoded, and the recorded attentions
+        of a single group (attention maps of different lengths do not stack).
+        """
+        num_frequency, chunk_steps = self.config.num_frequency_patches, step_mask.shape[1]
+        outputs: list[torch.Tensor] = []
+        for rows, steps, masked in groups:
+            tokens = embeddings[rows]
+            if steps < chunk_steps:  # keep the first `steps` time columns of every frequency row
+                tokens = tokens.unflatten(1, (num_frequency, chunk_steps))[:, :, :steps].flatten(1, 2)
+            token_mask = None
+            if masked:  # padded steps hidden in all their frequency rows; the CLS token stays visible
+                token_mask = nn.functional.pad(step_mask[rows].repeat(1, num_frequency), (1, 0), value=True)
+            encoded = self._encode(tokens, token_mask, **kwargs)
+            states = [encoded.last_hidden_state, *(encoded.hidden_states or ())]
+            states = [self._to_time_steps(state, steps) for state in states]
+            if masked:
+                states = [state.masked_fill(~step_mask[rows, :, None], 0) for state in states]
+            if isinstance(rows, slice):  # one group of all the chunks: no copy into a zero buffer
+                return states, encoded.attentions
+            if not outputs:
+                outputs = [state.new_zeros(step_mask.shape[0], chunk_steps, state.shape[-1]) for state in states]
+            for output, state in zip(outputs, states):
+                output[rows, :steps] = state
+        return outputs, None
 
     @capture_outputs(tie_last_hidden_states=False)
     def _encode(
-        self, embeddings: torch.Tensor, token_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self, embeddings: torch.Tensor, token_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutput:
         """Chunks' patch embeddings -> the encoder's output, CLS first; records hidden states and attentions."""
         hidden_states = self.embeddings.prepend_cls_token(embeddings)
@@ -494,22 +581,23 @@ class MatpacModel(MatpacPreTrainedModel):
             )
         batch_size = input_values.shape[0]
         chunks, step_mask, time_steps = self._chunk(input_values, attention_mask)
-        # Padded time steps are hidden in all their frequency rows; the CLS token stays visible.
-        token_mask = nn.functional.pad(step_mask.repeat(1, self.config.num_frequency_patches), (1, 0), value=True)
-        encoded = self._encode(self.embeddings(chunks), token_mask, **kwargs)
+        if kwargs.get("output_attentions"):  # one attention map per chunk: every chunk at full length, masked
+            groups = [(slice(None), step_mask.shape[1], True)]
+        else:
+            groups = self._chunk_groups(step_mask, batch_size, time_steps, attention_mask is not None)
+        states, attentions = self._encode_chunks(self.embeddings(chunks), step_mask, groups, **kwargs)
+        last_hidden_state, *hidden_states = (
+            state.reshape(batch_size, -1, state.shape[-1])[:, :time_steps] for state in states
+        )
 
-        last_hidden_state = self._to_time_steps(encoded.last_hidden_state[:, 1:], batch_size, time_steps)
         time_mask = step_mask.view(batch_size, -1)[:, :time_steps]
         weights = time_mask.unsqueeze(-1).to(last_hidden_state.dtype)
         pooler_output = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
-        hidden_states = encoded.hidden_states
-        if hidden_states is not None:
-            hidden_states = tuple(self._to_time_steps(state[:, 1:], batch_size, time_steps) for state in hidden_states)
         return MatpacModelOutput(
             last_hidden_state=last_hidden_state,
             pooler_output=pooler_output,
-            hidden_states=hidden_states,
-            attentions=encoded.attentions,
+            hidden_states=tuple(hidden_states) if hidden_states else None,
+            attentions=attentions,
             time_mask=time_mask,
         )
 
@@ -674,6 +762,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         input_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         step: int | torch.Tensor | None = None,
+        output_collapse_statistics: bool = False,
     ) -> MatpacForPreTrainingOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, num_frames)`):
@@ -683,6 +772,9 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         step (`int` or `torch.Tensor`, *optional*):
             Optimizer updates done so far, for the teacher (and MATPAC++'s multiple-choice) temperature schedules; the
             end of the schedules when not given. A 0-d tensor keeps a compiled forward from specialising on it.
+        output_collapse_statistics (`bool`, *optional*, defaults to `False`):
+            Whether to return the teacher entropy, perplexity, distinct classes and the spreads of targets and
+            predictions (only logged; a trainer asks for them on the steps it logs).
         """
         config = self.config
         expected = (config.num_mel_bins, config.num_frames)
@@ -739,24 +831,38 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                     "mcl_win_share": (winner.flatten().unsqueeze(-1) == heads).float().mean(0),
                 }
             centred = teacher_probs if config.center_mode == "probabilities" else teacher_logits
-            mean_probs = teacher_probs.mean(dim=(0, 1))
-            output = MatpacForPreTrainingOutput(
+            # Only logged: an unlogged step skips them (about 5 passes over the batch's class probabilities).
+            statistics = (
+                self.collapse_statistics(teacher_probs, targets_unit, predictions_unit.detach())
+                if output_collapse_statistics
+                else {}
+            )
+            return MatpacForPreTrainingOutput(
                 loss=loss,
                 loss_pred=loss_pred.mean().detach(),
                 loss_cls=loss_cls.mean().detach(),
                 teacher_sum=centred.sum(dim=(0, 1)),
                 teacher_count=torch.full((), float(loss_cls.numel()), device=loss.device),
                 teacher_temperature=torch.as_tensor(temperature, dtype=torch.float32, device=loss.device),
-                teacher_entropy=-(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
-                teacher_perplexity=torch.exp(-(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()),
-                teacher_num_classes=torch.zeros_like(mean_probs)
-                .index_fill_(0, teacher_probs.argmax(-1).flatten(), 1)
-                .sum(),
-                target_std=targets_unit.flatten(0, 1).std(0).mean(),
-                prediction_std=predictions_unit.detach().flatten(0, 1).std(0).mean(),
+                **statistics,
                 **mcl_statistics,
             )
-        return output
+
+    @staticmethod
+    def collapse_statistics(
+        teacher_probs: torch.Tensor, targets_unit: torch.Tensor, predictions_unit: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Signs of collapse, from the teacher's class distributions and the unit targets and predictions."""
+        mean_probs = teacher_probs.mean(dim=(0, 1))
+        return {
+            "teacher_entropy": -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
+            "teacher_perplexity": torch.exp(-(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()),
+            "teacher_num_classes": torch.zeros_like(mean_probs)
+            .index_fill_(0, teacher_probs.argmax(-1).flatten(), 1)
+            .sum(),
+            "target_std": targets_unit.flatten(0, 1).std(0).mean(),
+            "prediction_std": predictions_unit.flatten(0, 1).std(0).mean(),
+        }
 
 
 class MatpacForAudioClassification(MatpacPreTrainedModel):

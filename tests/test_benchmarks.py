@@ -62,3 +62,11 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         benchmarks.main(["--dtypes", "fp8"])
     assert "unknown dtype 'fp8'" in capsys.readouterr().err
+
+
+def test_embedding_flops_count_the_short_last_chunk_at_its_length():
+    config = MatpacConfig()
+    one_chunk = benchmarks.embedding_flops(config, 608)
+    one_step = 12 * benchmarks.block_flops(1 + 5, 768, 3072) + 2 * 5 * 16**2 * 768
+    assert benchmarks.embedding_flops(config, 608 + 16) == one_chunk + one_step
+    assert 4 * benchmarks.embedding_flops(config, 2998) / 1e9 == pytest.approx(669.9, abs=0.1)  # 4 x 30 s

@@ -12,20 +12,12 @@ from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate
 
 logger = logging.getLogger(__name__)
 
-# Detached model outputs averaged into the logs like `loss` (per micro-batch / accumulation steps, per step, over
-# processes). The MATPAC++ ones are absent for MATPAC; a vector is logged per entry (`mcl_win_share_0`, ...).
-LOGGED_OUTPUTS = (
-    "loss_pred",
-    "loss_cls",
-    "teacher_entropy",
-    "teacher_perplexity",
-    "teacher_num_classes",
-    "target_std",
-    "prediction_std",
-    "teacher_temperature",
-    "mcl_temperature",
-    "mcl_win_share",
-)
+# Detached model outputs averaged into the logs like `loss` (over micro-batches and steps, then over processes). The
+# MATPAC++ ones are absent for MATPAC; a vector is logged per entry (`mcl_win_share_0`, ...).
+LOGGED_OUTPUTS = ("loss_pred", "loss_cls", "teacher_temperature", "mcl_temperature", "mcl_win_share")
+# Collapse statistics: the model computes them only when asked, on the steps that will be logged (their average
+# over those steps' micro-batches is logged), so that the other steps do not pay for them.
+COLLAPSE_STATISTICS = ("teacher_entropy", "teacher_perplexity", "teacher_num_classes", "target_std", "prediction_std")
 # Which parameters get weight decay: "all" (the authors' fairseq Adam) or "transformers" (the Trainer's rule, which
 # spares biases and LayerNorm weights).
 WEIGHT_DECAY_SETS = ("all", "transformers")
@@ -83,7 +75,7 @@ class MatpacTrainer(Trainer):
         self._teacher_sum: torch.Tensor | None = None
         self._teacher_count: torch.Tensor | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
-        self._steps_at_last_log = global_step
+        self._log_counts: dict[str, int] = {}
         # The loader's first batch is the one of this step, unless Trainer replays the batches before it.
         self._first_step_of_loader = global_step if self.args.ignore_data_skip else 0
 
@@ -149,10 +141,22 @@ class MatpacTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The step as a device tensor: a compiled forward neither recompiles per step nor waits for the host.
         step = torch.full((), self.state.global_step, device=inputs["input_values"].device)
-        outputs = model(input_values=inputs["input_values"], noise=inputs.get("noise"), step=step)
+        outputs = model(
+            input_values=inputs["input_values"],
+            noise=inputs.get("noise"),
+            step=step,
+            output_collapse_statistics=model.training and self._step_will_be_logged(),
+        )
         if model.training:
             self._accumulate(outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _step_will_be_logged(self) -> bool:
+        """Whether the optimizer step under way ends with a log (the test of `DefaultFlowCallback.on_step_end`)."""
+        args, step = self.args, self.state.global_step + 1
+        if args.logging_strategy != "steps":
+            return True
+        return (step == 1 and args.logging_first_step) or step % self.state.logging_steps == 0
 
     def _accumulate(self, outputs) -> None:
         """Sums the step's centre statistics and the values to log, as the Trainer sums `loss`."""
@@ -160,11 +164,11 @@ class MatpacTrainer(Trainer):
         self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
         count = outputs.teacher_count.float()
         self._teacher_count = count if self._teacher_count is None else self._teacher_count + count
-        accumulation = self.args.gradient_accumulation_steps
-        for name in LOGGED_OUTPUTS:
-            if getattr(outputs, name) is not None:
-                value = getattr(outputs, name).detach().float() / accumulation
-                self._log_sums[name] = self._log_sums.get(name, 0) + value
+        for name in LOGGED_OUTPUTS + COLLAPSE_STATISTICS:
+            value = getattr(outputs, name)
+            if value is not None:
+                self._log_sums[name] = self._log_sums.get(name, 0) + value.detach().float()
+                self._log_counts[name] = self._log_counts.get(name, 0) + 1
 
     @torch.no_grad()
     def update_teachers_and_center(self, step: int) -> None:
@@ -183,14 +187,13 @@ class MatpacTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._log_sums:
-            steps = max(self.state.global_step - self._steps_at_last_log, 1)
             names = [
                 f"{name}_{index}" if value.ndim else name
                 for name, value in self._log_sums.items()
                 for index in range(value.numel())
             ]
-            values = torch.cat([value.reshape(-1) for value in self._log_sums.values()])
-            means = self.accelerator.reduce(values, reduction="mean") / steps
+            means = torch.cat([(self._log_sums[name] / self._log_counts[name]).reshape(-1) for name in self._log_sums])
+            means = self.accelerator.reduce(means, reduction="mean")
             logs.update({name: round(value, 6) for name, value in zip(names, means.tolist())})
             if self.skipped_clips is not None:
                 batches = (self.state.global_step - self._first_step_of_loader) * self.args.gradient_accumulation_steps
@@ -199,6 +202,5 @@ class MatpacTrainer(Trainer):
             logs["ema_decay"], logs["head_ema_decay"] = self.pretraining_model.ema_decays(
                 self.state.global_step - 1, self.state.max_steps
             )
-            self._log_sums = {}
-            self._steps_at_last_log = self.state.global_step
+            self._log_sums, self._log_counts = {}, {}
         super().log(logs, start_time)

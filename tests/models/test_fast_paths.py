@@ -5,6 +5,8 @@ import torch
 from conftest import tiny_config_kwargs
 
 from modeling_matpac import MatpacConfig, MatpacForPreTraining, MatpacModel
+from modeling_matpac import modeling_matpac as modeling
+from modeling_matpac.modeling_matpac import cpu_bf16_attention_forward
 
 
 def pretraining_model(**kwargs) -> MatpacForPreTraining:
@@ -102,3 +104,78 @@ def test_activation_checkpointing_of_the_pretraining_model_gives_the_same_gradie
     checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, *batch)
     assert checkpointed_loss == loss
     assert_gradients_close(checkpointed_gradients, gradients, rtol=1e-6)
+
+
+def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa():
+    """The CPU bf16 path: outputs and gradients within 3e-2 of fp32 SDPA (unit-variance inputs, outputs up to ~2)."""
+    torch.manual_seed(0)
+    for shape in [(2, 4, 191, 32), (2, 12, 58, 64)]:
+        query, key, value = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+        scaling = shape[-1] ** -0.5
+        reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling)
+        reference.square().sum().backward()
+        reference_gradients = [tensor.grad for tensor in (query, key, value)]
+        inputs = [tensor.detach().bfloat16().requires_grad_() for tensor in (query, key, value)]
+        fast, _ = cpu_bf16_attention_forward(None, *inputs, None, scaling=scaling)
+        fast = fast.transpose(1, 2)
+        fast.float().square().sum().backward()
+        assert fast.dtype == torch.bfloat16 and (fast.float() - reference).abs().max() <= 3e-2
+        for tensor, gradient in zip(inputs, reference_gradients):
+            assert (tensor.grad.float() - gradient).abs().max() <= 3e-2 * gradient.abs().max()
+
+
+def test_bf16_autocast_on_cpu_takes_the_fast_attention_path(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].dtype)
+        return cpu_bf16_attention_forward(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "cpu_bf16_attention_forward", spy)
+    model = pretraining_model()
+    values, noise = torch.randn(2, 80, 608), torch.rand(2, 190)
+    model(values, noise=noise)
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(values, noise=noise)
+    layers = 2 * model.config.num_hidden_layers + model.config.predictor_num_hidden_layers  # student, teacher
+    assert calls == [torch.bfloat16] * layers
+
+
+def test_chunks_grouped_by_length_equal_the_masked_full_length_encoding():
+    """Reference: every chunk padded to full length, padding masked out of the attention (the path for holes)."""
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
+    values = torch.randn(3, 80, 1500)
+    mask = torch.ones(3, 1500, dtype=torch.long)
+    mask[0, 700:] = 0  # steps per chunk: 38, 6, 0 (padding only); row 1: 38, 25, 0; row 2: 38, 38, 18
+    mask[1, 1000:] = 0
+    with torch.no_grad():
+        outputs = model(values, attention_mask=mask, output_hidden_states=True)
+        chunks, step_mask, time_steps = model._chunk(values, mask)
+        groups = model._chunk_groups(step_mask, 3, time_steps, has_padding=True)
+        assert sorted(steps for _, steps, _ in groups) == [6, 18, 25, 38] and not any(masked for *_, masked in groups)
+        full_length = [(slice(None), step_mask.shape[1], True)]
+        reference, _ = model._encode_chunks(
+            model.embeddings(chunks), step_mask, full_length, output_hidden_states=True
+        )
+    states = (outputs.last_hidden_state, *outputs.hidden_states)
+    for state, expected in zip(states, reference):
+        expected = expected.reshape(3, -1, expected.shape[-1])[:, :time_steps]
+        torch.testing.assert_close(state, expected, atol=1e-5, rtol=0)
+    assert torch.all(outputs.last_hidden_state[~outputs.time_mask] == 0)
+
+
+def test_a_chunk_with_holes_is_encoded_masked():
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
+    values = torch.randn(1, 80, 608)
+    mask = torch.ones(1, 608, dtype=torch.long)
+    mask[0, 160:320] = 0
+    with torch.no_grad():
+        holes = model(values, attention_mask=mask)
+        changed = values.clone()
+        changed[..., 160:320] += 1.0  # masked frames must not change the others' embeddings
+        again = model(changed, attention_mask=mask)
+    torch.testing.assert_close(holes.last_hidden_state, again.last_hidden_state, atol=1e-6, rtol=0)
+    assert holes.time_mask.sum() == 38 - 10

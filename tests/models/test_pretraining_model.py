@@ -184,8 +184,11 @@ def test_masking_is_deterministic_with_noise_and_checks_shapes():
 
 def test_collapse_statistics_are_consistent():
     model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).eval()
+    values = torch.randn(3, 80, 608)
     with torch.no_grad():
-        outputs = model(torch.randn(3, 80, 608))
+        outputs = model(values, output_collapse_statistics=True)
+        unlogged = model(values)
+    assert unlogged.teacher_entropy is None and unlogged.prediction_std is None
     prototypes = model.config.head_num_prototypes
     assert 0 <= outputs.teacher_entropy <= math.log(prototypes) + 1e-5
     assert 1 <= outputs.teacher_perplexity <= prototypes + 1e-3

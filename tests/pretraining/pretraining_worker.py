@@ -66,7 +66,7 @@ def train(
         gradient_accumulation_steps=accumulation,
         max_steps=max_steps,
         learning_rate=1e-3,
-        logging_steps=1,
+        logging_steps=extra.pop("logging_steps", 1),
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 1,
         report_to=[],

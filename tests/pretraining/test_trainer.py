@@ -1,3 +1,4 @@
+import functools
 import os
 import subprocess
 import sys
@@ -69,6 +70,25 @@ def test_matpac_plus_plus_logs_its_temperature_and_win_shares(tmp_path):
         assert sum(shares) == pytest.approx(1.0, abs=1e-5) and max(shares) < 1
         assert all(share * 4 * 133 == pytest.approx(round(share * 4 * 133), abs=1e-3) for share in shares)
         assert entry["loss"] == pytest.approx(0.5 * entry["loss_pred"] + 0.5 * entry["loss_cls"], abs=1e-5)
+
+
+def test_collapse_statistics_are_computed_on_logged_steps_only(tmp_path, monkeypatch):
+    asked = []
+    original = MatpacForPreTraining.forward
+
+    @functools.wraps(original)  # the Trainer reads the signature to keep the batch's columns
+    def spy(self, *args, output_collapse_statistics=False, **kwargs):
+        asked.append(output_collapse_statistics)
+        return original(self, *args, output_collapse_statistics=output_collapse_statistics, **kwargs)
+
+    monkeypatch.setattr(MatpacForPreTraining, "forward", spy)
+    trainer = train(tmp_path, batch_size=2, accumulation=2, max_steps=4, logging_steps=2, logging_first_step=True)
+    # Two micro-batches per step; steps 1 (the first), 2 and 4 are logged, step 3 is not.
+    assert asked == [True, True, True, True, False, False, True, True]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 4]
+    for entry in logged:
+        assert 1 <= entry["teacher_num_classes"] <= 24 and 0 < entry["target_std"] < 1
 
 
 @HYPOTHESES
