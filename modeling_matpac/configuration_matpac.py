@@ -5,6 +5,7 @@ from transformers import PreTrainedConfig
 
 
 CENTER_MODES = ("probabilities", "logits")
+CLASSIFIER_POOLINGS = ("concatenate", "frequency_mean")
 # Every MATPAC class, so that a saved directory's remote code loads any of them (saving lists only the saved class).
 AUTO_MAP = {
     "AutoConfig": "configuration_matpac.MatpacConfig",
@@ -32,6 +33,7 @@ FIELD_RULES = {
     },
     "teacher_temperature_warmup_steps": (lambda value: value >= 0, ">= 0"),
     "mcl_temperature_decay": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "classifier_pooling": (lambda value: value in CLASSIFIER_POOLINGS, f"one of {CLASSIFIER_POOLINGS}"),
 }
 
 
@@ -130,9 +132,17 @@ class MatpacConfig(PreTrainedConfig):
             model's `max_update`). A training loop that knows its length passes it instead (`MatpacTrainer` passes
             `max_steps` to [`~MatpacForPreTraining.update_teachers_and_center`]), leaving this field as it is.
 
-    Audio classification:
-        freeze_encoder (`bool`, defaults to `False`): Train only the linear head of
-            [`MatpacForAudioClassification`] (the paper's linear probe).
+    Audio classification ([`MatpacForAudioClassification`]):
+        freeze_encoder (`bool`, defaults to `False`): Train only the linear head (the paper's linear probe).
+        classifier_pooling (`str`, defaults to `"concatenate"`): Clip embedding the head reads. `"concatenate"` is
+            `pooler_output` (the frequency patches of a time step concatenated, averaged over time; the paper's probe
+            and the authors' released probes); `"frequency_mean"` averages each time step's frequency patches into
+            one `hidden_size` vector first (the authors' AudioSet fine-tuned classifier).
+        classifier_batch_norm (`bool`, defaults to `False`): Standardise the clip embedding with a non-affine
+            BatchNorm (running statistics only) before the linear head, as the AudioSet classifier does.
+        problem_type (`str`, *optional*): `"multi_label_classification"` for tagging (AudioSet, FSD50K, ...):
+            binary cross-entropy in training, and `pipeline("audio-classification")` scores with a sigmoid instead
+            of a softmax.
 
     Example:
 
@@ -196,6 +206,8 @@ class MatpacConfig(PreTrainedConfig):
     ema_anneal_end_step: int = 294816
 
     freeze_encoder: bool = False
+    classifier_pooling: str = "concatenate"
+    classifier_batch_norm: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -1,18 +1,24 @@
 """
-Converts the authors' MATPAC checkpoints into `save_pretrained` directories.
+Converts the authors' MATPAC and MATPAC++ checkpoints into `save_pretrained` directories with a model card.
 
-Two inputs are understood: the released inference weights (a flat state dict of the student encoder, as
-`torch.load` returns it) and a full training state (the same plus the predictor, the student head, the centre, and
-the teachers as the nested dicts `_ema` and `_cls_head_ema`), of MATPAC or of MATPAC++ (whose `mcl_heads` replace
-the predictor's projection). Sizes are read from the tensor shapes; the head counts, which shapes cannot tell, are
-arguments.
+The kind of file is read from its keys: encoder weights (a flat state dict of the student encoder, as `torch.load`
+returns it; every released encoder) become a `MatpacModel`; the AudioSet fine-tuned classifier (the encoder plus
+`head_norm.*` and `head.*`) a `MatpacForAudioClassification` with AudioSet's 527 labels, or with `--encoder_only` its
+encoder; a full training state (the encoder plus the predictor, the student head, the centre, and the teachers as the
+nested dicts `_ema` and `_cls_head_ema`; MATPAC++'s also has `mcl_heads`) a `MatpacForPreTraining`. A downstream
+probe head (`probe.weight`, `probe.bias`) is converted together with the encoder it was trained on, into a
+`MatpacForAudioClassification` with the task's labels. Sizes are read from the tensor shapes; the head counts, which
+shapes cannot tell, are arguments.
 
     python -m modeling_matpac.convert --checkpoint matpac_10_2048.pt --output_dir matpac-base
+    python -m modeling_matpac.convert --checkpoint matpac_10_2048.pt --probe_head esc50.pth --task esc50 \
+        --output_dir matpac-esc50
 """
 
 import argparse
 import logging
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,14 +26,22 @@ import torch
 from safetensors.torch import load_file
 
 from .configuration_matpac import MatpacConfig
+from .conversion_card import write_model_card
 from .feature_extraction_matpac import MatpacFeatureExtractor
-from .modeling_matpac import MatpacForPreTraining, MatpacModel, MatpacPreTrainedModel
+from .labels import LABEL_MAPS, PROBE_TASKS, load_labels
+from .modeling_matpac import (
+    MatpacForAudioClassification,
+    MatpacForPreTraining,
+    MatpacModel,
+    MatpacPreTrainedModel,
+)
 
 
 logger = logging.getLogger(__name__)
 
 # The one mapping between the authors' key names and ours, applied in order: the first matching prefix rule, then
-# every suffix rule. Keys of `MatpacForPreTraining`; a `MatpacModel` drops the `matpac.` prefix.
+# every suffix rule. Keys of `MatpacForPreTraining` (heads: of `MatpacForAudioClassification`); a `MatpacModel` drops
+# the `matpac.` prefix.
 PREFIX_RULES = [
     (r"^cls_token$", "matpac.embeddings.cls_token"),
     (r"^pos_embed$", "matpac.embeddings.position_embeddings"),
@@ -46,6 +60,9 @@ PREFIX_RULES = [
     (r"^cls_head_loss\.center$", "center"),
     (r"^cls_student_head\.", "student_head."),
     (r"^_cls_head_ema\.", "teacher_head."),
+    (r"^head_norm\.", "embedding_norm."),
+    (r"^head\.", "classifier."),
+    (r"^probe\.", "classifier."),
 ]
 SUFFIX_RULES = [
     (r"\.norm1\.", ".layernorm_before."),
@@ -61,6 +78,11 @@ FRONT_END_KEYS = re.compile(r"^log_mel\.")
 TRAINING_ONLY_KEYS = re.compile(r"^(_ema|_cls_head_ema|decoder|mcl_heads|cls_student_head|cls_head_loss)\.")
 # MATPAC++ builds, saves and never uses the predictor's single projection: its MCL heads predict instead.
 UNUSED_WITH_MCL_KEYS = re.compile(r"^decoder\.decoder_pred\.")
+# The AudioSet classifier on top of the fine-tuned encoder, and the downstream probe head (a file of its own).
+AUDIOSET_HEAD_KEYS = re.compile(r"^head(_norm)?\.")
+PROBE_KEYS = {"probe.weight", "probe.bias"}
+ENCODER_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight"}
+KINDS = ("encoder", "audioset_classifier", "pretraining", "probe_head")
 
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -161,6 +183,62 @@ def infer_config(
     return MatpacConfig(**kwargs)
 
 
+def detect_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which kind of the authors' files this is (one of `KINDS`), from its keys."""
+    keys = set(state_dict)
+    if keys and keys <= PROBE_KEYS:
+        return "probe_head"
+    if not ENCODER_KEYS <= keys:
+        shown = sorted(keys)[:5]
+        raise ValueError(
+            f"This is none of the known MATPAC checkpoints (encoder, AudioSet classifier, training state, probe "
+            f"head): it has no {sorted(ENCODER_KEYS - keys)} and no probe.*; its first keys are {shown}."
+        )
+    if any(TRAINING_ONLY_KEYS.match(key) for key in keys):
+        return "pretraining"
+    if any(AUDIOSET_HEAD_KEYS.match(key) for key in keys):
+        return "audioset_classifier"
+    return "encoder"
+
+
+def head_config(task: str, num_outputs: int, **fields) -> dict:
+    """Config fields of a released head with `num_outputs` outputs named by `task`'s label map."""
+    labels = load_labels(task)
+    if num_outputs != len(labels):
+        raise ValueError(
+            f"The head has {num_outputs} outputs but the {task} label map names {len(labels)} classes: "
+            "this head is not for that task."
+        )
+    problem_type = "multi_label_classification" if LABEL_MAPS[task].multi_label else "single_label_classification"
+    return dict(
+        id2label=dict(enumerate(labels)),
+        label2id={name: index for index, name in enumerate(labels)},
+        problem_type=problem_type,
+        **fields,
+    )
+
+
+def _load_checked(model: MatpacPreTrainedModel, converted: dict[str, torch.Tensor]) -> MatpacPreTrainedModel:
+    """Loads `converted` into `model`, refusing missing, unexpected and misshaped tensors with their names."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint does not fit a {type(model).__name__} of the inferred sizes: missing {missing}, "
+            f"unexpected {unexpected}."
+        )
+    wrong_shapes = [
+        f"{key}: {tuple(tensor.shape)} vs {tuple(expected[key].shape)}"
+        for key, tensor in converted.items()
+        if tensor.shape != expected[key].shape
+    ]
+    if wrong_shapes:
+        raise ValueError(f"Tensor shapes do not match the inferred config: {wrong_shapes}")
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
 def convert_state_dict(
     original: Mapping[str, torch.Tensor], config: MatpacConfig, encoder_only: bool
 ) -> MatpacPreTrainedModel:
@@ -188,24 +266,43 @@ def convert_state_dict(
         for key, tensor in original.items()
         if key not in ignored and key not in dropped
     }
-    model = (MatpacModel if encoder_only else MatpacForPreTraining)(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    unexpected = sorted(set(converted) - set(expected))
-    if missing or unexpected:
+    return _load_checked((MatpacModel if encoder_only else MatpacForPreTraining)(config), converted)
+
+
+def convert_classifier_state_dict(
+    original: Mapping[str, torch.Tensor], config: MatpacConfig
+) -> MatpacForAudioClassification:
+    """Loads an encoder with its AudioSet head, or an encoder merged with a probe head, into the classifier."""
+    unknown = sorted(key for key in original if rename_key(key) is None and not FRONT_END_KEYS.match(key))
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys of the checkpoint are not MATPAC weights: {unknown}")
+    converted = {rename_key(key): tensor for key, tensor in original.items() if not FRONT_END_KEYS.match(key)}
+    return _load_checked(MatpacForAudioClassification(config), converted)
+
+
+def read_probe_head(path: str | Path, embedding_size: int) -> dict[str, torch.Tensor]:
+    """A released probe head: exactly `probe.weight` (n x embedding size) and `probe.bias`, else a clear error."""
+    probe = load_original_state_dict(path)
+    if set(probe) != PROBE_KEYS:
+        raise ValueError(f"A probe head holds exactly {sorted(PROBE_KEYS)}; {path} holds {sorted(probe)[:5]}.")
+    weight = probe["probe.weight"]
+    if weight.ndim != 2 or weight.shape[1] != embedding_size:
         raise ValueError(
-            f"The checkpoint does not fit a {type(model).__name__} of the inferred sizes: missing {missing}, "
-            f"unexpected {unexpected}."
+            f"The probe head {path} reads {tuple(weight.shape[1:])}-d embeddings, but this encoder's clip "
+            f"embedding is {embedding_size}-d: the probe was trained on another model."
         )
-    wrong_shapes = [
-        f"{key}: {tuple(tensor.shape)} vs {tuple(expected[key].shape)}"
-        for key, tensor in converted.items()
-        if tensor.shape != expected[key].shape
-    ]
-    if wrong_shapes:
-        raise ValueError(f"Tensor shapes do not match the inferred config: {wrong_shapes}")
-    model.load_state_dict(converted, strict=True)
-    return model
+    return probe
+
+
+def conversion_command(checkpoint: Path, output_dir: Path, **options) -> str:
+    """The command line that makes this conversion, with file names only (for the model card)."""
+    words = ["python", "-m", "modeling_matpac.convert", "--checkpoint", checkpoint.name]
+    for name, value in options.items():
+        if value is True:
+            words.append(f"--{name}")
+        elif value not in (None, False):
+            words += [f"--{name}", Path(value).name if isinstance(value, Path) else str(value)]
+    return shlex.join(words + ["--output_dir", output_dir.name])
 
 
 def convert_checkpoint(
@@ -214,21 +311,76 @@ def convert_checkpoint(
     encoder_only: bool | None = None,
     num_attention_heads: int | None = None,
     predictor_num_attention_heads: int | None = None,
+    kind: str | None = None,
+    probe_head: str | Path | None = None,
+    task: str | None = None,
 ) -> MatpacPreTrainedModel:
     """
-    Converts a checkpoint file and saves model, config and feature extractor in `output_dir`. A training state
-    becomes a `MatpacForPreTraining` unless `encoder_only`; inference weights always become a `MatpacModel`.
+    Converts a checkpoint file (with `probe_head`, an encoder and a probe head for `task`) and saves model, config,
+    feature extractor and model card in `output_dir`. The kind is read from the keys; `kind` only confirms it. A
+    training state becomes a `MatpacForPreTraining` and the AudioSet classifier a `MatpacForAudioClassification`
+    unless `encoder_only`; encoder weights always become a `MatpacModel`.
     """
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     original = load_original_state_dict(checkpoint)
-    has_training_state = any(TRAINING_ONLY_KEYS.match(key) for key in original)
-    if encoder_only is None:
-        encoder_only = not has_training_state
-    if not encoder_only and not has_training_state:
-        raise ValueError(f"{checkpoint} holds only encoder weights; it cannot make a pre-training model.")
-    config = infer_config(original, num_attention_heads, predictor_num_attention_heads)
-    model = convert_state_dict(original, config, encoder_only)
+    try:
+        detected = detect_kind(original)
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: {error}") from None
+    if kind is not None and kind != detected:
+        raise ValueError(f"{checkpoint} is a {detected} checkpoint by its keys, not a {kind}.")
+    if detected == "probe_head":
+        raise ValueError(
+            f"{checkpoint} is a probe head: pass it as --probe_head, the encoder it was trained on as --checkpoint."
+        )
+    if (probe_head is None) != (task is None):
+        raise ValueError("--probe_head and --task go together: the probe file and the task it was trained for.")
+    if probe_head is not None and (detected != "encoder" or encoder_only is False):
+        raise ValueError(f"A probe head goes on encoder weights; {checkpoint} is a {detected} checkpoint.")
+    if task is not None and task not in PROBE_TASKS:
+        raise ValueError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {task!r}.")
+    if detected == "audioset_classifier" and encoder_only:
+        heads = sorted(key for key in original if AUDIOSET_HEAD_KEYS.match(key))
+        logger.info("Dropped the AudioSet head (%d tensors): %s", len(heads), heads)
+        original = {key: tensor for key, tensor in original.items() if key not in heads}
+
+    heads = dict(num_attention_heads=num_attention_heads, predictor_num_attention_heads=predictor_num_attention_heads)
+    if probe_head is not None:
+        encoder_config = infer_config(original, **heads)
+        probe = read_probe_head(probe_head, encoder_config.embedding_size)
+        fields = head_config(task, probe["probe.weight"].shape[0], freeze_encoder=True)
+        config = infer_config(original, **heads, **fields)
+        model = convert_classifier_state_dict({**original, **probe}, config)
+    elif detected == "audioset_classifier" and not encoder_only:
+        fields = head_config(
+            "audioset",
+            original["head.weight"].shape[0],
+            classifier_pooling="frequency_mean",
+            classifier_batch_norm=True,
+        )
+        config = infer_config(original, **heads, **fields)
+        model = convert_classifier_state_dict(original, config)
+    else:
+        has_training_state = detected == "pretraining"
+        if encoder_only is None:
+            encoder_only = not has_training_state
+        if not encoder_only and not has_training_state:
+            raise ValueError(f"{checkpoint} holds only encoder weights; it cannot make a pre-training model.")
+        config = infer_config(original, **heads)
+        model = convert_state_dict(original, config, encoder_only)
     model.save_pretrained(output_dir)
     MatpacFeatureExtractor.from_model_config(config).save_pretrained(output_dir)
+    command = conversion_command(
+        checkpoint,
+        output_dir,
+        probe_head=None if probe_head is None else Path(probe_head),
+        task=task,
+        encoder_only=bool(encoder_only) and detected != "encoder",
+        num_attention_heads=num_attention_heads,
+        predictor_num_attention_heads=predictor_num_attention_heads,
+    )
+    sources = [checkpoint] + ([Path(probe_head)] if probe_head is not None else [])
+    write_model_card(output_dir, model, sources=sources, task=task, command=command)
     logger.info("Saved a %s (%d parameters) to %s", type(model).__name__, model.num_parameters(), output_dir)
     return model
 
@@ -238,10 +390,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="The authors' .pt (or .safetensors) checkpoint.")
     parser.add_argument("--output_dir", required=True, help="Where to write the converted model.")
     parser.add_argument(
+        "--kind",
+        choices=KINDS[:3],
+        help="The kind of checkpoint expected (default: read from its keys); a file of another kind is refused.",
+    )
+    parser.add_argument(
         "--encoder_only",
         action="store_true",
-        help="Keep only the student encoder of a training checkpoint (a `MatpacModel`).",
+        help="Keep only the encoder of a training checkpoint or of the AudioSet classifier (a `MatpacModel`).",
     )
+    parser.add_argument(
+        "--probe_head", help="A released downstream probe (`probe.weight`, `probe.bias`) to put on the encoder."
+    )
+    parser.add_argument("--task", choices=PROBE_TASKS, help="The task of --probe_head, which names its outputs.")
     parser.add_argument("--num_attention_heads", type=int, help="Encoder heads (default: hidden size / 64).")
     parser.add_argument("--predictor_num_attention_heads", type=int, help="Predictor heads (default: width / 32).")
     args = parser.parse_args(argv)
@@ -253,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
             encoder_only=True if args.encoder_only else None,
             num_attention_heads=args.num_attention_heads,
             predictor_num_attention_heads=args.predictor_num_attention_heads,
+            kind=args.kind,
+            probe_head=args.probe_head,
+            task=args.task,
         )
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

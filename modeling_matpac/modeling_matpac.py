@@ -409,6 +409,8 @@ class MatpacPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            super()._init_weights(module)  # running statistics of a fresh BatchNorm
         elif isinstance(module, (MatpacEmbeddings, MatpacPredictor)):
             token = module.cls_token if isinstance(module, MatpacEmbeddings) else module.mask_token
             init.normal_(token, std=self.config.initializer_range)
@@ -866,13 +868,19 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
 
 
 class MatpacForAudioClassification(MatpacPreTrainedModel):
-    """A linear layer on the clip embedding: the paper's linear probe, or a fine-tuned classifier."""
+    """
+    A linear layer on the clip embedding: the paper's linear probe, a fine-tuned classifier, or the authors' AudioSet
+    tagger, which averages the frequency patches (`config.classifier_pooling`) and standardises the embedding with a
+    non-affine BatchNorm (`config.classifier_batch_norm`) before the layer.
+    """
 
     def __init__(self, config: MatpacConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.matpac = MatpacModel(config)
-        self.classifier = nn.Linear(config.embedding_size, config.num_labels)
+        pooled_size = config.hidden_size if config.classifier_pooling == "frequency_mean" else config.embedding_size
+        self.embedding_norm = nn.BatchNorm1d(pooled_size, affine=False) if config.classifier_batch_norm else None
+        self.classifier = nn.Linear(pooled_size, config.num_labels)
         self.freeze_fixed_parameters()
         self.post_init()
 
@@ -880,6 +888,14 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         """With `config.freeze_encoder` only the linear head trains (the paper's probe)."""
         if self.config.freeze_encoder:
             self.matpac.requires_grad_(False)
+
+    def clip_embedding(self, outputs: MatpacModelOutput) -> torch.Tensor:
+        """The pooled embedding the head is for: `pooler_output`, or its mean over the frequency patches."""
+        pooled = outputs.pooler_output
+        if self.config.classifier_pooling == "frequency_mean":
+            # The time mean of the per-step frequency means is the frequency mean of the time mean.
+            pooled = pooled.view(pooled.shape[0], self.config.num_frequency_patches, -1).mean(1)
+        return pooled
 
     @can_return_tuple
     def forward(
@@ -896,7 +912,10 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             outputs = self.matpac(input_values, attention_mask=attention_mask, **kwargs)
-        logits = self.classifier(outputs.pooler_output)
+        embedding = self.clip_embedding(outputs)
+        if self.embedding_norm is not None:
+            embedding = self.embedding_norm(embedding)
+        logits = self.classifier(embedding)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)

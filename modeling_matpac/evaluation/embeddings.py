@@ -48,6 +48,25 @@ def parse_layer(layer: str | int | None) -> str | int:
     return number
 
 
+def authors_layer_results(outputs, pooled: bool = False) -> torch.Tensor:
+    """
+    A MATPAC output's hidden states in the layout of the authors' `layer_results`, `(batch, layers, time_steps, dim)`
+    or, `pooled`, `(batch, layers, dim)` averaged over the valid time steps. Theirs hold the raw output of blocks
+    1..L-1 and then the last block's output after the final LayerNorm; our `hidden_states` hold the patch embeddings
+    and then every block's raw output, so entry i < L-1 is `hidden_states[i + 1]` and the last is `last_hidden_state`.
+    Needs `output_hidden_states=True`.
+    """
+    if outputs.hidden_states is None:
+        raise ValueError(
+            "The authors' layer results need the hidden states: call the model with output_hidden_states=True."
+        )
+    layers = torch.stack((*outputs.hidden_states[1:-1], outputs.last_hidden_state), dim=1)
+    if not pooled:
+        return layers
+    weights = outputs.time_mask[:, None, :, None].to(layers.dtype)
+    return (layers * weights).sum(2) / weights.sum(2).clamp(min=1)
+
+
 def _model_fingerprint(model_name_or_path: str) -> dict:
     """A local model is identified by its files' names, sizes and modification times (retraining changes them)."""
     path = Path(model_name_or_path).expanduser()
@@ -176,12 +195,8 @@ class EmbeddingExtractor:
         features = features.to(self.device)
         if self.layer == LAST_LAYER:
             return self.model(**features).pooler_output
-        outputs = self.model(**features, output_hidden_states=True)
-        # The authors' "layer results": each block's output, the last one after the final LayerNorm.
-        layers = (*outputs.hidden_states[1:-1], outputs.last_hidden_state)
-        weights = outputs.time_mask.unsqueeze(-1).to(outputs.last_hidden_state.dtype)
-        pooled = torch.stack([(state * weights).sum(1) / weights.sum(1).clamp(min=1) for state in layers])
-        return pooled.mean(0) if self.layer == ALL_LAYERS else pooled[self.layer - 1]
+        pooled = authors_layer_results(self.model(**features, output_hidden_states=True), pooled=True)
+        return pooled.mean(1) if self.layer == ALL_LAYERS else pooled[:, self.layer - 1]
 
     def __call__(self, data: ProbeData) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings `(n_kept, dim)` of the decodable clips and their positions in `data`, in `data`'s order."""
