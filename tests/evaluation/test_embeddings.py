@@ -5,10 +5,18 @@ import logging
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURE_HEADS, FIXTURES
+from safetensors.torch import load_file
 from test_tasks import make_task, save_tiny_matpac, write_clip
 
 from modeling_matpac import MatpacFeatureExtractor, MatpacModel
-from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
+from modeling_matpac.convert import convert_checkpoint
+from modeling_matpac.evaluation.embeddings import (
+    EmbeddingExtractor,
+    authors_layer_results,
+    load_or_extract,
+    parse_layer,
+)
 from modeling_matpac.evaluation.tasks import load_task
 
 
@@ -68,6 +76,36 @@ def test_layers(tiny_model, us8k):
     np.testing.assert_allclose(embeddings["all"], ((block1 + last) / 2).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="past the model's 2 blocks"):
         EmbeddingExtractor(tiny_model, layer=3)(clip)
+
+
+@pytest.mark.parametrize("clip", ["a", "c"])
+def test_authors_layer_results_layout_matches_their_code(tmp_path, clip):
+    """Their `layer_results`: blocks 1..L-1 raw, then the normalised last block; ours shifted by the embeddings."""
+    convert_checkpoint(
+        FIXTURES / "inference_checkpoint.pt", tmp_path, num_attention_heads=FIXTURE_HEADS["num_attention_heads"]
+    )
+    reference = load_file(FIXTURES / "inference.safetensors")
+    features = MatpacFeatureExtractor()(reference[f"{clip}.wav"], sampling_rate=16000, return_tensors="pt")
+    model = MatpacModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        outputs = model(**features, output_hidden_states=True)
+    frames, pooled = authors_layer_results(outputs), authors_layer_results(outputs, pooled=True)
+    assert frames.shape == reference[f"{clip}.precise.frames.layer_results"].shape  # (batch, 3 blocks, steps, 320)
+    assert torch.equal(frames[:, 0], outputs.hidden_states[1]) and torch.equal(
+        frames[:, -1], outputs.last_hidden_state
+    )
+    errors = {
+        "frames": (frames - reference[f"{clip}.precise.frames.layer_results"]).abs().max().item(),
+        "pooled": (pooled - reference[f"{clip}.precise.pooled.layer_results"]).abs().max().item(),
+    }
+    extractor = EmbeddingExtractor(str(tmp_path), layer=2, device="cpu")  # the probe's --layer uses their numbering
+    errors["extractor_layer_2"] = (
+        (extractor.embed(features) - reference[f"{clip}.precise.pooled.layer_results"][:, 1]).abs().max().item()
+    )
+    print(clip, {name: f"{error:.1e}" for name, error in errors.items()})
+    assert max(errors.values()) <= 1e-4
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        authors_layer_results(model(**features))
 
 
 def test_parse_layer_rejects_nonsense():

@@ -326,3 +326,25 @@ def test_cli_writes_a_card_that_says_what_where_from_and_how(tmp_path, run_conve
         "CC BY-SA 4.0",
     ):
         assert expected in card, expected
+
+
+def test_saved_probe_and_an_authors_probe_make_the_same_kind_of_directory(esc50, tmp_path):
+    from modeling_matpac import MatpacFeatureExtractor
+    from modeling_matpac.evaluation.probe import LinearProbe, save_classifier
+
+    authors = load_original_state_dict(FIXTURES / "probe_head_esc50.pth")
+    weight, bias = authors["probe.weight"].double().numpy(), authors["probe.bias"].double().numpy()
+    probe = LinearProbe(mean=0 * weight[0], scale=1 + 0 * weight[0], weight=weight, bias=bias, multi_label=False,
+                        best_epoch=1, valid_losses=[1.0])  # fmt: skip
+    encoder = AutoModel.from_pretrained(esc50)
+    save_classifier(encoder, MatpacFeatureExtractor(), probe, load_labels("esc50"), tmp_path / "saved")
+
+    files = {path.name for path in esc50.iterdir()}
+    assert files - {path.name for path in (tmp_path / "saved").iterdir()} == {"README.md"}  # the converter's card
+    saved, converted = (json.loads((path / "config.json").read_text()) for path in (tmp_path / "saved", esc50))
+    assert saved.keys() == converted.keys()
+    for key in ("architectures", "id2label", "label2id", "problem_type", "freeze_encoder", "num_frames",
+                "classifier_pooling", "classifier_batch_norm", "hidden_size"):  # fmt: skip
+        assert saved[key] == converted[key], key
+    first, second = (AutoModelForAudioClassification.from_pretrained(path) for path in (tmp_path / "saved", esc50))
+    assert_identical_state(first, second)
