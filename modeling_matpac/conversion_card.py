@@ -9,17 +9,19 @@ from .modeling_matpac import MatpacForAudioClassification, MatpacForPreTraining,
 
 
 AUTHORS_REPOSITORY = "https://github.com/aurianworld/matpac"
-# The authors' release files (their inference README) and what each holds.
+FINE_TUNED_ON_AUDIOSET = "the MATPAC++ encoder (ViT-B) fine-tuned on AudioSet with 9.92 s inputs"
+# The authors' release files (their inference README) and what each holds; other files are described by their kind.
 RELEASE_FILES = {
     "matpac_10_2048.pt": "the MATPAC encoder (ViT-B) pre-trained without labels on AudioSet (n_tau 10, 2048 classes)",
     "matpac_plus_6s_2048_enconly.pt": "the MATPAC++ encoder (ViT-B) pre-trained without labels on AudioSet",
     "matpac_plus_music_6s_2048_enconly.pt": "the MATPAC++ encoder (ViT-B) pre-trained without labels on music",
-    "matpac_plus_as_48_1_map_enconly.pt": (
-        "the MATPAC++ encoder (ViT-B) fine-tuned on AudioSet with 9.92 s inputs, without its classification head"
-    ),
-    "matpac_plus_as_48_1_map_enc_and_head.pt": (
-        "MATPAC++ (ViT-B) fine-tuned on AudioSet with 9.92 s inputs, with its 527-class AudioSet classifier"
-    ),
+    "matpac_plus_as_48_1_map_enconly.pt": FINE_TUNED_ON_AUDIOSET,
+    "matpac_plus_as_48_1_map_enc_and_head.pt": FINE_TUNED_ON_AUDIOSET,
+}
+KIND_DESCRIPTIONS = {
+    "encoder": "a MATPAC encoder of the authors",
+    "audioset_classifier": "a MATPAC encoder of the authors fine-tuned on AudioSet",
+    "pretraining": "a MATPAC training state of the authors",
 }
 LABEL_TERMS = {
     "audioset": "AudioSet ontology names (Google), CC BY-SA 4.0",
@@ -51,16 +53,18 @@ def _matpac_version() -> str:
         return "source checkout"
 
 
-def _what(model: MatpacPreTrainedModel, source: str, task: str | None) -> str:
+def _what(model: MatpacPreTrainedModel, source: str, kind: str, task: str | None) -> str:
     """One sentence on what the converted model is."""
-    classifier = isinstance(model, MatpacForAudioClassification) and task is None
-    generic = "a MATPAC checkpoint of the authors" + (", with its AudioSet classifier" if classifier else "")
-    released = RELEASE_FILES.get(source, generic)
+    what = RELEASE_FILES.get(source, KIND_DESCRIPTIONS[kind])
     if task is not None:
-        return f"{released}, with the authors' linear probe for {LABEL_MAPS[task].title} on its clip embedding"
-    if isinstance(model, (MatpacForAudioClassification, MatpacForPreTraining)):
-        return released
-    return released.split(", with its")[0] + (" (encoder only)" if ", with its" in released else "")
+        return f"{what}, with the authors' linear probe for {LABEL_MAPS[task].title} on its clip embedding"
+    if kind == "audioset_classifier":
+        if isinstance(model, MatpacForAudioClassification):
+            return f"{what}, with its {model.config.num_labels}-class AudioSet classifier"
+        return f"{what} (its AudioSet classifier left out)"
+    if kind == "pretraining" and not isinstance(model, MatpacForPreTraining):
+        return f"{what} (the student encoder only)"
+    return what
 
 
 def _head_description(model: MatpacPreTrainedModel, task: str | None) -> list[str]:
@@ -89,12 +93,12 @@ def _head_description(model: MatpacPreTrainedModel, task: str | None) -> list[st
     return lines
 
 
-def model_card(model: MatpacPreTrainedModel, sources: list[Path], task: str | None, command: str) -> str:
+def model_card(model: MatpacPreTrainedModel, sources: list[Path], kind: str, task: str | None, command: str) -> str:
     """The card's Markdown, Hub metadata included."""
     config = model.config
     classifier = isinstance(model, MatpacForAudioClassification)
     source = sources[0].name
-    what = _what(model, source, task)
+    what = _what(model, source, kind, task)
     label_task = task or ("audioset" if classifier else None)
     tags = "\n".join(
         f"- {tag}" for tag in ["audio", "matpac", "audio-classification" if classifier else "feature-extraction"]
@@ -193,9 +197,10 @@ embedding = model(**feature_extractor(waveform, sampling_rate=16000, return_tens
 
 
 def write_model_card(
-    output_dir: Path, model: MatpacPreTrainedModel, sources: list[Path], task: str | None, command: str
+    output_dir: Path, model: MatpacPreTrainedModel, sources: list[Path], kind: str, task: str | None, command: str
 ) -> Path:
-    """Writes `README.md` (the Hub's model card) into the converted directory."""
+    """Writes `README.md` (the Hub's model card) into the converted directory; `kind` is the source file's."""
     path = Path(output_dir) / "README.md"
-    path.write_text(model_card(model, sources, task, command).replace("{path}", str(output_dir)), encoding="utf-8")
+    card = model_card(model, sources, kind, task, command)
+    path.write_text(card.replace("{path}", str(output_dir)), encoding="utf-8")
     return path

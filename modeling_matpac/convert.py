@@ -340,9 +340,9 @@ def convert_checkpoint(
     if task is not None and task not in PROBE_TASKS:
         raise ValueError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {task!r}.")
     if detected == "audioset_classifier" and encoder_only:
-        heads = sorted(key for key in original if AUDIOSET_HEAD_KEYS.match(key))
-        logger.info("Dropped the AudioSet head (%d tensors): %s", len(heads), heads)
-        original = {key: tensor for key, tensor in original.items() if key not in heads}
+        head_keys = sorted(key for key in original if AUDIOSET_HEAD_KEYS.match(key))
+        logger.info("Dropped the AudioSet head (%d tensors): %s", len(head_keys), head_keys)
+        original = {key: tensor for key, tensor in original.items() if key not in head_keys}
 
     heads = dict(num_attention_heads=num_attention_heads, predictor_num_attention_heads=predictor_num_attention_heads)
     if probe_head is not None:
@@ -352,12 +352,11 @@ def convert_checkpoint(
         config = infer_config(original, **heads, **fields)
         model = convert_classifier_state_dict({**original, **probe}, config)
     elif detected == "audioset_classifier" and not encoder_only:
-        fields = head_config(
-            "audioset",
-            original["head.weight"].shape[0],
-            classifier_pooling="frequency_mean",
-            classifier_batch_norm=True,
+        # Without `head.weight` the size check below reports it missing.
+        num_outputs = (
+            original["head.weight"].shape[0] if "head.weight" in original else LABEL_MAPS["audioset"].num_labels
         )
+        fields = head_config("audioset", num_outputs, classifier_pooling="frequency_mean", classifier_batch_norm=True)
         config = infer_config(original, **heads, **fields)
         model = convert_classifier_state_dict(original, config)
     else:
@@ -380,7 +379,7 @@ def convert_checkpoint(
         predictor_num_attention_heads=predictor_num_attention_heads,
     )
     sources = [checkpoint] + ([Path(probe_head)] if probe_head is not None else [])
-    write_model_card(output_dir, model, sources=sources, task=task, command=command)
+    write_model_card(output_dir, model, sources=sources, kind=detected, task=task, command=command)
     logger.info("Saved a %s (%d parameters) to %s", type(model).__name__, model.num_parameters(), output_dir)
     return model
 

@@ -214,7 +214,7 @@ def test_converted_classifier_runs_as_remote_code_in_a_fresh_process(audioset, t
     assert tags == expected_tags
 
 
-def test_every_shipped_label_map_reads(tmp_path):
+def test_every_shipped_label_map_reads():
     sizes = {name: len(load_labels(name)) for name in ("audioset", "esc50", "fsd50k", "openmic", "mtg_top50")}
     assert sizes == {"audioset": 527, "esc50": 50, "fsd50k": 200, "openmic": 20, "mtg_top50": 50}
     assert load_labels("openmic")[0] == "accordion" and load_labels("mtg_top50")[0] == "genre---alternative"
