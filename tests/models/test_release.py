@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForAudioClassification, pipeline
 from modeling_matpac import MatpacForAudioClassification, MatpacModel
 from modeling_matpac.convert import convert_checkpoint, load_original_state_dict, main
 from modeling_matpac.evaluation.embeddings import authors_layer_results
-from modeling_matpac.labels import load_labels
+from modeling_matpac.labels import LABEL_MAPS, load_labels
 
 
 HEADS = {"num_attention_heads": 4}
@@ -215,8 +215,11 @@ def test_converted_classifier_runs_as_remote_code_in_a_fresh_process(audioset, t
 
 
 def test_every_shipped_label_map_reads():
-    sizes = {name: len(load_labels(name)) for name in ("audioset", "esc50", "fsd50k", "openmic", "mtg_top50")}
-    assert sizes == {"audioset": 527, "esc50": 50, "fsd50k": 200, "openmic": 20, "mtg_top50": 50}
+    sizes = {name: len(set(load_labels(name))) for name in LABEL_MAPS}
+    assert sizes == {
+        "audioset": 527, "esc50": 50, "fsd50k": 200, "openmic": 20,
+        "mtg_genre": 87, "mtg_instrument": 40, "mtg_mood": 56, "mtg_top50": 50,
+    }  # fmt: skip
     assert load_labels("openmic")[0] == "accordion" and load_labels("mtg_top50")[0] == "genre---alternative"
     assert load_labels("fsd50k")[1] == "Accordion"
 
