@@ -351,3 +351,35 @@ def test_saved_probe_and_an_authors_probe_make_the_same_kind_of_directory(esc50,
         assert saved[key] == converted[key], key
     first, second = (AutoModelForAudioClassification.from_pretrained(path) for path in (tmp_path / "saved", esc50))
     assert_identical_state(first, second)
+
+
+def test_classifier_defaults_keep_todays_layout_and_checkpoints(tmp_path):
+    from conftest import tiny_config_kwargs
+
+    from modeling_matpac import MatpacConfig
+
+    torch.manual_seed(0)
+    model = MatpacForAudioClassification(MatpacConfig(**tiny_config_kwargs(num_labels=3))).eval()
+    assert model.embedding_norm is None and model.classifier.in_features == 5 * 32
+    assert {key for key in model.state_dict() if not key.startswith("matpac.")} == {
+        "classifier.weight",
+        "classifier.bias",
+    }
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for field in ("classifier_pooling", "classifier_batch_norm"):  # a config saved before these fields existed
+        config.pop(field)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = AutoModelForAudioClassification.from_pretrained(tmp_path).eval()
+    assert_identical_state(model, reloaded)
+    values = torch.randn(2, 80, 300)
+    assert torch.equal(model(values).logits, reloaded(values).logits)
+
+    tagger = MatpacForAudioClassification(
+        MatpacConfig(
+            **tiny_config_kwargs(num_labels=3, classifier_pooling="frequency_mean", classifier_batch_norm=True)
+        )
+    )
+    assert tagger.classifier.in_features == 32 and not tagger.embedding_norm.affine
+    with pytest.raises(ValueError, match="`classifier_pooling` must be one of"):
+        MatpacConfig(classifier_pooling="max")
