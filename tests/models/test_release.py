@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_auto import assert_identical_state
 from transformers import AutoModel, AutoModelForAudioClassification, pipeline
 
-from modeling_matpac import MatpacForAudioClassification, MatpacModel
+from modeling_matpac import MatpacFeatureExtractor, MatpacForAudioClassification, MatpacModel
 from modeling_matpac.convert import convert_checkpoint, load_original_state_dict, main
 from modeling_matpac.evaluation.embeddings import authors_layer_results
 from modeling_matpac.labels import LABEL_MAPS, load_labels
@@ -332,7 +332,6 @@ def test_cli_writes_a_card_that_says_what_where_from_and_how(tmp_path, run_conve
 
 
 def test_saved_probe_and_an_authors_probe_make_the_same_kind_of_directory(esc50, tmp_path):
-    from modeling_matpac import MatpacFeatureExtractor
     from modeling_matpac.evaluation.probe import LinearProbe, save_classifier
 
     authors = load_original_state_dict(FIXTURES / "probe_head_esc50.pth")
@@ -383,3 +382,22 @@ def test_classifier_defaults_keep_todays_layout_and_checkpoints(tmp_path):
     assert tagger.classifier.in_features == 32 and not tagger.embedding_norm.affine
     with pytest.raises(ValueError, match="`classifier_pooling` must be one of"):
         MatpacConfig(classifier_pooling="max")
+
+
+def test_multi_label_probe_tasks_score_with_a_sigmoid(tmp_path):
+    torch.manual_seed(0)
+    torch.save({"probe.weight": torch.randn(20, 320) / 18, "probe.bias": torch.zeros(20)}, tmp_path / "openmic.pth")
+    model = convert_checkpoint(
+        FIXTURES / "inference_checkpoint.pt", tmp_path / "openmic", probe_head=tmp_path / "openmic.pth",
+        task="openmic", **HEADS,
+    )  # fmt: skip
+    assert model.config.problem_type == "multi_label_classification"
+    assert model.config.id2label[0] == "accordion" and model.config.id2label[19] == "voice"
+    waveform = load_file(FIXTURES / "inference.safetensors")["b.wav"][0].numpy()
+    tags = pipeline("audio-classification", model=str(tmp_path / "openmic"), device="cpu")(waveform, top_k=None)
+    features = MatpacFeatureExtractor()(waveform, sampling_rate=16000, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.eval()(**features).logits.sigmoid()[0]
+    assert {tag["label"]: tag["score"] for tag in tags} == pytest.approx(
+        {model.config.id2label[index]: score.item() for index, score in enumerate(expected)}, abs=1e-6
+    )
