@@ -328,7 +328,7 @@ def convert_checkpoint(
     except ValueError as error:
         raise ValueError(f"{checkpoint}: {error}") from None
     if kind is not None and kind != detected:
-        raise ValueError(f"{checkpoint} is a {detected} checkpoint by its keys, not a {kind}.")
+        raise ValueError(f"{checkpoint} is of kind {detected} by its keys, not {kind}.")
     if detected == "probe_head":
         raise ValueError(
             f"{checkpoint} is a probe head: pass it as --probe_head, the encoder it was trained on as --checkpoint."
@@ -336,7 +336,7 @@ def convert_checkpoint(
     if (probe_head is None) != (task is None):
         raise ValueError("--probe_head and --task go together: the probe file and the task it was trained for.")
     if probe_head is not None and (detected != "encoder" or encoder_only is False):
-        raise ValueError(f"A probe head goes on encoder weights; {checkpoint} is a {detected} checkpoint.")
+        raise ValueError(f"A probe head goes on encoder weights; {checkpoint} is of kind {detected}.")
     if task is not None and task not in PROBE_TASKS:
         raise ValueError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {task!r}.")
     if detected == "audioset_classifier" and encoder_only:

@@ -286,7 +286,7 @@ def test_kinds_are_read_from_the_keys_and_misuse_is_refused(tmp_path, run_conver
         "--checkpoint", FIXTURES / "inference_checkpoint.pt", "--kind", "audioset_classifier",
         "--output_dir", tmp_path / "out",
     )  # fmt: skip
-    assert_one_clear_error(wrong_kind, "is a encoder checkpoint by its keys, not a audioset_classifier")
+    assert_one_clear_error(wrong_kind, "is of kind encoder by its keys, not audioset_classifier")
     probe_on_classifier = run_converter(
         "--checkpoint", FIXTURES / "audioset_head_checkpoint.pt", "--probe_head", FIXTURES / "probe_head_esc50.pth",
         "--task", "esc50", "--output_dir", tmp_path / "out",
