@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoModelForAudioClassification, pipeline
 from modeling_matpac import MatpacFeatureExtractor, MatpacForAudioClassification, MatpacModel
 from modeling_matpac.convert import convert_checkpoint, load_original_state_dict, main
 from modeling_matpac.evaluation.embeddings import authors_layer_results
+from modeling_matpac.evaluation.tasks import ESC50_CLASSES
 from modeling_matpac.labels import LABEL_MAPS, load_labels
 
 
@@ -136,6 +137,8 @@ def test_esc50_labels_follow_the_authors_map(esc50):
     assert config.id2label == authors
     assert (config.id2label[0], config.id2label[1], config.id2label[49]) == ("dog", "rooster", "hand_saw")
     assert config.problem_type == "single_label_classification" and config.freeze_encoder
+    # A probe trained by run_probe.py on ESC-50 numbers its classes the same way.
+    assert list(ESC50_CLASSES) == [config.id2label[index] for index in range(50)]
     assert (config.classifier_pooling, config.classifier_batch_norm) == ("concatenate", False)
 
 
