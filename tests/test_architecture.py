@@ -8,9 +8,13 @@ import pytest
 
 PACKAGE = Path(__file__).parents[1] / "modeling_matpac"
 # The Hugging Face model unit: what a checkpoint needs, and what remote code copies next to the weights.
-MODEL_UNIT = {"__init__", "configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio", "convert"}
+MODEL_UNIT = {
+    "__init__", "configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio", "convert",
+    "conversion_card", "labels",
+}  # fmt: skip
 REMOTE_CODE = {"configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio"}
 AREAS = ("pretraining", "evaluation")
+DATA = ("label_maps",)  # package data of the converter, no code
 
 
 def module_name(path: Path) -> str:
@@ -45,7 +49,9 @@ def area(module: str) -> str:
 def test_the_layout_is_the_documented_one():
     top_level = {path.stem for path in PACKAGE.glob("*.py")}
     assert top_level == MODEL_UNIT
-    assert {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"} == set(AREAS)
+    directories = {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert directories == {*AREAS, *DATA}
+    assert not list((PACKAGE / "label_maps").glob("*.py"))
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
