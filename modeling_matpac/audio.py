@@ -25,10 +25,12 @@ import io
 import math
 import numbers
 import os
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 
 try:
@@ -36,6 +38,8 @@ try:
 except ImportError:  # only the decoding functions need it
     sf = None
 
+
+logger = logging.get_logger(__name__)
 
 SAMPLING_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -46,6 +50,13 @@ RESAMPLING_ROLLOFF = 0.9475937167399596
 RESAMPLING_KAISER_BETA = 14.769656459379492
 # Output phases below which blocks of outputs are stacked into one convolution (see `_grouped_resample_kernel`).
 RESAMPLING_MIN_ROWS = 32
+# Largest polyphase kernel, in values (4 MiB in float32): bounds the resampler's memory and time for any rate pair
+# (see `_resampling_ratio`). Kernels are cached, at most `_KERNEL_CACHE_SIZE` of them.
+RESAMPLING_MAX_KERNEL_VALUES = 2**20
+_KERNEL_CACHE_SIZE = 8
+# Floating point samples are nominally in [-1, 1]; beyond this magnitude (60 dB above full scale) a clip is taken as
+# corrupt rather than loud: its log-mels would overflow float32 long before 1e18.
+MAX_ABS_SAMPLE = 1e3
 
 
 def _check_sampling_rate(sampling_rate: float, name: str = "sampling_rate") -> int:
@@ -57,11 +68,58 @@ def _check_sampling_rate(sampling_rate: float, name: str = "sampling_rate") -> i
     return int(sampling_rate)
 
 
+def _kernel_width(orig: int, new: int) -> int:
+    """Input samples on each side of an output that its filter reads (torchaudio's `width`)."""
+    return math.ceil(RESAMPLING_LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * RESAMPLING_ROLLOFF))
+
+
+def _kernel_values(orig: int, new: int) -> int:
+    return new * (2 * _kernel_width(orig, new) + orig)
+
+
+@lru_cache(maxsize=64)
+def _resampling_ratio(orig_sr: int, new_sr: int) -> tuple[int, int]:
+    """
+    The rate ratio `orig : new` the polyphase filter uses, a kernel of `new` rows of `2 * width + orig` values.
+
+    It is the exact reduced ratio whenever that kernel holds at most `RESAMPLING_MAX_KERNEL_VALUES` values: every
+    common rate (8, 11.025, 22.05, 24, 32, 44.1, 48, 88.2, 96, 176.4, 192, 352.8, 384 kHz...) resamples exactly as
+    torchaudio does. Near-coprime rates (16,001 Hz would need a 16,000 x 16,137 kernel, 4 billion values at
+    383,999 Hz) use instead the closest fraction whose kernel fits: the clip is then read as if sampled at
+    `new_sr * orig / new` Hz, within 0.05% of its rate for every integer rate from 1 kHz to 384 kHz (at most 1 cent
+    of pitch), and a warning says so.
+    """
+    gcd = math.gcd(orig_sr, new_sr)
+    orig, new = orig_sr // gcd, new_sr // gcd
+    if _kernel_values(orig, new) <= RESAMPLING_MAX_KERNEL_VALUES:
+        return orig, new
+    exact = Fraction(orig, new)
+    # new * (2 * width + new * ratio) values, with the width of the exact ratio: solve for the largest `new`.
+    width, ratio = _kernel_width(orig, new), orig / new
+    max_new = int((math.sqrt(width**2 + ratio * RESAMPLING_MAX_KERNEL_VALUES) - width) / ratio)
+    while True:
+        approximation = exact.limit_denominator(max(max_new, 1))
+        approx_orig, approx_new = approximation.numerator, approximation.denominator
+        if approx_orig > 0 and _kernel_values(approx_orig, approx_new) <= RESAMPLING_MAX_KERNEL_VALUES:
+            break
+        max_new -= 1
+    effective_sr = new_sr * approx_orig / approx_new
+    logger.warning(
+        f"Resampling {orig_sr} Hz to {new_sr} Hz exactly would need a {new:,} x {2 * width + orig:,} filter: the "
+        f"audio is resampled as if sampled at {effective_sr:.6g} Hz ({100 * abs(effective_sr / orig_sr - 1):.2g}% "
+        "off) instead."
+    )
+    return approx_orig, approx_new
+
+
 def _resampled_length(n_samples: int, orig_sr: int, new_sr: int) -> int:
-    return -(-n_samples * new_sr // orig_sr)
+    """Samples of `n_samples` resampled from `orig_sr` to `new_sr` Hz, as `resample` returns them."""
+    if orig_sr == new_sr:
+        return n_samples
+    orig, new = _resampling_ratio(orig_sr, new_sr)
+    return -(-n_samples * new // orig)
 
 
-@lru_cache(maxsize=16)
 def _sinc_resample_kernel(orig: int, new: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """
     Polyphase Kaiser-windowed sinc kernel `(new, 1, 2 * width + orig)` for the coprime rate ratio `orig : new`.
@@ -73,7 +131,7 @@ def _sinc_resample_kernel(orig: int, new: int, device: torch.device, dtype: torc
     with torch.inference_mode(False), torch.no_grad():
         cutoff = min(orig, new) * RESAMPLING_ROLLOFF
         zero_crossings = RESAMPLING_LOWPASS_FILTER_WIDTH
-        width = math.ceil(zero_crossings * orig / cutoff)
+        width = _kernel_width(orig, new)
         input_offsets = torch.arange(-width, width + orig, dtype=dtype, device=device) / orig
         output_offsets = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None] / new
         time = ((output_offsets + input_offsets) * cutoff).clamp(-zero_crossings, zero_crossings)
@@ -85,7 +143,7 @@ def _sinc_resample_kernel(orig: int, new: int, device: torch.device, dtype: torc
     return kernel[:, None, :], width
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=_KERNEL_CACHE_SIZE)
 def _grouped_resample_kernel(
     orig: int, new: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, int, int]:
@@ -111,7 +169,8 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     Reproduces `torchaudio.functional.resample` with the authors' settings (Kaiser-windowed sinc, 64 zero crossings,
     rolloff 0.9476, beta 14.77): the rate ratio is reduced by its gcd and all rows are filtered by one strided
     `conv1d`. Zero padding on the right does not change the first `ceil(n * new_sr / orig_sr)` outputs (up to float
-    rounding), so the clips of a zero-padded batch can be resampled together.
+    rounding), so the clips of a zero-padded batch can be resampled together. Rate pairs whose exact filter would be
+    huge use a close ratio instead, see `_resampling_ratio`: memory stays bounded for any pair.
     """
     orig_sr = _check_sampling_rate(orig_sr, "orig_sr")
     new_sr = _check_sampling_rate(new_sr, "new_sr")
@@ -119,11 +178,10 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return waveform
     if not waveform.is_floating_point():
         raise TypeError(f"Expected a floating point waveform, got {waveform.dtype}.")
-    gcd = math.gcd(orig_sr, new_sr)
-    orig, new = orig_sr // gcd, new_sr // gcd
+    orig, new = _resampling_ratio(orig_sr, new_sr)
     kernel, width, group = _grouped_resample_kernel(orig, new, waveform.device, waveform.dtype)
     *batch_shape, n_samples = waveform.shape
-    num_outputs = _resampled_length(n_samples, orig, new)
+    num_outputs = -(-n_samples * new // orig)
     stride = orig * group
     num_steps = -(-num_outputs // (new * group))
     right = max((num_steps - 1) * stride + kernel.shape[-1] - n_samples - width, width + orig)
@@ -158,16 +216,29 @@ def _open_sound_file(audio: bytes | str | os.PathLike) -> "sf.SoundFile":
         raise AudioDecodeError(f"soundfile cannot open the audio: {error}") from error
 
 
-def _read_samples(sound_file: "sf.SoundFile") -> np.ndarray:
-    """All samples of an open file as float32 `(channels, samples)`."""
+def check_samples(samples: np.ndarray) -> None:
+    """
+    Refuse samples that are not audio: NaN, infinite, or beyond `MAX_ABS_SAMPLE` (a float file with samples of 1e18
+    gives infinite log-mels, hence NaN weights). Raises `AudioDecodeError`.
+    """
+    peak = float(max(samples.max(), -samples.min())) if samples.size else 0.0
+    if not math.isfinite(peak):
+        raise AudioDecodeError("the audio has NaN or infinite samples")
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioDecodeError(
+            f"the audio has samples of magnitude {peak:.3g}, beyond {MAX_ABS_SAMPLE:g} (float audio is in [-1, 1])"
+        )
+
+
+def _read_samples(sound_file: "sf.SoundFile", frames: int = -1) -> np.ndarray:
+    """The next `frames` samples (all by default) of an open file as float32 `(channels, samples)`."""
     try:
-        samples = sound_file.read(dtype="float32", always_2d=True)
+        samples = sound_file.read(frames, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as error:
         raise AudioDecodeError(f"soundfile cannot decode the audio: {error}") from error
     if samples.shape[0] == 0:
         raise AudioDecodeError("the audio has no samples")
-    if not np.isfinite(samples).all():
-        raise AudioDecodeError("the audio has NaN or infinite samples")
+    check_samples(samples)
     return np.ascontiguousarray(samples.T)
 
 
@@ -187,7 +258,7 @@ def decode_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:
 
 def _length_at_16k(num_samples: int, sampling_rate: int) -> int:
     """Samples after resampling to 16 kHz, as `resample` returns them."""
-    return -(-num_samples * SAMPLING_RATE // sampling_rate)
+    return _resampled_length(num_samples, sampling_rate, SAMPLING_RATE)
 
 
 def to_mono_16k(waveform: np.ndarray | torch.Tensor, sampling_rate: int) -> torch.Tensor:
@@ -218,6 +289,79 @@ def decode_mono_16k(audio: bytes | str | os.PathLike | dict, min_samples: int = 
     if waveform.shape[-1] < min_samples:  # the header over-stated the length
         return None
     return waveform
+
+
+_warned_unseekable: set[str] = set()
+
+
+def decode_mono_16k_crop(
+    audio: bytes | str | os.PathLike | dict, num_samples: int, rng: np.random.Generator
+) -> torch.Tensor | None:
+    """
+    A random crop of `num_samples` samples of a clip, mono at 16 kHz: samples `[start, start + num_samples)` of
+    `decode_mono_16k(audio)`, with `start = rng.integers(length - num_samples + 1)` and `length` the clip's length at
+    16 kHz from the file header; `None` (and no draw) when the clip is shorter.
+
+    Only the frames the crop needs are read (plus the resampling filter's reach on each side), so the memory and time
+    of a crop do not grow with the clip: an hour-long file costs what a 6 s one does. The crop equals the same samples
+    of the whole resampled clip up to float rounding. A file that cannot seek is decoded whole, with a warning once per
+    format.
+
+    Raises:
+        `AudioDecodeError`: the clip is empty, corrupt, not audio, holds fewer frames than its header says, or has
+        non-finite or absurdly large samples.
+    """
+    with _open_sound_file(_audio_payload(audio)) as sound_file:
+        sampling_rate, frames = sound_file.samplerate, sound_file.frames
+        length = _length_at_16k(frames, sampling_rate)
+        if length < num_samples:
+            return None
+        start = int(rng.integers(length - num_samples + 1))
+        if not sound_file.seekable():
+            if sound_file.format not in _warned_unseekable:
+                _warned_unseekable.add(sound_file.format)
+                logger.warning(
+                    f"{sound_file.format} audio cannot seek here: each crop decodes its whole file (slow for long "
+                    "files; convert them to FLAC or WAV, or pre-compute log-mels with `preprocess_to_cache`)."
+                )
+            waveform = to_mono_16k(_read_samples(sound_file), sampling_rate)
+            if waveform.shape[-1] < start + num_samples:
+                raise AudioDecodeError(f"the audio has fewer samples than its header's {frames}")
+            return waveform[start : start + num_samples].contiguous()
+        return _read_mono_16k_window(sound_file, start, num_samples)
+
+
+def _read_mono_16k_window(sound_file: "sf.SoundFile", start: int, num_samples: int) -> torch.Tensor:
+    """
+    Samples `[start, start + num_samples)` of the file resampled to 16 kHz, reading only the input frames that the
+    polyphase filter's convolution steps for those outputs cover: the steps, and so the numbers, of `resample`.
+    """
+    sampling_rate, frames = sound_file.samplerate, sound_file.frames
+
+    def read(first: int, stop: int) -> torch.Tensor:
+        """Mono input samples `[first, stop)`, zeros outside the file (the padding of `resample`)."""
+        begin, end = max(first, 0), min(stop, frames)
+        samples = torch.zeros(max(stop - first, 0), dtype=torch.float32)
+        if end > begin:
+            sound_file.seek(begin)
+            window = _read_samples(sound_file, end - begin)
+            if window.shape[-1] != end - begin:
+                raise AudioDecodeError(f"the audio has fewer samples than its header's {frames}")
+            samples[begin - first : end - first] = torch.from_numpy(window).mean(dim=0)
+        return samples
+
+    if sampling_rate == SAMPLING_RATE:
+        return read(start, start + num_samples)
+    orig, new = _resampling_ratio(sampling_rate, SAMPLING_RATE)
+    kernel, width, group = _grouped_resample_kernel(orig, new, torch.device("cpu"), torch.float32)
+    outputs_per_step, stride = new * group, orig * group
+    first_step, stop_step = start // outputs_per_step, -(-(start + num_samples) // outputs_per_step)
+    first = first_step * stride - width
+    samples = read(first, (stop_step - 1) * stride - width + kernel.shape[-1])
+    phases = torch.nn.functional.conv1d(samples[None, None], kernel, stride=stride)
+    resampled = phases.transpose(1, 2).reshape(-1)
+    offset = start - first_step * outputs_per_step
+    return resampled[offset : offset + num_samples].contiguous()
 
 
 def read_mono(source: bytes | str | os.PathLike, name: str | None = None) -> tuple[np.ndarray, int]:
@@ -262,9 +406,12 @@ def _audio_payload(value: object) -> bytes | str | os.PathLike:
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
+    "MAX_ABS_SAMPLE",
+    "check_samples",
     "decode_audio",
     "audio_duration",
     "decode_mono_16k",
+    "decode_mono_16k_crop",
     "read_mono",
     "resample",
     "to_mono_16k",

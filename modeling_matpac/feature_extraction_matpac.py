@@ -31,7 +31,7 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import TensorType, logging
 
-from .audio import _check_sampling_rate, _resampled_length, resample
+from .audio import MAX_ABS_SAMPLE, _check_sampling_rate, _resampled_length, resample
 from .configuration_matpac import FRONT_END_FIELDS, MatpacConfig
 
 
@@ -277,7 +277,8 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
                 - a list or tuple of clips, each 1-D (mono) or 2-D (multichannel, channels-first or channels-last),
                   of any lengths.
                 The channel axis is the one of at most 8 entries; channels are averaged. Floating point samples are
-                taken as is, int8/uint8/int16/int32 PCM is scaled to [-1, 1).
+                taken as is (NaN, infinite or beyond +-1000 are refused), int8/uint8/int16/int32 PCM is scaled to
+                [-1, 1).
             sampling_rate (`int`, *optional*):
                 Sampling rate of `raw_audio` in Hz; other rates than `self.sampling_rate` are resampled. Assumed to be
                 `self.sampling_rate` (with a warning) when not given.
@@ -316,6 +317,12 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         non_finite = (~torch.isfinite(waveforms).all(dim=-1)).nonzero().flatten().tolist()
         if non_finite:
             raise ValueError(f"Audio contains NaN or infinite samples (clip indices {non_finite}).")
+        too_large = (waveforms.abs().amax(dim=-1) > MAX_ABS_SAMPLE).nonzero().flatten().tolist()
+        if too_large:
+            raise ValueError(
+                f"Audio has samples beyond +-{MAX_ABS_SAMPLE:g} (clip indices {too_large}): floating point audio is "
+                "expected in [-1, 1], and such samples give infinite log-mels."
+            )
         self._check_lengths(waveforms.shape, lengths, sampling_rate, is_dense_2d)
 
         if sampling_rate != self.sampling_rate:

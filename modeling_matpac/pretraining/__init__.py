@@ -3,7 +3,7 @@
 from .corpus import generate_builtin_corpus
 from .data import MatpacPretrainingDataset, collate_pretraining_batch, list_audio_files, load_audio_source
 from .logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
-from .trainer import MatpacTrainer
+from .trainer import MatpacTrainer, NonFiniteTrainingError
 
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "MatpacLogMelCacheDataset",
     "MatpacPretrainingDataset",
     "MatpacTrainer",
+    "NonFiniteTrainingError",
     "collate_pretraining_batch",
     "generate_builtin_corpus",
     "list_audio_files",

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..audio import AUDIO_EXTENSIONS, SAMPLING_RATE, AudioDecodeError, decode_mono_16k
+from ..audio import AUDIO_EXTENSIONS, SAMPLING_RATE, AudioDecodeError, decode_mono_16k_crop
 from ..feature_extraction_matpac import MatpacFeatureExtractor
 
 
@@ -413,12 +413,11 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
 
     def _crop(self, clip: _Clip, epoch: int) -> torch.Tensor | None:
         """The normalised log-mel of the clip's crop for `epoch`, or `None` if the clip is shorter than a crop."""
-        waveform = decode_mono_16k(clip.value, min_samples=self.crop_length)
-        if waveform is None:
-            return None
         rng = np.random.default_rng([self.seed, epoch, *clip.key])
-        start = int(rng.integers(waveform.shape[-1] - self.crop_length + 1))
-        return self.feature_extractor.normalized_log_mel(waveform[None, start : start + self.crop_length])[0]
+        crop = decode_mono_16k_crop(clip.value, self.crop_length, rng)
+        if crop is None:
+            return None
+        return self.feature_extractor.normalized_log_mel(crop[None])[0]
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
@@ -436,6 +435,8 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
             for clip in self._clips.iter_epoch(self.seed, epoch, self.shuffle, consumer, num_consumers):
                 try:
                     input_values = self._crop(clip, epoch)
+                    if input_values is not None and not torch.isfinite(input_values).all():
+                        raise AudioDecodeError("its log-mel crop has NaN or infinite values")
                 except AudioDecodeError as error:
                     corrupt += 1
                     counts["corrupt"] += 1

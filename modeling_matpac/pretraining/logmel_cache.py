@@ -96,7 +96,10 @@ def _compute(value: object, extractor: MatpacFeatureExtractor, min_samples: int)
         return "corrupt", str(error)
     if waveform is None:
         return "short", None
-    return "ok", _normalised_log_mel(waveform, extractor)
+    log_mel = _normalised_log_mel(waveform, extractor)
+    if not np.isfinite(log_mel).all():
+        return "corrupt", "its log-mel has NaN or infinite values"
+    return "ok", log_mel
 
 
 _worker_arguments: tuple[MatpacFeatureExtractor, int] | None = None

@@ -1,10 +1,13 @@
 """A `Trainer` that owns MATPAC's teachers: EMA teacher encoder and head, and the centre, once per optimizer step."""
 
 import logging
+import math
+import os
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..modeling_matpac import MatpacForPreTraining
 from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate_pretraining_batch
@@ -23,6 +26,10 @@ COLLAPSE_STATISTICS = ("teacher_entropy", "teacher_perplexity", "teacher_num_cla
 WEIGHT_DECAY_SETS = ("all", "transformers")
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """The loss, the gradient norm or the weights became NaN or infinite: training stops before saving them."""
+
+
 class _TeacherUpdateCallback(TrainerCallback):
     """Runs the teacher and centre updates between the backward and `optimizer.step()` (the authors' timing)."""
 
@@ -35,6 +42,11 @@ class _TeacherUpdateCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.update_teachers_and_center(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # A step that logs is checked by `log`, which the Trainer calls before it saves.
+        if (control.should_save or control.should_training_stop) and not control.should_log:
+            self.trainer.check_finite()
 
 
 class MatpacTrainer(Trainer):
@@ -65,6 +77,8 @@ class MatpacTrainer(Trainer):
         if self.args.ddp_find_unused_parameters is None:
             # Every student parameter takes part in the loss; the teachers need no gradients.
             self.args.ddp_find_unused_parameters = False
+        # A NaN loss must stop the run (see `check_finite`), not be logged as the previous mean (0 after a log).
+        self.args.logging_nan_inf_filter = False
         self.check_supported_setup()
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
@@ -76,6 +90,7 @@ class MatpacTrainer(Trainer):
         self._teacher_count: torch.Tensor | None = None
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_counts: dict[str, int] = {}
+        self._loss_is_finite: torch.Tensor | None = None
         # The loader's first batch is the one of this step, unless Trainer replays the batches before it.
         self._first_step_of_loader = global_step if self.args.ignore_data_skip else 0
 
@@ -160,6 +175,9 @@ class MatpacTrainer(Trainer):
 
     def _accumulate(self, outputs) -> None:
         """Sums the step's centre statistics and the values to log, as the Trainer sums `loss`."""
+        # On the device, read only when the run is checked: no host sync per micro-batch.
+        finite = torch.isfinite(outputs.loss.detach())
+        self._loss_is_finite = finite if self._loss_is_finite is None else self._loss_is_finite & finite
         teacher_sum = outputs.teacher_sum.float()
         self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
         count = outputs.teacher_count.float()
@@ -185,6 +203,31 @@ class MatpacTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def check_finite(self, logs: dict[str, float] | None = None) -> None:
+        """
+        Stops training with `NonFiniteTrainingError` if a loss since the last check, the logged gradient norm or a
+        weight is NaN or infinite. Called when the Trainer logs or saves (not per step, to keep host syncs out of
+        the hot path), always before it saves: the checkpoints on disk stay the last good ones.
+        """
+        problems = [
+            f"{name} = {logs[name]}" for name in ("loss", "grad_norm") if logs and not math.isfinite(logs.get(name, 0))
+        ]
+        if self._loss_is_finite is not None and not bool(self._loss_is_finite) and not problems:
+            problems.append("the loss of a step since the last log is NaN or infinite")
+        self._loss_is_finite = None
+        model = self.pretraining_model
+        tensors = [*model.parameters(), *model.buffers()]
+        if not torch.stack([torch.isfinite(tensor).all() for tensor in tensors if tensor.is_floating_point()]).all():
+            problems.append("weights are NaN or infinite")
+        if not problems:
+            return
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        raise NonFiniteTrainingError(
+            f"Training stopped at step {self.state.global_step}: {'; '.join(problems)}. Nothing was saved after "
+            + (f"the last good checkpoint, {last}" if last else "the start (no checkpoint was saved)")
+            + ". Lower the learning rate or check the data, then resume from that checkpoint."
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._log_sums:
             names = [
@@ -204,3 +247,5 @@ class MatpacTrainer(Trainer):
             )
             self._log_sums, self._log_counts = {}, {}
         super().log(logs, start_time)
+        if "loss" in logs and self.model.training:
+            self.check_finite(logs)
