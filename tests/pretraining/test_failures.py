@@ -54,3 +54,157 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if logging_steps == 1:  # the NaN step is logged as NaN, not as 0
         assert len(logged) >= 3 and all(loss > 1 for loss in logged[:-1]) and math.isnan(logged[-1])
+
+
+def test_huge_or_non_finite_samples_are_skipped_and_counted_like_corrupt_files(tmp_path):
+    """Before: a float WAV of 1e18 samples decoded fine and gave infinite log-mels, hence NaN weights."""
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.wav"
+    sf.write(good, 0.1 * rng.standard_normal(7 * 16000), 16000, subtype="FLOAT")
+    huge = tmp_path / "huge.wav"
+    sf.write(huge, 1e18 * rng.standard_normal(7 * 16000), 16000, subtype="DOUBLE")
+    with pytest.raises(AudioDecodeError, match="magnitude 4.*e\\+18, beyond 1000"):
+        decode_mono_16k(huge)
+    dataset = MatpacPretrainingDataset([good, huge], shuffle=False, infinite=False)
+    examples = list(dataset)
+    assert [example["clip_id"] for example in examples] == [str(good)]
+    assert examples[0]["num_skipped_corrupt"] == 0 and torch.isfinite(examples[0]["input_values"]).all()
+    # the skip is counted with the next example
+    dataset = MatpacPretrainingDataset([huge, good], shuffle=False, infinite=False)
+    assert [example["num_skipped_corrupt"] for example in dataset] == [1]
+
+
+def test_the_feature_extractor_refuses_huge_samples_instead_of_returning_nan(tmp_path):
+    """Before: the extractor returned infinite log-mels and the model a NaN embedding, without error."""
+    from modeling_matpac import MatpacFeatureExtractor
+
+    clips = [np.zeros(16000, np.float32), np.full(16000, 1e18, np.float32)]
+    with pytest.raises(ValueError, match=r"beyond \+-1000 \(clip indices \[1\]\)"):
+        MatpacFeatureExtractor()(clips, sampling_rate=16000)
+    loud = MatpacFeatureExtractor()([np.full(16000, 999.0, np.float32)], sampling_rate=16000, return_tensors="pt")
+    assert torch.isfinite(loud["input_values"]).all()
+
+
+def test_a_cache_shard_with_nan_log_mels_is_skipped_and_counted(tmp_path):
+    """Before: the NaN crop went into a batch and turned the weights NaN."""
+    from modeling_matpac.pretraining import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
+
+    rng = np.random.default_rng(0)
+    files = []
+    for index in range(2):
+        files.append(tmp_path / f"clip{index}.wav")
+        sf.write(files[-1], 0.1 * rng.standard_normal(8 * 16000), 16000)
+    preprocess_to_cache(files, tmp_path / "cache")
+    _, log_mel = LogMelCache(tmp_path / "cache")[0]
+    shard = next((tmp_path / "cache").glob("logmels-*.arrow"))
+    data = shard.read_bytes()
+    start = data.index(log_mel.tobytes()[:64])
+    shard.write_bytes(data[:start] + b"\x00\x7e" * (log_mel.size) + data[start + 2 * log_mel.size :])
+    dataset = MatpacLogMelCacheDataset(tmp_path / "cache", shuffle=False, infinite=False)
+    examples = list(dataset)
+    assert [example["clip_id"] for example in examples] == [str(files[1])]
+    assert examples[0]["num_skipped_corrupt"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Any sample rate in bounded memory
+
+
+def test_every_rate_from_1_to_384_khz_gets_a_bounded_kernel_and_common_rates_stay_exact():
+    from modeling_matpac.audio import RESAMPLING_MAX_KERNEL_VALUES, _kernel_values, _resampling_ratio
+
+    worst = 0.0
+    for rate in range(1000, 384_001):
+        orig, new = _resampling_ratio.__wrapped__(rate, 16000)
+        assert _kernel_values(orig, new) <= RESAMPLING_MAX_KERNEL_VALUES, rate
+        worst = max(worst, abs(orig * 16000 - new * rate) / (new * rate))
+    print(f"largest relative rate error: {worst:.3g}")
+    assert worst <= 5.1e-4
+    for rate in (8000, 11025, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 176400, 192000, 352800, 384000):
+        divisor = math.gcd(rate, 16000)
+        assert _resampling_ratio(rate, 16000) == (rate // divisor, 16000 // divisor)
+
+
+RESAMPLE_SCRIPT = """
+import sys, numpy as np, torch
+from modeling_matpac.audio import resample
+rate = int(sys.argv[1])
+t = np.arange(2 * rate) / rate
+out = resample(torch.from_numpy(np.sin(2 * np.pi * 1000 * t).astype(np.float32)), rate, 16000)
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+peak = int(status["VmHWM"].split()[0]) / 1024  # this process's peak resident memory (MB), unlike ru_maxrss not
+# inherited from the forking pytest process
+spectrum = np.abs(np.fft.rfft(out.numpy()[4000:-4000] * np.hanning(len(out) - 8000)))
+print(peak, tuple(out.shape)[0], np.argmax(spectrum) * 16000 / (len(out) - 8000))
+"""
+
+
+@pytest.mark.parametrize("rate", [16001, 44101])
+def test_near_coprime_rates_resample_in_bounded_memory(tmp_path, rate):
+    """Before: 16,001 Hz built a 16,000 x 16,137 kernel (5.5 GB, 49 s); 44,101 Hz allocated 12 GB and crashed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", RESAMPLE_SCRIPT, str(rate)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)}, cwd=root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    peak_mb, length, tone = map(float, result.stdout.split())
+    print(f"{rate} Hz: peak RSS {peak_mb:.0f} MB, tone at {tone:.1f} Hz")
+    assert peak_mb < 1000 and abs(length - 32000) <= 32000 * 5.1e-4 + 1 and abs(tone - 1000) < 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Crops read only the frames they need
+
+
+class FixedStart:
+    """Stands for the crop's random generator: the start sample to use."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def integers(self, high: int) -> int:
+        assert 0 <= self.start < high
+        return self.start
+
+
+@pytest.mark.parametrize(
+    "suffix, rate, channels", [(".wav", 44100, 2), (".flac", 22050, 1), (".wav", 16000, 1), (".ogg", 48000, 2)]
+)
+def test_a_crop_equals_the_same_samples_of_the_whole_resampled_clip(tmp_path, suffix, rate, channels):
+    from modeling_matpac.audio import decode_mono_16k_crop
+
+    path = tmp_path / f"clip{suffix}"
+    rng = np.random.default_rng(rate)
+    sf.write(path, 0.3 * rng.standard_normal((int(9.3 * rate), channels)), rate)
+    whole = decode_mono_16k(path)
+    crop_length = 97_520
+    for start in (0, 1, 12_345, 40_000, whole.shape[-1] - crop_length):
+        crop = decode_mono_16k_crop(path, crop_length, FixedStart(start))
+        torch.testing.assert_close(crop, whole[start : start + crop_length], atol=2e-6, rtol=0)
+    assert decode_mono_16k_crop(path, whole.shape[-1] + 1, FixedStart(0)) is None
+
+
+def test_a_crop_of_a_long_file_reads_a_crop_worth_of_audio(tmp_path):
+    """Before: every crop decoded the whole file (3.3 GB and 8 s per crop for an hour of 44.1 kHz stereo)."""
+    import tracemalloc
+
+    from modeling_matpac.audio import decode_mono_16k_crop
+
+    path = tmp_path / "long.wav"
+    seconds = 180
+    samples = (np.sin(np.arange(seconds * 44100) / 7.0)[:, None] * np.array([[8000, 4000]])).astype(np.int16)
+    sf.write(path, samples, 44100, subtype="PCM_16")
+    del samples
+    tracemalloc.start()
+    crop = decode_mono_16k_crop(path, 97_520, np.random.default_rng(0))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    whole_decode = seconds * 44100 * 2 * 4  # float32 samples of the whole file: 63.5 MB
+    print(f"crop of a {seconds} s file: peak traced memory {peak / 1e6:.1f} MB (whole decode: {whole_decode / 1e6} MB)")
+    assert crop.shape == (97_520,) and peak < 6e6
