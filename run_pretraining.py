@@ -24,8 +24,10 @@ exits; `--train_cache DIR` then trains on random crops of them, without decoding
     python run_pretraining.py --train_cache /data/logmels --num_train_epochs 100
 """
 
+import json
 import logging
 import math
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
 from modeling_matpac.pretraining import (
@@ -41,17 +44,19 @@ from modeling_matpac.pretraining import (
     MatpacPretrainingDataset,
     MatpacTrainer,
     collate_pretraining_batch,
+    NonFiniteTrainingError,
     generate_builtin_corpus,
     load_audio_source,
     preprocess_to_cache,
 )
-from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource
+from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS
 
 
 logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "TEMPLATE.md"
+BUILTIN_CORPUS_DIR = "builtin_corpus"
 DATA_SOURCE_FLAGS = ("--dataset_name", "--train_dir", "--train_files", "--train_cache")
 PAPER_GLOBAL_BATCH = 2048  # 8 GPUs x 256 clips
 # The built-in default: a small model and a short schedule that run in a few minutes on a laptop CPU. Prepended to
@@ -184,12 +189,23 @@ class MatpacTrainingArguments(TrainingArguments):
     )
     logging_steps: float = 50
     save_steps: float = 5000
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an --output_dir that holds another run's files: its checkpoints are deleted "
+            "first. Without it, such a folder is refused unless --resume_from_checkpoint continues the run."
+        },
+    )
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MatpacTrainingArguments, bool]:
-    builtin = not any(arg.split("=")[0] in DATA_SOURCE_FLAGS for arg in argv)
+    flags = {arg.split("=")[0] for arg in argv}
+    builtin = not flags & set(DATA_SOURCE_FLAGS)
+    defaults = BUILTIN_DEFAULT_FLAGS if builtin else []
+    if "--model_name_or_path" in flags:  # the model's own config: the small model's overrides do not apply
+        defaults = defaults[2:]
     parser = HfArgumentParser((ModelArguments, DataArguments, MatpacTrainingArguments))
-    arguments = parser.parse_args_into_dataclasses((BUILTIN_DEFAULT_FLAGS if builtin else []) + argv)
+    arguments = parser.parse_args_into_dataclasses(defaults + argv)
     return (*arguments, builtin)
 
 
@@ -209,7 +225,11 @@ def build_config(model_args: ModelArguments) -> MatpacConfig:
     config = MatpacConfig()
     typed = {}
     if model_args.config_overrides:
-        overrides = dict(item.split("=", 1) for item in model_args.config_overrides.split(","))
+        items = model_args.config_overrides.split(",")
+        malformed = [item for item in items if "=" not in item]
+        if malformed:
+            raise ValueError(f"--config_overrides takes name=value items separated by commas, got {malformed}.")
+        overrides = dict(item.split("=", 1) for item in items)
         unknown = sorted(name for name in overrides if not hasattr(config, name))
         if unknown:
             raise ValueError(f"--config_overrides names fields MatpacConfig does not have: {unknown}")
@@ -227,7 +247,13 @@ def load_model(model_args: ModelArguments) -> MatpacForPreTraining:
     overrides = {}
     if model_args.predictor_num_hypotheses is not None:
         overrides["predictor_num_hypotheses"] = model_args.predictor_num_hypotheses
-    return MatpacForPreTraining.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **overrides)
+    try:
+        return MatpacForPreTraining.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **overrides)
+    except OSError as error:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path!r} is not a model folder or a Hub model that can be "
+            f"loaded: {str(error).strip().splitlines()[0]}"
+        ) from None
 
 
 def resolve_schedules(
@@ -363,6 +389,97 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
     (Path(args.output_dir) / "README.md").write_text(card)
 
 
+def check_training_arguments(training_args: MatpacTrainingArguments) -> None:
+    """Flags that would otherwise fail deep in the Trainer, or do something else than they say."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}.")
+    output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {training_args.output_dir!r} is a file, not a folder.")
+    if training_args.fp16 and training_args.device.type == "cpu":
+        raise ValueError("--fp16 needs a CUDA GPU: on the CPU it would train in fp32. Use --bf16 or leave it out.")
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # nothing to pin for; the DataLoader would warn at every run
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from, `None` if it is complete (the Trainer writes its state file last)."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "it has no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "its trainer_state.json is empty or truncated"
+    if not any((checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return "it has no model weights"
+    return None
+
+
+def resolve_resume(training_args: MatpacTrainingArguments) -> None:
+    """
+    `--resume_from_checkpoint last` becomes the last complete checkpoint of --output_dir (a checkpoint that a killed
+    run left half-written is skipped with a warning); a checkpoint folder given by path must be complete.
+    """
+    value = training_args.resume_from_checkpoint
+    if value is None:
+        return
+    if value.lower() in ("last", "true"):
+        output_dir = Path(training_args.output_dir)
+        checkpoints = output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []
+        steps = {path: path.name.rsplit("-", 1)[-1] for path in checkpoints if path.is_dir()}
+        for checkpoint in sorted((p for p in steps if steps[p].isdigit()), key=lambda p: -int(steps[p])):
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                logger.info("Resuming from %s, the last complete checkpoint of %s.", checkpoint, output_dir)
+                training_args.resume_from_checkpoint = str(checkpoint)
+                return
+            logger.warning("Skipping the incomplete checkpoint %s: %s (the run was stopped while saving it).",
+                           checkpoint, problem)  # fmt: skip
+        raise ValueError(f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint.")
+    checkpoint = Path(value)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r} is not a complete checkpoint: {problem} (the run was probably "
+            "stopped while saving it). Resume from an earlier one, or with `--resume_from_checkpoint last`."
+        )
+
+
+def check_output_dir(training_args: MatpacTrainingArguments) -> None:
+    """
+    A new run needs an --output_dir without another run's files (whose checkpoints it would mix with, or rotate away
+    with --save_total_limit): refused unless the run resumes from a checkpoint or --overwrite_output_dir is given.
+    """
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir() or training_args.resume_from_checkpoint is not None:
+        return
+    if not [entry for entry in output_dir.iterdir() if entry.name != BUILTIN_CORPUS_DIR]:
+        return
+    if training_args.overwrite_output_dir:
+        for checkpoint in sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+            logger.warning("--overwrite_output_dir: deleting %s of a previous run.", checkpoint)
+            shutil.rmtree(checkpoint)
+        return
+    last = get_last_checkpoint(output_dir)
+    held = f"the checkpoints of a run (last: {last})" if last else "files of a previous run"
+    raise ValueError(
+        f"--output_dir {training_args.output_dir!r} already holds {held}. Continue that run with "
+        "--resume_from_checkpoint last, start over with --overwrite_output_dir (its checkpoints are deleted), or "
+        "choose another --output_dir."
+    )
+
+
+class _HideEndlessEpochs(logging.Filter):
+    """The Trainer reports `Num Epochs = sys.maxsize` for a dataset that repeats its epochs: the schedule is in steps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{sys.maxsize:,}" not in record.getMessage()
+
+
 def check_data_arguments(data_args: DataArguments) -> None:
     if data_args.dataset_size is not None and data_args.dataset_size < 1:
         raise ValueError(f"--dataset_size must be a positive number of clips, got {data_args.dataset_size}.")
@@ -382,7 +499,7 @@ def open_audio_source(
 ) -> tuple[AudioSource, str]:
     """The audio to train on or to pre-process, and how the model card names it."""
     if builtin:
-        corpus_dir = Path(training_args.output_dir) / "builtin_corpus"
+        corpus_dir = Path(training_args.output_dir) / BUILTIN_CORPUS_DIR
         logger.info(
             "No data source given (--dataset_name, --train_dir, --train_files or --train_cache): using a built-in "
             "synthetic corpus of %d clips in %s.",
@@ -448,9 +565,13 @@ def main(argv: list[str] | None = None) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     transformers.utils.logging.set_verbosity(logging.INFO if training_args.should_log else logging.WARNING)
+    transformers.utils.logging.get_logger("transformers.trainer").addFilter(_HideEndlessEpochs())
     datasets.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_training_arguments(training_args)
     check_data_arguments(data_args)
+    if model_args.model_name_or_path is None:
+        build_config(model_args)  # bad --config_overrides fail now, not after the data is prepared
 
     if data_args.train_cache is None:
         source, data_description = open_audio_source(data_args, training_args, builtin)
@@ -458,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
             build_logmel_cache(model_args, data_args, training_args, source, data_description)
             return
 
+    resolve_resume(training_args)
+    check_output_dir(training_args)
     model = load_model(model_args)
     config = model.config
     feature_extractor = MatpacFeatureExtractor.from_model_config(config)
@@ -523,5 +646,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"run_pretraining.py: error: {error}")
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, NoUsableClipError,
+            NonFiniteTrainingError) as error:  # fmt: skip
+        # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
+        sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")

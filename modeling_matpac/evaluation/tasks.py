@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,12 +327,15 @@ def load_openmic(root: Path) -> ProbeData:
     )
     class_map = json.loads((root / "class-map.json").read_text(encoding="utf-8"))
     classes = sorted(class_map, key=class_map.get)
-    # The official file stores `sample_key` as an object (pickled) array.
-    with np.load(root / "openmic-2018.npz", allow_pickle=True) as npz:
+    with np.load(root / "openmic-2018.npz", allow_pickle=False) as npz:
         absent = {"Y_true", "Y_mask", "sample_key"} - set(npz.files)
         if absent:
             raise ProbeDataError(f"openmic-2018.npz lacks {sorted(absent)}; it has {npz.files}.")
-        y_true, y_mask, keys = npz["Y_true"], npz["Y_mask"].astype(bool), npz["sample_key"].astype(str)
+        try:
+            y_true, y_mask = npz["Y_true"], npz["Y_mask"].astype(bool)
+        except ValueError as error:
+            raise ProbeDataError(f"openmic-2018.npz: Y_true and Y_mask must be numeric arrays: {error}") from None
+        keys = _load_strings(npz, "sample_key")
     if y_true.shape != (len(keys), len(classes)):
         raise ProbeDataError(
             f"OpenMIC: Y_true has shape {y_true.shape}, expected ({len(keys)}, {len(classes)}) from class-map.json."
@@ -349,6 +353,46 @@ def load_openmic(root: Path) -> ProbeData:
             entries.append(Entry(key, root / "audio" / key[:3] / f"{key}.ogg", positive, split, observed))
     _warn_skipped("openmic", "listed in the partition but absent from openmic-2018.npz", unlabelled)
     return build_probe_data(task, classes, entries, by_fold=False, source=root)
+
+
+class _StringArrayUnpickler(pickle.Unpickler):
+    """Rebuilds a numpy object array and nothing else: a crafted file cannot name any other callable to run."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a numpy array of strings")
+        return super().find_class(module, name)
+
+
+def _load_strings(npz: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
+    """
+    The array `name` of an `.npz` as strings. The official OpenMIC file stores its keys as an object array, which
+    `np.load` would unpickle with arbitrary code: it is read with an unpickler that builds numpy arrays only, and
+    must hold strings only.
+    """
+    try:
+        array = npz[name]
+    except ValueError:  # an object array
+        with npz.zip.open(f"{name}.npy") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                raise ProbeDataError(f"{name} of {npz.zip.filename}: unsupported .npy version {version}.") from None
+            read_header[version](file)
+            try:
+                array = _StringArrayUnpickler(file).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as error:
+                raise ProbeDataError(f"{name} of {npz.zip.filename} is not an array of strings: {error}") from None
+    if not isinstance(array, np.ndarray) or not all(isinstance(item, str) for item in array.ravel().tolist()):
+        raise ProbeDataError(f"{name} of {npz.zip.filename} is not an array of strings.")
+    return array.astype(str)
 
 
 def _load_npy_strings(path: Path) -> list[str]:

@@ -74,6 +74,10 @@ _SHARD_KEY, _ROW_KEY = "__matpac_shard", "__matpac_row"
 AudioSource = Sequence[str | os.PathLike] | datasets.Dataset | datasets.IterableDataset
 
 
+class NoUsableClipError(RuntimeError):
+    """A data consumer met no usable clip in a whole epoch: all of its clips are too short or undecodable."""
+
+
 def list_audio_files(directory: str | os.PathLike) -> list[Path]:
     """All audio files (wav, flac, ogg, mp3) under `directory`, recursively, in the sorted order of their paths."""
     root = Path(directory)
@@ -463,7 +467,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
             if not self.infinite:
                 return
             if counts["crops"] == 0:
-                raise RuntimeError(
+                raise NoUsableClipError(
                     f"Data consumer {consumer} of {num_consumers} (rank {self.rank} of {self.world_size}, DataLoader "
                     f"worker {worker_id} of {num_workers}) found no usable clip in epoch {epoch} "
                     f"({counts['short']} shorter than {self.crop_length} samples at 16 kHz, {counts['corrupt']} "

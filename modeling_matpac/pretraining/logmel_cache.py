@@ -32,8 +32,12 @@ On-disk format (a folder):
   view of the memory-mapped file (`np.frombuffer`): no decompression, no per-value conversion, no copy of the
   whole clip. The files are memory-mapped, so a cache larger than memory is read at the speed of the page cache.
 - `metadata.json`: the front-end settings the log-mels were computed with (a feature extractor with other settings is
-  refused), the crop length clips were kept for, the counts of clips kept and skipped and the shards. It is written
-  last: a folder without it is an interrupted build.
+  refused), the crop length clips were kept for, the counts of clips kept and skipped and the shards with their
+  clip and byte counts (a truncated shard is named when the cache is opened). It is written last: a folder without
+  it is an interrupted build.
+
+A cache is built in a sibling folder `.<name>.building` and renamed into place once complete, so an interrupted or
+failed build (with `overwrite=True` too) leaves the previous cache as it was.
 
 The shards are plain Arrow, so `datasets.load_dataset(cache_dir, streaming=True)` (or `load_dataset("arrow",
 data_files=...)`) streams them too; `MatpacLogMelCacheDataset` memory-maps a local copy.
@@ -42,6 +46,7 @@ data_files=...)`) streams them too; `MatpacLogMelCacheDataset` memory-maps a loc
 import json
 import multiprocessing
 import os
+import shutil
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +59,7 @@ from transformers.utils import logging
 from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
-from .data import AudioSource, MatpacPretrainingDataset, _Clip, _IndexedClips, _open_clips
+from .data import AudioSource, MatpacPretrainingDataset, _Clip, _IndexedClips, _open_clips, _StreamedClips
 
 
 logger = logging.get_logger(__name__)
@@ -184,16 +189,15 @@ class _ShardWriter:
         for index, (path, rows) in enumerate(self.shards):
             name = f"{SHARD_PREFIX}{index:05d}-of-{len(self.shards):05d}.arrow"
             path.rename(self.directory / name)
-            shards.append({"file": name, "num_clips": rows})
+            shards.append({"file": name, "num_clips": rows, "num_bytes": (self.directory / name).stat().st_size})
         return shards
 
 
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Create `output_dir`, or empty a previous cache there when `overwrite`; never delete files of another kind."""
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """`output_dir` must be new, empty, or a previous cache to replace (`overwrite`): never files of another kind."""
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"{os.fspath(output_dir)!r} exists and is not a directory.")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    entries = list(output_dir.iterdir())
+    entries = list(output_dir.iterdir()) if output_dir.exists() else []
     ours = [path for path in entries if path.name == METADATA_FILE or path.name.startswith(SHARD_PREFIX)]
     others = sorted(path.name for path in entries if path not in ours)
     if others:
@@ -206,8 +210,18 @@ def _prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
             f"{os.fspath(output_dir)!r} already holds a log-mel cache (or an interrupted build of one): pass "
             "`overwrite=True` (`--overwrite_cache`) to replace it, or give another directory."
         )
-    for path in ours:
-        path.unlink()
+
+
+def _swap_in(built: Path, output_dir: Path) -> None:
+    """Replace `output_dir` (a previous cache, or nothing) by the complete cache `built`, a sibling folder."""
+    if not output_dir.exists():
+        built.rename(output_dir)
+        return
+    previous = output_dir.with_name(f".{output_dir.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    output_dir.rename(previous)
+    built.rename(output_dir)
+    shutil.rmtree(previous)
 
 
 def preprocess_to_cache(
@@ -261,8 +275,37 @@ def preprocess_to_cache(
             raise ValueError(f"`{name}` must be a positive integer, got {value}.")
     clips = _open_clips(source, audio_column)
     output_dir = Path(output_dir)
-    _prepare_output_dir(output_dir, overwrite)
+    _check_output_dir(output_dir, overwrite)
+    # Built next to `output_dir` and swapped in once complete: a failed or killed build leaves the previous cache.
+    building = output_dir.with_name(f".{output_dir.name}.building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        metadata = _build(clips, building, extractor, min_frames, shard_size, num_workers, description)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    _swap_in(building, output_dir)
+    shards = metadata["shards"]
+    logger.info(
+        f"Wrote the log-mels of {metadata['num_clips']} clips ({metadata['num_frames'] / 360_000:.1f} h, "
+        f"{sum(shard['num_bytes'] for shard in shards) / 1e9:.2f} GB in {len(shards)} shards) to "
+        f"{os.fspath(output_dir)}; skipped {metadata['num_skipped_short']} clips shorter than {min_frames} frames and "
+        f"{metadata['num_skipped_corrupt']} undecodable ones."
+    )
+    return metadata
 
+
+def _build(
+    clips: _IndexedClips | _StreamedClips,
+    output_dir: Path,
+    extractor: MatpacFeatureExtractor,
+    min_frames: int,
+    shard_size: int,
+    num_workers: int | None,
+    description: str | None,
+) -> dict:
+    """Writes the shards and then the metadata of a cache into the empty folder `output_dir`."""
     min_samples = extractor.num_samples(min_frames)
     writer = _ShardWriter(output_dir, shard_size)
     counts = {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}
@@ -302,12 +345,6 @@ def preprocess_to_cache(
         "shards": shards,
     }
     (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    logger.info(
-        f"Wrote the log-mels of {counts['kept']} clips ({counts['frames'] / 360_000:.1f} h, "
-        f"{sum((output_dir / shard['file']).stat().st_size for shard in shards) / 1e9:.2f} GB in {len(shards)} "
-        f"shards) to {os.fspath(output_dir)}; skipped {counts['short']} clips shorter than {min_frames} frames and "
-        f"{counts['corrupt']} undecodable ones."
-    )
     return metadata
 
 
@@ -328,6 +365,14 @@ class LogMelCache:
             raise FileNotFoundError(
                 f"The log-mel cache {os.fspath(self.directory)!r} lacks shards listed in its metadata: {missing}."
             )
+        for shard, path in zip(self.metadata["shards"], self.shard_files):
+            size = path.stat().st_size
+            if "num_bytes" in shard and size != shard["num_bytes"]:
+                raise ValueError(
+                    f"The log-mel cache shard {os.fspath(path)} has {size:,} bytes, not the {shard['num_bytes']:,} "
+                    "its metadata records: it is truncated or was modified. Rebuild the cache (`--preprocess_to` with "
+                    "`--overwrite_cache`)."
+                )
         self._shard_sizes = [shard["num_clips"] for shard in self.metadata["shards"]]
         self._offsets = np.cumsum([0, *self._shard_sizes])
         self._tables: dict[int, pa.Table] = {}
@@ -346,7 +391,10 @@ class LogMelCache:
                 + (", so its build was interrupted; build it again" if interrupted else "")
                 + ". Build one with `preprocess_to_cache` or `run_pretraining.py --preprocess_to`."
             )
-        metadata = json.loads(path.read_text())
+        try:
+            metadata = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({error}): rebuild the cache.") from None
         if metadata.get("format") != CACHE_FORMAT or metadata.get("format_version") != CACHE_FORMAT_VERSION:
             raise ValueError(
                 f"{os.fspath(path)} is not the metadata of a version {CACHE_FORMAT_VERSION} {CACHE_FORMAT}: found "
@@ -378,8 +426,13 @@ class LogMelCache:
 
     def _table(self, shard: int) -> pa.Table:
         if shard not in self._tables:
-            with pa.memory_map(os.fspath(self.shard_files[shard])) as source:
-                table = pa.ipc.open_stream(source).read_all()
+            try:
+                with pa.memory_map(os.fspath(self.shard_files[shard])) as source:
+                    table = pa.ipc.open_stream(source).read_all()
+            except (pa.ArrowException, OSError) as error:
+                raise ValueError(
+                    f"The log-mel cache shard {self.shard_files[shard]} cannot be read ({error}): rebuild the cache."
+                ) from None
             if table.schema != SHARD_SCHEMA or table.num_rows != self._shard_sizes[shard]:
                 raise ValueError(
                     f"The shard {self.shard_files[shard]} does not match the metadata of its cache ({table.num_rows} "

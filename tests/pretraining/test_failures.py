@@ -1,6 +1,5 @@
 """Issue 11: no input, fault or flag loses a run or a result silently."""
 
-import json
 import math
 
 import numpy as np
@@ -206,5 +205,5 @@ def test_a_crop_of_a_long_file_reads_a_crop_worth_of_audio(tmp_path):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     whole_decode = seconds * 44100 * 2 * 4  # float32 samples of the whole file: 63.5 MB
-    print(f"crop of a {seconds} s file: peak traced memory {peak / 1e6:.1f} MB (whole decode: {whole_decode / 1e6} MB)")
+    print(f"crop of a {seconds} s file: peak traced {peak / 1e6:.1f} MB (whole decode: {whole_decode / 1e6} MB)")
     assert crop.shape == (97_520,) and peak < 6e6
