@@ -43,8 +43,8 @@ from modeling_matpac.pretraining import (
     MatpacLogMelCacheDataset,
     MatpacPretrainingDataset,
     MatpacTrainer,
-    collate_pretraining_batch,
     NonFiniteTrainingError,
+    collate_pretraining_batch,
     generate_builtin_corpus,
     load_audio_source,
     preprocess_to_cache,
@@ -474,7 +474,7 @@ def check_output_dir(training_args: MatpacTrainingArguments) -> None:
 
 
 class _HideEndlessEpochs(logging.Filter):
-    """The Trainer reports `Num Epochs = sys.maxsize` for a dataset that repeats its epochs: the schedule is in steps."""
+    """The Trainer reports `Num Epochs = sys.maxsize` for a dataset that repeats its epochs: the run is in steps."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return f"{sys.maxsize:,}" not in record.getMessage()
