@@ -1,17 +1,34 @@
 """Issue 11: no input, fault or flag loses a run or a result silently."""
 
+import json
+import logging
 import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import tiny_config_kwargs
 from pretraining_worker import FixedCrops, tiny_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_matpac.audio import AudioDecodeError, decode_mono_16k
 from modeling_matpac.pretraining import MatpacPretrainingDataset, MatpacTrainer, NonFiniteTrainingError
+from modeling_matpac.pretraining.data import NoUsableClipError
+
+
+ROOT = Path(__file__).parents[2]
+sys.path.insert(0, str(ROOT))
+import run_pretraining  # noqa: E402
+
+
+TINY = ",".join(f"{name}={value}" for name, value in tiny_config_kwargs().items())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,12 +158,7 @@ print(peak, tuple(out.shape)[0], np.argmax(spectrum) * 16000 / (len(out) - 8000)
 @pytest.mark.parametrize("rate", [16001, 44101])
 def test_near_coprime_rates_resample_in_bounded_memory(tmp_path, rate):
     """Before: 16,001 Hz built a 16,000 x 16,137 kernel (5.5 GB, 49 s); 44,101 Hz allocated 12 GB and crashed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).parents[2]
+    root = ROOT
     result = subprocess.run(
         [sys.executable, "-c", RESAMPLE_SCRIPT, str(rate)], capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(root)}, cwd=root,
@@ -207,3 +219,146 @@ def test_a_crop_of_a_long_file_reads_a_crop_worth_of_audio(tmp_path):
     whole_decode = seconds * 44100 * 2 * 4  # float32 samples of the whole file: 63.5 MB
     print(f"crop of a {seconds} s file: peak traced {peak / 1e6:.1f} MB (whole decode: {whole_decode / 1e6} MB)")
     assert crop.shape == (97_520,) and peak < 6e6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4, 5 and 6: output folders, interrupted writes, bad flags
+
+
+def run_main(output_dir, *flags: str) -> None:
+    run_pretraining.main(
+        ["--output_dir", str(output_dir), "--config_overrides", TINY, "--per_device_train_batch_size", "2",
+         "--logging_steps", "1", "--save_steps", "1", "--save_total_limit", "3", "--builtin_corpus_clips", "4",
+         "--disable_tqdm", "True", *flags]
+    )  # fmt: skip
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def global_step(checkpoint) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_skips_a_broken_checkpoint(
+    tmp_path, caplog
+):
+    """
+    Before: a second run into the folder mixed its checkpoints with the first's (or rotated them away), and resuming
+    from a checkpoint whose trainer_state.json a kill left empty failed with "Expecting value: line 1 column 1".
+    """
+    output_dir = tmp_path / "run"
+    trainer_logger = logging.getLogger("transformers.trainer")
+    handler = RecordingHandler()
+    trainer_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_main(output_dir, "--max_steps", "2")
+    finally:
+        trainer_logger.removeHandler(handler)
+    assert not [warning for warning in caught if "pin_memory" in str(warning.message)]
+    assert "  Total optimization steps = 2" in handler.messages
+    assert not [message for message in handler.messages if f"{sys.maxsize:,}" in message]
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    with pytest.raises(ValueError, match=r"already holds the checkpoints of a run \(last: .*checkpoint-2\)"):
+        run_main(output_dir, "--max_steps", "2")
+
+    (output_dir / "checkpoint-2" / "trainer_state.json").write_text("")  # killed while saving
+    with pytest.raises(
+        ValueError, match="checkpoint-2' is not a complete checkpoint: its trainer_state.json is empty"
+    ):
+        run_main(output_dir, "--max_steps", "3", "--resume_from_checkpoint", str(output_dir / "checkpoint-2"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_main(output_dir, "--max_steps", "3", "--resume_from_checkpoint", "last")
+    assert "Skipping the incomplete checkpoint" in caplog.text and "checkpoint-2" in caplog.text
+    assert global_step(output_dir / "checkpoint-3") == 3 and global_step(output_dir / "checkpoint-2") == 2
+
+    run_main(output_dir, "--max_steps", "1", "--overwrite_output_dir")
+    assert [path.name for path in output_dir.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert global_step(output_dir / "checkpoint-1") == 1
+
+
+def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_is_named(tmp_path):
+    """
+    Before: `--overwrite_cache` deleted the old cache before the new build succeeded, and a truncated shard gave a
+    pyarrow traceback mid-epoch, naming no file.
+    """
+    from modeling_matpac.pretraining import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
+
+    rng = np.random.default_rng(0)
+    files = []
+    for index in range(3):
+        files.append(tmp_path / f"clip{index}.wav")
+        sf.write(files[-1], 0.1 * rng.standard_normal(7 * 16000), 16000)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF no audio")
+    cache = tmp_path / "cache"
+    preprocess_to_cache(files, cache, shard_size=2)
+    with pytest.raises(ValueError, match="No clip of the source is usable"):
+        preprocess_to_cache([broken], cache, overwrite=True)
+    assert (
+        len(LogMelCache(cache)) == 3 and sorted(path.name for path in tmp_path.iterdir() if path.name[0] == ".") == []
+    )
+
+    shard = cache / "logmels-00001-of-00002.arrow"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"shard .*logmels-00001-of-00002.arrow has [\d,]+ bytes, not the [\d,]+"):
+        MatpacLogMelCacheDataset(cache)
+    (cache / "metadata.json").write_text("")
+    with pytest.raises(ValueError, match=r"metadata.json is not valid JSON"):
+        LogMelCache(cache)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+        (["--config_overrides", "hidden_size=32,oops"], r"name=value items .*got \['oops'\]"),
+        (["--model_name_or_path", "{tmp}/no-model"], "--model_name_or_path '.*no-model' is not a model folder"),
+        (["--fp16", "--use_cpu"], "--fp16 needs a CUDA GPU"),
+        (["--output_dir", "{tmp}/a-file"], "--output_dir '.*a-file' is a file, not a folder"),
+        (["--preprocess_to", "{tmp}/a-file"], "a-file' exists and is not a directory"),
+        (["--train_cache", "{tmp}/a-file"], "does not exist or is not a directory"),
+        (["--train_dir", "{tmp}/a-file"], "does not exist or is not a directory"),
+        (["--train_dir", "{tmp}/corrupt", "--max_steps", "1"], r"found no usable clip in epoch 0 .*1 undecodable"),
+        (["--train_dir", "{tmp}/short", "--max_steps", "1"], r"found no usable clip in epoch 0 \(1 shorter than"),
+    ],
+)
+def test_bad_flags_end_in_one_clear_error(tmp_path, flags, message):
+    """Before: ZeroDivisionError, tracebacks, a cryptic `dict` message, or --fp16 training in fp32 on the CPU."""
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "x.wav").write_bytes(b"RIFF no audio")
+    (tmp_path / "short").mkdir()
+    sf.write(tmp_path / "short" / "x.wav", np.zeros(16000), 16000)
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    if "--model_name_or_path" in flags:
+        arguments = ["--output_dir", str(tmp_path / "out"), *flags]
+    else:
+        arguments = ["--output_dir", str(tmp_path / "out"), "--config_overrides", TINY, *flags]
+    if "--output_dir" in flags[:1]:
+        arguments = arguments[2:]
+    with pytest.raises((ValueError, OSError, NoUsableClipError), match=message):
+        run_pretraining.main(["--warmup_steps", "0", "--teacher_temperature_warmup_steps", "1", *arguments])
+
+
+def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path),
+         "--per_device_train_batch_size", "0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "run_pretraining.py: error: --per_device_train_batch_size must be at least 1, got 0."
+    ]
