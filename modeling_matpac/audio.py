@@ -84,7 +84,7 @@ def _resampling_ratio(orig_sr: int, new_sr: int) -> tuple[int, int]:
 
     It is the exact reduced ratio whenever that kernel holds at most `RESAMPLING_MAX_KERNEL_VALUES` values: every
     common rate (8, 11.025, 22.05, 24, 32, 44.1, 48, 88.2, 96, 176.4, 192, 352.8, 384 kHz...) resamples exactly as
-    torchaudio does. Near-coprime rates (16,001 Hz would need a 16,000 x 16,137 kernel, 4 billion values at
+    torchaudio does. Near-coprime rates (16,001 Hz would need a 16,000 x 16,137 kernel, 6 billion values at
     383,999 Hz) use instead the closest fraction whose kernel fits: the clip is then read as if sampled at
     `new_sr * orig / new` Hz, within 0.05% of its rate for every integer rate from 1 kHz to 384 kHz (at most 1 cent
     of pitch), and a warning says so.
@@ -216,7 +216,7 @@ def _open_sound_file(audio: bytes | str | os.PathLike) -> "sf.SoundFile":
         raise AudioDecodeError(f"soundfile cannot open the audio: {error}") from error
 
 
-def check_samples(samples: np.ndarray) -> None:
+def _check_samples(samples: np.ndarray) -> None:
     """
     Refuse samples that are not audio: NaN, infinite, or beyond `MAX_ABS_SAMPLE` (a float file with samples of 1e18
     gives infinite log-mels, hence NaN weights). Raises `AudioDecodeError`.
@@ -238,7 +238,7 @@ def _read_samples(sound_file: "sf.SoundFile", frames: int = -1) -> np.ndarray:
         raise AudioDecodeError(f"soundfile cannot decode the audio: {error}") from error
     if samples.shape[0] == 0:
         raise AudioDecodeError("the audio has no samples")
-    check_samples(samples)
+    _check_samples(samples)
     return np.ascontiguousarray(samples.T)
 
 
@@ -407,7 +407,6 @@ __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDecodeError",
     "MAX_ABS_SAMPLE",
-    "check_samples",
     "decode_audio",
     "audio_duration",
     "decode_mono_16k",

@@ -17,8 +17,8 @@ Every clip is decoded with `soundfile` (no FFmpeg, torchcodec or torchaudio), av
 cropped at random to 6.08 s (`400 + 607 * 160 = 97,520` samples, exactly 608 frames), once per clip and epoch; only
 the frames of the crop are read from files that can seek. Clips shorter than the crop are skipped (the authors keep
 only clips of at least 6.08 s); undecodable clips, and clips whose samples or log-mel crop are not finite or absurdly
-large, are skipped with a warning. Neither stops a run: both are counted, see below. `logmel_cache` decodes a source once instead and trains on
-crops of the stored log-mels, with the same contract.
+large, are skipped with a warning. Neither stops a run: both are counted, see below. `logmel_cache` decodes a source
+once instead and trains on crops of the stored log-mels, with the same contract.
 
 Determinism. The order of an epoch depends on `(seed, epoch)` and a clip's crop on `(seed, epoch, clip)` only, never on
 the number of processes or DataLoader workers (which only decide how clips are grouped into batches), so a run resumed
