@@ -2,7 +2,7 @@
 The HEAR 2021 API (https://hearbenchmark.com/hear-api.html) for MATPAC, so that evaluation kits such as
 `hear-eval-kit` can use a saved or converted model:
 
-    python -m heareval.embeddings.runner modeling_matpac.hear --model /path/to/matpac
+    python -m heareval.embeddings.runner modeling_matpac.evaluation.hear --model /path/to/matpac
 
 Timestamp embeddings are the encoder's time steps (the 5 frequency patches of a 16-frame column concatenated, one
 step per 160 ms); the scene embedding is their mean, the paper's clip embedding.
