@@ -153,6 +153,10 @@ class MatpacEmbeddings(nn.Module):
         return torch.cat([cls_token, tokens], dim=1)
 
 
+# Activations of the MLP (tokens x intermediate size) per encoder pass on CPU; see `MatpacModel._passes`.
+CPU_ACTIVATIONS_PER_PASS = 2_500_000
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -509,6 +513,42 @@ class MatpacModel(MatpacPreTrainedModel):
         tokens = tokens[:, 1:].unflatten(1, (num_frequency, steps))
         return tokens.transpose(1, 2).flatten(2)
 
+    def _passes(
+        self, rows: slice | torch.Tensor, steps: int, num_chunks: int, device: torch.device
+    ) -> list[slice | torch.Tensor]:
+        """
+        Splits a group's rows into encoder passes. On CPU a pass holds about `CPU_ACTIVATIONS_PER_PASS` MLP
+        activations (a few MB), which the caches and the allocator reuse from pass to pass; in one large pass every
+        intermediate is fresh memory, and page faults cost more than the larger matrix products save. Accelerators
+        take a group in one pass.
+        """
+        if device.type != "cpu":
+            return [rows]
+        tokens = 1 + self.config.num_frequency_patches * steps
+        per_pass = max(1, CPU_ACTIVATIONS_PER_PASS // (tokens * self.config.intermediate_size))
+        if (num_chunks if isinstance(rows, slice) else len(rows)) <= per_pass:
+            return [rows]
+        if isinstance(rows, slice):
+            rows = torch.arange(num_chunks, device=device)
+        return list(rows.split(per_pass))
+
+    def _autocast_weights(self, num_passes: int) -> dict[str, torch.Tensor] | None:
+        """
+        The encoder's Linear weights in the autocast dtype, cast once for a call of several passes. Autocast keeps no
+        cast of its own under `torch.inference_mode` or of frozen weights, so it would cast every weight again in
+        every pass. The values are autocast's own (the same rounding); None when autocast casts nothing or once.
+        """
+        device = self.device.type
+        if num_passes < 2 or torch.is_grad_enabled() or not torch.is_autocast_enabled(device):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        return {
+            name: parameter.to(dtype)
+            for module_name, module in self.encoder.named_modules()
+            if isinstance(module, nn.Linear)
+            for name, parameter in module.named_parameters(prefix=module_name)
+        }
+
     def _encode_chunks(
         self,
         embeddings: torch.Tensor,
@@ -517,42 +557,63 @@ class MatpacModel(MatpacPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
         """
-        Encodes each group of chunks in one pass. Returns the last hidden state (then the recorded hidden states) as
-        `(chunks, chunk_steps, F * hidden)` in time order, zero at the steps not encoded, and the recorded attentions
-        of a single group (attention maps of different lengths do not stack).
+        Encodes each group of chunks, in one pass or several (`_passes`). Returns the last hidden state (then the
+        recorded hidden states) as `(chunks, chunk_steps, F * hidden)` in time order, zero at the steps not encoded,
+        and the recorded attentions of a single group (attention maps of different lengths do not stack).
         """
         num_frequency, chunk_steps = self.config.num_frequency_patches, step_mask.shape[1]
+        passes = [
+            (pass_rows, steps, masked)
+            for rows, steps, masked in groups
+            for pass_rows in self._passes(rows, steps, step_mask.shape[0], embeddings.device)
+        ]
+        weights = self._autocast_weights(len(passes))
         outputs: list[torch.Tensor] = []
-        for rows, steps, masked in groups:
+        attentions: list[tuple[torch.Tensor, ...]] = []
+        for rows, steps, masked in passes:
             tokens = embeddings[rows]
             if steps < chunk_steps:  # keep the first `steps` time columns of every frequency row
                 tokens = tokens.unflatten(1, (num_frequency, chunk_steps))[:, :, :steps].flatten(1, 2)
             token_mask = None
             if masked:  # padded steps hidden in all their frequency rows; the CLS token stays visible
                 token_mask = nn.functional.pad(step_mask[rows].repeat(1, num_frequency), (1, 0), value=True)
-            encoded = self._encode(tokens, token_mask, **kwargs)
+            encoded = self._encode(tokens, token_mask, weights, **kwargs)
             states = [encoded.last_hidden_state, *(encoded.hidden_states or ())]
             states = [self._to_time_steps(state, steps) for state in states]
             if masked:
                 states = [state.masked_fill(~step_mask[rows, :, None], 0) for state in states]
-            if isinstance(rows, slice):  # one group of all the chunks: no copy into a zero buffer
+            if len(passes) == 1 and isinstance(rows, slice):  # all the chunks at once: no copy into a buffer
                 return states, encoded.attentions
+            if encoded.attentions is not None:
+                attentions.append(encoded.attentions)
             if not outputs:
                 outputs = [state.new_zeros(step_mask.shape[0], chunk_steps, state.shape[-1]) for state in states]
             for output, state in zip(outputs, states):
                 output[rows, :steps] = state
+        if attentions and len(groups) == 1:
+            return outputs, tuple(torch.cat(maps) for maps in zip(*attentions))
         return outputs, None
 
     @capture_outputs(tie_last_hidden_states=False)
     def _encode(
-        self, embeddings: torch.Tensor, token_mask: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
+        self,
+        embeddings: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        weights: dict[str, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutput:
-        """Chunks' patch embeddings -> the encoder's output, CLS first; records hidden states and attentions."""
+        """
+        Chunks' patch embeddings -> the encoder's output, CLS first; records hidden states and attentions. `weights`
+        replace the encoder's own for this pass (see `_autocast_weights`).
+        """
         hidden_states = self.embeddings.prepend_cls_token(embeddings)
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=token_mask
         )
-        return BaseModelOutput(last_hidden_state=self.encoder(hidden_states, attention_mask, **kwargs))
+        if weights is None:
+            return BaseModelOutput(last_hidden_state=self.encoder(hidden_states, attention_mask, **kwargs))
+        encoded = torch.func.functional_call(self.encoder, weights, (hidden_states, attention_mask), kwargs)
+        return BaseModelOutput(last_hidden_state=encoded)
 
     @can_return_tuple
     def forward(

@@ -179,3 +179,71 @@ def test_a_chunk_with_holes_is_encoded_masked():
         again = model(changed, attention_mask=mask)
     torch.testing.assert_close(holes.last_hidden_state, again.last_hidden_state, atol=1e-6, rtol=0)
     assert holes.time_mask.sum() == 38 - 10
+
+
+def encode_mixed_batch(model: MatpacModel, **kwargs):
+    """Three clips of 1500, 1000 and 700 frames in one padded batch: full, short and padding-only chunks."""
+    torch.manual_seed(2)
+    values = torch.randn(3, 80, 1500)
+    mask = torch.ones(3, 1500, dtype=torch.long)
+    mask[1, 1000:] = 0
+    mask[2, 700:] = 0
+    return model(values, attention_mask=mask, output_hidden_states=True, **kwargs)
+
+
+def test_cpu_passes_of_a_few_chunks_equal_one_pass(monkeypatch):
+    """The CPU's bounded passes (here one chunk each, or two) give what one pass per group gives."""
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs(), attn_implementation="eager")).eval()
+    with torch.no_grad():
+        reference = encode_mixed_batch(model, output_attentions=True)
+        one_chunk = 1 + model.config.num_frequency_patches * model.config.num_time_patches
+        for chunks_per_pass in (1, 2):
+            budget = chunks_per_pass * one_chunk * model.config.intermediate_size
+            monkeypatch.setattr(modeling, "CPU_ACTIVATIONS_PER_PASS", budget)
+            passes = model._passes(slice(None), model.config.num_time_patches, 9, torch.device("cpu"))
+            expected_sizes = [1] * 9 if chunks_per_pass == 1 else [2, 2, 2, 2, 1]
+            assert [len(rows) for rows in passes] == expected_sizes
+            outputs = encode_mixed_batch(model, output_attentions=True)
+            fields = ("last_hidden_state", "pooler_output", "hidden_states", "attentions")
+            for name in fields:
+                actual, expected = getattr(outputs, name), getattr(reference, name)
+                actual, expected = (
+                    (actual, expected) if torch.is_tensor(actual) else (torch.cat(actual), torch.cat(expected))
+                )
+                torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+            assert torch.equal(outputs.time_mask, reference.time_mask)
+
+
+def test_autocast_casts_each_weight_once_per_call_in_inference(monkeypatch):
+    """Under inference mode autocast caches no cast: the encoder's Linear weights are cast once, same values."""
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
+    one_chunk = 1 + model.config.num_frequency_patches * model.config.num_time_patches
+    monkeypatch.setattr(modeling, "CPU_ACTIVATIONS_PER_PASS", one_chunk * model.config.intermediate_size)
+    fc1_shape = [model.config.intermediate_size, model.config.hidden_size]
+
+    def run():
+        with torch.profiler.profile(record_shapes=True) as profile:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = encode_mixed_batch(model)
+        casts = [e for e in profile.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [fc1_shape]]
+        return outputs, len(casts)
+
+    outputs, casts = run()
+    assert casts == model.config.num_hidden_layers  # once per layer, not once per pass
+    weights = model._autocast_weights(num_passes=2)
+    assert weights is None  # grad mode is on outside inference
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = model._autocast_weights(num_passes=2)
+    assert {name.rsplit(".", 1)[-1] for name in weights} == {"weight", "bias"}
+    assert not any("layernorm" in name for name in weights)
+    assert all(weight.dtype == torch.bfloat16 for weight in weights.values())
+
+    monkeypatch.setattr(MatpacModel, "_autocast_weights", lambda self, num_passes: None)
+    per_pass, casts = run()
+    assert casts == 7 * model.config.num_hidden_layers  # 4 full chunks, one each of 18, 25 and 6 steps
+    for actual, expected in zip(
+        (outputs.last_hidden_state, *outputs.hidden_states), (per_pass.last_hidden_state, *per_pass.hidden_states)
+    ):
+        assert torch.equal(actual, expected)
