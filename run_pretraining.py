@@ -39,6 +39,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
+from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 from modeling_matpac.pretraining import (
     MatpacLogMelCacheDataset,
     MatpacPretrainingDataset,
@@ -572,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
     check_data_arguments(data_args)
     if model_args.model_name_or_path is None:
         build_config(model_args)  # bad --config_overrides fail now, not after the data is prepared
+    if training_args.device.type == "cpu" and keep_freed_memory_mapped():
+        logger.info("On CPU: malloc keeps freed memory for the next steps (modeling_matpac/cpu_memory.py).")
 
     if data_args.train_cache is None:
         source, data_description = open_audio_source(data_args, training_args, builtin)

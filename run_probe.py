@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
 from modeling_matpac.evaluation.probe import ProbeSettings, evaluate, save_classifier
 from modeling_matpac.evaluation.report import TaskResult, results_markdown, task_result, write_results
@@ -117,6 +118,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         num_workers=model_args.dataloader_num_workers,
     )
     settings.device = str(extractor.device)
+    if extractor.device.type == "cpu" and keep_freed_memory_mapped():
+        logger.info("On CPU: malloc keeps freed memory for the next batches (modeling_matpac/cpu_memory.py).")
     cache_dir = data_args.cache_dir or str(Path(data_args.output_dir) / "embeddings")
     results, skipped = [], {}
     for name in PAPER_TASKS if data_args.all else [data_args.dataset]:

@@ -12,6 +12,7 @@ MODEL_UNIT = {
     "__init__", "configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio", "convert",
     "conversion_card", "labels",
 }  # fmt: skip
+SCRIPT_SUPPORT = {"cpu_memory"}  # process settings that only the scripts apply, never the library
 REMOTE_CODE = {"configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio"}
 AREAS = ("pretraining", "evaluation")
 DATA = ("label_maps",)  # package data of the converter, no code
@@ -48,7 +49,7 @@ def area(module: str) -> str:
 
 def test_the_layout_is_the_documented_one():
     top_level = {path.stem for path in PACKAGE.glob("*.py")}
-    assert top_level == MODEL_UNIT
+    assert top_level == MODEL_UNIT | SCRIPT_SUPPORT
     directories = {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"}
     assert directories == {*AREAS, *DATA}
     assert not list((PACKAGE / "label_maps").glob("*.py"))
@@ -75,3 +76,9 @@ def test_remote_code_files_import_only_each_other_by_single_level_relative_impor
         if isinstance(node, ast.ImportFrom) and not node.level:
             names = [node.module]
         assert not any(name.split(".")[0] == "modeling_matpac" for name in names), ast.unparse(node)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
+def test_the_library_leaves_the_allocator_alone(path):
+    """`cpu_memory` changes the whole process: only the scripts, which own their process, may call it."""
+    assert "modeling_matpac.cpu_memory" not in imported_modules(path)

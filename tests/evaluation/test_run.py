@@ -56,7 +56,9 @@ def forward_calls(monkeypatch):
     return calls
 
 
-def test_esc50_end_to_end_then_cached_rerun(tiny_model, data_root, tmp_path, forward_calls):
+def test_esc50_end_to_end_then_cached_rerun(tiny_model, data_root, tmp_path, forward_calls, monkeypatch):
+    allocator_settings = []
+    monkeypatch.setattr(run_probe, "keep_freed_memory_mapped", lambda: allocator_settings.append(1) or True)
     args = [
         "--dataset",
         "esc50",
@@ -70,6 +72,7 @@ def test_esc50_end_to_end_then_cached_rerun(tiny_model, data_root, tmp_path, for
     ]
     (result,) = run_probe.main(args)
     assert len(forward_calls) == 2  # 15 clips, batches of 8
+    assert allocator_settings == [1]  # on CPU the script keeps freed memory for the next batches
     assert (result.task, result.metric, result.num_folds, result.num_clips) == ("esc50", "accuracy", 5, 15)
     assert result.embedding_dim == 160 and result.paper == 93.5 and not result.extraction_cached
     assert all(0 <= run <= 100 for run in result.runs) and len(result.runs) == 2

@@ -28,8 +28,11 @@ def run(tmp_path, *flags):
     return json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
 
 
-def test_builtin_default_trains_and_saves_a_loadable_model(tmp_path):
+def test_builtin_default_trains_and_saves_a_loadable_model(tmp_path, monkeypatch):
+    allocator_settings = []
+    monkeypatch.setattr(run_pretraining, "keep_freed_memory_mapped", lambda: allocator_settings.append(1) or True)
     history = run(tmp_path, "--max_steps", "4", "--builtin_corpus_clips", "6")
+    assert allocator_settings == [1]  # on CPU the script keeps freed memory for the next steps
     losses = [entry for entry in history if "loss" in entry]
     assert [entry["step"] for entry in losses] == [1, 2, 3, 4]
     assert all(np.isfinite(entry["loss"]) and entry["num_skipped_short"] == 0 for entry in losses)

@@ -1,0 +1,36 @@
+"""The scripts' allocator setting: freed memory is reused, not faulted in again (glibc only)."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+
+ALLOCATE_AND_FREE = """
+import resource, sys, torch
+from modeling_matpac.cpu_memory import keep_freed_memory_mapped
+if sys.argv[1] == "kept":
+    assert keep_freed_memory_mapped()
+for step in range(8):
+    if step == 3:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    activations = [torch.ones(5_000_000) for _ in range(4)]  # 4 x 20 MB, freed together as a step's would be
+    del activations
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+def minor_page_faults(mode: str) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", ALLOCATE_AND_FREE, mode], capture_output=True, text=True, check=True
+    )
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    default, kept = minor_page_faults("default"), minor_page_faults("kept")
+    pages_per_block = 20_000_000 // 4096
+    assert default > pages_per_block  # freed blocks went back to the kernel and were faulted in again
+    assert kept < pages_per_block // 10
