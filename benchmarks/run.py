@@ -187,14 +187,17 @@ def measure_pretraining(
     return {"seconds": seconds, "memory_gb": peak_memory_gb(device), "gflops": flops / seconds / 1e9}
 
 
-def measure_embedding(config_kwargs: dict, clips: int, seconds_per_clip: float, device: str, dtype: str, repeats: int):
-    """One process: "precise" embeddings of `clips` clips in one batch, under `inference_mode`."""
+def measure_embedding(config_kwargs: dict, seconds: tuple[float, ...], device: str, dtype: str, repeats: int):
+    """One process: "precise" embeddings of clips of `seconds` in one batch (padded, with its mask, if they differ)."""
     torch.manual_seed(0)
     device = torch.device(device)
     model = MatpacModel(MatpacConfig(**config_kwargs)).to(device).eval()
     extractor = MatpacFeatureExtractor()
-    waveforms = 0.1 * torch.randn(clips, int(16000 * seconds_per_clip))
-    features = extractor(waveforms, sampling_rate=16000, return_tensors="pt", device=device)
+    waveforms = [0.1 * torch.randn(int(16000 * clip_seconds)) for clip_seconds in seconds]
+    mixed = len(set(seconds)) > 1
+    features = extractor(
+        waveforms, sampling_rate=16000, return_tensors="pt", return_attention_mask=mixed, device=device
+    )
 
     def embed():
         with torch.inference_mode(), autocast(device, DTYPES[dtype]):
@@ -304,26 +307,31 @@ def bench_pretraining(args, device: torch.device) -> list[Row]:
     return rows
 
 
+# Equal lengths, and a padded batch of mixed lengths (the side-by-side comparison's two cases).
+EMBEDDING_BATCHES = {"4 x 30 s": (30.0,) * 4, "4 clips of 30, 21, 11.5, 4.2 s": (30.0, 21.0, 11.5, 4.2)}
+
+
 def bench_embedding(args, device: torch.device) -> list[Row]:
     rows = []
-    clips, seconds_per_clip = 4, 30.0
     extractor = MatpacFeatureExtractor()
-    frames = 1 + (int(16000 * seconds_per_clip) - extractor.n_fft) // extractor.hop_length
-    flops = clips * embedding_flops(MatpacConfig(**SIZES[args.size]), frames)
-    for dtype in args.dtypes:
-        result = in_fresh_process(
-            measure_embedding, SIZES[args.size], clips, seconds_per_clip, str(device), dtype, args.repeats
-        )
-        rate = share_of_ceiling(flops / result["seconds"] / 1e9, device, dtype, args.repeats)
-        rows.append(
-            Row(
-                "embedding",
-                f"{args.size}, {clips} x {seconds_per_clip:.0f} s, precise, {dtype}",
-                clips * seconds_per_clip / result["seconds"],
-                "s audio / s",
-                f"{result['seconds']:.2f} s, peak {result['memory_gb']:.2f} GB, {rate}",
+    config = MatpacConfig(**SIZES[args.size])
+    for label, seconds in EMBEDDING_BATCHES.items():
+        frames = [
+            1 + (int(16000 * clip_seconds) - extractor.n_fft) // extractor.hop_length for clip_seconds in seconds
+        ]
+        flops = sum(embedding_flops(config, clip_frames) for clip_frames in frames)
+        for dtype in args.dtypes:
+            result = in_fresh_process(measure_embedding, SIZES[args.size], seconds, str(device), dtype, args.repeats)
+            rate = share_of_ceiling(flops / result["seconds"] / 1e9, device, dtype, args.repeats)
+            rows.append(
+                Row(
+                    "embedding",
+                    f"{args.size}, {label}, precise, {dtype}",
+                    sum(seconds) / result["seconds"],
+                    "s audio / s",
+                    f"{result['seconds']:.2f} s, peak {result['memory_gb']:.2f} GB, {rate}",
+                )
             )
-        )
     return rows
 
 

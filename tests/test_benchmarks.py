@@ -43,6 +43,13 @@ def test_script_writes_every_section(tmp_path):
         "tiny, batch 8, fp32, MATPAC++",
         "tiny, batch 8, bf16, MATPAC++",
     ]
+    cases = [row["case"] for row in results["rows"] if row["section"] == "embedding"]
+    assert cases == [
+        "tiny, 4 x 30 s, precise, fp32",
+        "tiny, 4 x 30 s, precise, bf16",
+        "tiny, 4 clips of 30, 21, 11.5, 4.2 s, precise, fp32",
+        "tiny, 4 clips of 30, 21, 11.5, 4.2 s, precise, bf16",
+    ]
     details = {row["case"]: row["detail"] for row in results["rows"]}
     assert "x MATPAC's" in details["tiny, batch 8, bf16, MATPAC++"]
 
