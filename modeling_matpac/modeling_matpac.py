@@ -165,12 +165,14 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
+    softmax_dtype: torch.dtype | None = torch.float32,
     **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two matmuls around a softmax computed in `softmax_dtype` (None: the scores' own dtype)."""
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
 
@@ -187,14 +189,11 @@ def cpu_bf16_attention_forward(
     """
     Attention for bf16 on CPU, where torch's flash-attention kernel runs 2.5-5x slower than two bf16 matmuls at
     MATPAC's shapes (forward and backward). The softmax stays in bf16 (fp32 inside the kernel), so that the backward
-    keeps one bf16 copy of the weights, not the fp32 and bf16 pair of `eager_attention_forward`.
+    keeps one bf16 copy of the weights, not the fp32 and bf16 pair of `eager_attention_forward`'s default.
     """
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+    return eager_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, softmax_dtype=None, **kwargs
+    )
 
 
 class MatpacAttention(nn.Module):
