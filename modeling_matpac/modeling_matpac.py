@@ -188,12 +188,28 @@ def cpu_bf16_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Attention for bf16 on CPU, where torch's flash-attention kernel runs 2.5-5x slower than two bf16 matmuls at
-    MATPAC's shapes (forward and backward). The softmax stays in bf16 (fp32 inside the kernel), so that the backward
-    keeps one bf16 copy of the weights, not the fp32 and bf16 pair of `eager_attention_forward`'s default.
+    MATPAC's shapes (forward and backward). The scaling is `baddbmm`'s alpha (applied to the fp32 accumulator: one
+    rounding and no extra pass over the scores, forward or backward); the mask is SDPA's (boolean, True = attend) or
+    an additive one; the softmax stays in bf16 (fp32 inside the kernel), so that the backward keeps one bf16 copy of
+    the weights.
     """
-    return eager_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, softmax_dtype=None, **kwargs
-    )
+    batch_size, num_heads, query_len, head_dim = query.shape
+    key_len = key.shape[2]
+    scores = torch.baddbmm(
+        query.new_empty(batch_size * num_heads, query_len, key_len),
+        query.reshape(batch_size * num_heads, query_len, head_dim),
+        key.reshape(batch_size * num_heads, key_len, head_dim).transpose(1, 2),
+        beta=0,
+        alpha=scaling,
+    ).view(batch_size, num_heads, query_len, key_len)
+    # In place: baddbmm's backward does not need its output.
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores.add_(attention_mask)
+    attn_weights = nn.functional.softmax(scores, dim=-1)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
 
 
 class MatpacAttention(nn.Module):

@@ -106,22 +106,36 @@ def test_activation_checkpointing_of_the_pretraining_model_gives_the_same_gradie
     assert_gradients_close(checkpointed_gradients, gradients, rtol=1e-6)
 
 
-def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa():
+def key_masks(batch_size: int, seq_len: int) -> dict[str, torch.Tensor | None]:
+    """No mask, SDPA's boolean mask (True = attend) and the additive mask that eager attention takes, alike."""
+    attend = torch.ones(batch_size, 1, seq_len, seq_len, dtype=torch.bool)
+    attend[0, ..., seq_len // 3 :] = False  # the first example attends to its first third only
+    additive = torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+    return {"none": None, "boolean": attend, "additive": additive}
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "boolean", "additive"])
+def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa(mask_kind):
     """The CPU bf16 path: outputs and gradients within 3e-2 of fp32 SDPA (unit-variance inputs, outputs up to ~2)."""
     torch.manual_seed(0)
     for shape in [(2, 4, 191, 32), (2, 12, 58, 64)]:
+        mask = key_masks(shape[0], shape[2])[mask_kind]
         query, key, value = (torch.randn(*shape, requires_grad=True) for _ in range(3))
         scaling = shape[-1] ** -0.5
-        reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling)
+        reference = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=key_masks(shape[0], shape[2])["boolean"] if mask is not None else None
+        )
         reference.square().sum().backward()
         reference_gradients = [tensor.grad for tensor in (query, key, value)]
         inputs = [tensor.detach().bfloat16().requires_grad_() for tensor in (query, key, value)]
-        fast, _ = cpu_bf16_attention_forward(None, *inputs, None, scaling=scaling)
+        fast, weights = cpu_bf16_attention_forward(None, *inputs, mask, scaling=scaling)
         fast = fast.transpose(1, 2)
         fast.float().square().sum().backward()
         assert fast.dtype == torch.bfloat16 and (fast.float() - reference).abs().max() <= 3e-2
         for tensor, gradient in zip(inputs, reference_gradients):
             assert (tensor.grad.float() - gradient).abs().max() <= 3e-2 * gradient.abs().max()
+        if mask is not None:  # masked keys get no weight at all
+            assert torch.all(weights[0, ..., shape[2] // 3 :] == 0)
 
 
 def test_bf16_autocast_on_cpu_takes_the_fast_attention_path(monkeypatch):
@@ -166,13 +180,15 @@ def test_chunks_grouped_by_length_equal_the_masked_full_length_encoding():
     assert torch.all(outputs.last_hidden_state[~outputs.time_mask] == 0)
 
 
-def test_a_chunk_with_holes_is_encoded_masked():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_chunk_with_holes_is_encoded_masked(dtype):
+    """In bf16 on CPU too, where the attention is `cpu_bf16_attention_forward` given SDPA's boolean mask."""
     torch.manual_seed(0)
     model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
     values = torch.randn(1, 80, 608)
     mask = torch.ones(1, 608, dtype=torch.long)
     mask[0, 160:320] = 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         holes = model(values, attention_mask=mask)
         changed = values.clone()
         changed[..., 160:320] += 1.0  # masked frames must not change the others' embeddings
