@@ -458,8 +458,9 @@ class MatpacModel(MatpacPreTrainedModel):
     The MATPAC encoder for audio of any length. The log-mel is zero-padded to a multiple of the patch size and cut
     into `config.num_frames` chunks (the paper's "precise" inference); the chunks of the batch are encoded in one pass
     per chunk length (each clip's short last chunk at its own length, as the authors do) and put back in time order.
-    Batch padding (given by `attention_mask`) is left out of every chunk (or masked out of the attention of a chunk
-    with holes), so a clip gets the same embeddings alone or in a padded batch; padded time steps are zeros.
+    Batch padding at the end of a clip (given by `attention_mask`, as the feature extractor pads) is left out of
+    every chunk, so a clip gets the same embeddings alone or in a padded batch; padded time steps are zeros. Frames
+    masked elsewhere (holes, left padding) are masked out of the attention of their chunk and keep their positions.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"teacher_", r"predictor\.", r"mcl_heads\.", r"student_head\.", r"center"]
@@ -641,7 +642,7 @@ class MatpacModel(MatpacPreTrainedModel):
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
             Normalised log-mel from [`MatpacFeatureExtractor`], any number of frames (at least one).
         attention_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*):
-            1 for the frames of each clip, 0 for batch padding.
+            1 for the frames of each clip, 0 for batch padding (at the end of the clip: elsewhere it is a hole).
         """
         if input_values.ndim != 3 or input_values.shape[1] != self.config.num_mel_bins or input_values.shape[2] < 1:
             raise ValueError(
