@@ -61,13 +61,16 @@ BUILTIN_CORPUS_DIR = "builtin_corpus"
 DATA_SOURCE_FLAGS = ("--dataset_name", "--train_dir", "--train_files", "--train_cache")
 PAPER_GLOBAL_BATCH = 2048  # 8 GPUs x 256 clips
 # The built-in default: a small model and a short schedule that run in a few minutes on a laptop CPU. Prepended to
-# the command line when no data source is given, so that any flag the user passes still wins.
-BUILTIN_DEFAULT_FLAGS = [
+# the command line when no data source is given, so that any flag the user passes still wins; the small model only
+# for a fresh one (a --model_name_or_path brings its own config).
+BUILTIN_MODEL_FLAGS = [
     "--config_overrides",
     "hidden_size=192,num_hidden_layers=4,num_attention_heads=3,intermediate_size=768,"
     "predictor_hidden_size=96,predictor_num_hidden_layers=2,predictor_num_attention_heads=3,"
     "predictor_intermediate_size=384,head_hidden_size=256,head_bottleneck_size=64,head_num_prototypes=256,"
     "ema_decay=0.99,ema_end_decay=0.999,head_ema_decay=0.99",
+]
+BUILTIN_DEFAULT_FLAGS = [
     "--per_device_train_batch_size", "16",
     "--max_steps", "600",
     "--learning_rate", "1e-3",
@@ -202,9 +205,10 @@ class MatpacTrainingArguments(TrainingArguments):
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MatpacTrainingArguments, bool]:
     flags = {arg.split("=")[0] for arg in argv}
     builtin = not flags & set(DATA_SOURCE_FLAGS)
-    defaults = BUILTIN_DEFAULT_FLAGS if builtin else []
-    if "--model_name_or_path" in flags:  # the model's own config: the small model's overrides do not apply
-        defaults = defaults[2:]
+    defaults = []
+    if builtin:
+        fresh_model = "--model_name_or_path" not in flags
+        defaults = (BUILTIN_MODEL_FLAGS if fresh_model else []) + BUILTIN_DEFAULT_FLAGS
     parser = HfArgumentParser((ModelArguments, DataArguments, MatpacTrainingArguments))
     arguments = parser.parse_args_into_dataclasses(defaults + argv)
     return (*arguments, builtin)

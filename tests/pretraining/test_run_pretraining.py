@@ -56,6 +56,20 @@ def test_builtin_default_trains_and_saves_a_loadable_model(tmp_path, monkeypatch
     )
 
 
+def test_builtin_defaults_give_a_fresh_model_the_small_config_and_a_loaded_one_its_own():
+    model_args, _, training_args, builtin = run_pretraining.parse_arguments(["--output_dir", "out"])
+    assert builtin and model_args.config_overrides.startswith("hidden_size=192,")
+    assert training_args.max_steps == 600 and training_args.per_device_train_batch_size == 16
+    model_args, _, training_args, builtin = run_pretraining.parse_arguments(
+        ["--output_dir", "out", "--model_name_or_path", "some/model"]
+    )
+    assert builtin and model_args.config_overrides is None and training_args.max_steps == 600
+    model_args, _, training_args, builtin = run_pretraining.parse_arguments(
+        ["--output_dir", "out", "--train_dir", "audio"]
+    )
+    assert not builtin and model_args.config_overrides is None and training_args.max_steps == -1
+
+
 def test_corrupt_and_short_files_are_skipped_and_counted(tmp_path, caplog):
     data = tmp_path / "data"
     data.mkdir()
