@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True, help="Where to write the converted model.")
     parser.add_argument(
         "--kind",
-        choices=KINDS[:3],
+        choices=[kind for kind in KINDS if kind != "probe_head"],  # a probe head comes as --probe_head
         help="The kind of checkpoint expected (default: read from its keys); a file of another kind is refused.",
     )
     parser.add_argument(
