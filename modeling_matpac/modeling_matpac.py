@@ -927,10 +927,15 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             )
 
     @staticmethod
+    @torch.compiler.disable
     def collapse_statistics(
         teacher_probs: torch.Tensor, targets_unit: torch.Tensor, predictions_unit: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Signs of collapse, from the teacher's class distributions and the unit targets and predictions."""
+        """
+        Signs of collapse, from the teacher's class distributions and the unit targets and predictions. Run eagerly
+        under `torch.compile` (only logged steps ask for them): fused into the loss's kernels, Inductor's Triton code
+        for them failed to compile on an H200 (torch 2.11, `NameError` in the generated kernel).
+        """
         mean_probs = teacher_probs.mean(dim=(0, 1))
         return {
             "teacher_entropy": -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),

@@ -49,9 +49,17 @@ def test_sdpa_pretraining_step_matches_eager_attention(batch):
 def test_compiled_pretraining_step_matches_eager(batch):
     model = pretraining_model()
     reference_loss, reference_gradients = loss_and_gradients(model, *batch)
-    loss, gradients = loss_and_gradients(model, *batch, forward=torch.compile(model))
+    compiled = torch.compile(model)
+    loss, gradients = loss_and_gradients(model, *batch, forward=compiled)
     assert abs(loss - reference_loss) <= 1e-5
     assert_gradients_close(gradients, reference_gradients, rtol=1e-4)
+    # A logged step: the collapse statistics run eagerly beside the compiled loss (see `collapse_statistics`).
+    values, noise = batch
+    kwargs = dict(noise=noise, step=torch.tensor(3), output_collapse_statistics=True)
+    with torch.no_grad():
+        expected, actual = model(values, **kwargs), compiled(values, **kwargs)
+    for name in ("teacher_entropy", "teacher_perplexity", "teacher_num_classes", "target_std", "prediction_std"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_autocast_stays_within_tolerance(batch):
