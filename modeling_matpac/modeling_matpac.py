@@ -910,8 +910,10 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 }
             centred = teacher_probs if config.center_mode == "probabilities" else teacher_logits
             # Only logged: an unlogged step skips them (about 5 passes over the batch's class probabilities).
-            statistics = self.collapse_statistics(
-                teacher_probs, targets_unit, predictions_unit.detach(), output_collapse_statistics
+            statistics = (
+                self.collapse_statistics(teacher_probs, targets_unit, predictions_unit.detach())
+                if output_collapse_statistics
+                else {}
             )
             return MatpacForPreTrainingOutput(
                 loss=loss,
@@ -927,16 +929,13 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
     @staticmethod
     @torch.compiler.disable
     def collapse_statistics(
-        teacher_probs: torch.Tensor, targets_unit: torch.Tensor, predictions_unit: torch.Tensor, wanted: bool = True
+        teacher_probs: torch.Tensor, targets_unit: torch.Tensor, predictions_unit: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """
-        Signs of collapse, from the teacher's class distributions and the unit targets and predictions (none unless
-        `wanted`). Run eagerly under `torch.compile`, and asked for here rather than branched on in the forward: a
-        compiled forward then neither recompiles when a logged step asks for them nor fuses them into the loss's
-        kernels (whose Triton code failed to compile on an H200, torch 2.11, `NameError` in the generated kernel).
+        Signs of collapse, from the teacher's class distributions and the unit targets and predictions. Run eagerly
+        under `torch.compile` (only logged steps ask for them): fused into the loss's kernels, Inductor's Triton code
+        for them failed to compile on an H200 (torch 2.11, `NameError` in the generated kernel).
         """
-        if not wanted:
-            return {}
         mean_probs = teacher_probs.mean(dim=(0, 1))
         return {
             "teacher_entropy": -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
