@@ -7,7 +7,10 @@ Throughput of matpac, from the front end to a pre-training step, as a table and 
     python benchmarks/run.py --size tiny --sections frontend,pretraining
 
 Each pre-training and embedding measurement runs in a fresh process, so that its peak memory is its own. The
-pre-training step is measured for MATPAC and for MATPAC++ (5 multiple-choice prediction heads).
+pre-training step is measured for MATPAC and for MATPAC++ (5 multiple-choice prediction heads). The `trainer` section
+trains MATPAC with `MatpacTrainer` end to end (log-mel cache, DataLoader workers, the scripts' arguments) and reports
+its rate against the benchmark's step, the graphs a compiled run compiled and, on CUDA, the host-device
+synchronisations of its steps.
 """
 
 import argparse
@@ -21,10 +24,13 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +39,10 @@ from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTr
 from modeling_matpac.audio import resample  # noqa: E402
 from modeling_matpac.feature_extraction_matpac import log_mel_spectrogram  # noqa: E402
 from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus  # noqa: E402
+from modeling_matpac.pretraining.data import collate_pretraining_batch  # noqa: E402
 from modeling_matpac.pretraining.logmel_cache import MatpacLogMelCacheDataset, preprocess_to_cache  # noqa: E402
+from modeling_matpac.pretraining.trainer import MatpacTrainer  # noqa: E402
+from run_pretraining import MatpacTrainingArguments  # noqa: E402
 
 
 logger = logging.getLogger("benchmark")
@@ -57,7 +66,9 @@ SIZES = {
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # The pre-training variants: MATPAC and MATPAC++ (the authors' 5 multiple-choice heads).
 VARIANTS = {"MATPAC": {}, "MATPAC++": {"predictor_num_hypotheses": 5}}
-SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "embedding")
+SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "trainer", "embedding")
+# Trainer steps before the timed ones (compilation, the loader's start); the last of them is logged.
+TRAINER_WARMUP_STEPS = 10
 
 
 @dataclass
@@ -207,10 +218,85 @@ def measure_embedding(config_kwargs: dict, seconds: tuple[float, ...], device: s
     return {"seconds": seconds, "memory_gb": peak_memory_gb(device)}
 
 
+class StepClock(TrainerCallback):
+    """
+    Times the Trainer's steps after the warm-up, none of them logged, and on CUDA counts the host-device
+    synchronisations they make (`torch.cuda.set_sync_debug_mode`).
+    """
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.start = self.seconds = None
+        self.syncs = 0
+        self._warnings = warnings.catch_warnings(record=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            synchronize(self.device)
+            if self.device.type == "cuda":
+                self._caught = self._warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                self.syncs = sum("synchroniz" in str(caught.message) for caught in self._caught)
+                self._warnings.__exit__(None, None, None)
+            synchronize(self.device)
+            self.seconds = time.perf_counter() - self.start
+
+
+def measure_trainer(
+    config_kwargs: dict,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    steps: int,
+    compile_model: bool,
+    cache: str,
+    workers: int,
+):
+    """One process: `MatpacTrainer` on a log-mel cache, as `run_pretraining.py --train_cache` trains."""
+    device = torch.device(device)
+    model = MatpacForPreTraining(MatpacConfig(**config_kwargs))
+    clock = StepClock(TRAINER_WARMUP_STEPS, device)
+    graphs = torch._dynamo.utils.counters["stats"]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = MatpacTrainingArguments(
+            output_dir,
+            per_device_train_batch_size=batch_size,
+            max_steps=TRAINER_WARMUP_STEPS + steps,
+            warmup_steps=0,
+            logging_steps=TRAINER_WARMUP_STEPS,  # the last warm-up step logs: a compiled step must not recompile
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+            bf16=dtype == "bf16",
+            torch_compile=compile_model,
+            dataloader_num_workers=workers,
+            dataloader_pin_memory=device.type == "cuda",
+        )
+        dataset = MatpacLogMelCacheDataset(cache, num_frames=model.config.num_frames)
+        trainer = MatpacTrainer(
+            model=model, args=args, train_dataset=dataset, data_collator=collate_pretraining_batch, callbacks=[clock]
+        )
+        trainer.train()
+    return {
+        "seconds": clock.seconds / steps,
+        "memory_gb": peak_memory_gb(device),
+        "graphs": graphs["unique_graphs"],
+        "syncs": clock.syncs / steps if device.type == "cuda" else None,
+    }
+
+
 def in_fresh_process(function, *args):
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(function, args)
+    """`function(*args)` in a new process (not a daemon, so that the trainer's DataLoader can start workers)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 @functools.cache
@@ -281,8 +367,9 @@ def bench_pipeline(clips: int) -> list[Row]:
     return rows
 
 
-def bench_pretraining(args, device: torch.device) -> list[Row]:
-    rows, seconds = [], {}
+def bench_pretraining(args, device: torch.device, seconds: dict) -> list[Row]:
+    """The step of MATPAC and MATPAC++ per precision; their seconds go into `seconds`, by (variant, dtype)."""
+    rows = []
     for variant, variant_kwargs in VARIANTS.items():
         config_kwargs = {**SIZES[args.size], **variant_kwargs}
         for dtype in args.dtypes:
@@ -304,6 +391,36 @@ def bench_pretraining(args, device: torch.device) -> list[Row]:
         parts = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in flops.items())
         case = f"FLOP count per sample ({args.size}{', ' + variant if variant != 'MATPAC' else ''})"
         rows.append(Row("pretraining", case, sum(flops.values()) / 1e9, "GFLOP", parts))
+    return rows
+
+
+def bench_trainer(args, device: torch.device, step_seconds: dict) -> list[Row]:
+    """The Trainer's rate, beside the benchmark step's (`step_seconds`) when the pretraining section ran first."""
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        files = generate_builtin_corpus(Path(directory) / "audio", num_clips=args.trainer_clips)
+        preprocess_to_cache(files, Path(directory) / "cache", num_workers=1)
+        for dtype in args.dtypes:
+            result = in_fresh_process(
+                measure_trainer,
+                SIZES[args.size],
+                args.batch_size,
+                str(device),
+                dtype,
+                args.steps,
+                args.compile,
+                str(Path(directory) / "cache"),
+                args.workers,
+            )
+            detail = f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {args.workers} workers"
+            if args.compile:
+                detail += f", {result['graphs']} graph(s) compiled"
+            if result["syncs"] is not None:
+                detail += f", {result['syncs']:g} host-device syncs per step"
+            if ("MATPAC", dtype) in step_seconds:
+                detail += f", {step_seconds['MATPAC', dtype] / result['seconds']:.2f} x the benchmark step's rate"
+            case = f"{args.size}, batch {args.batch_size}, {dtype}{', compiled' if args.compile else ''}"
+            rows.append(Row("trainer", case, args.batch_size / result["seconds"], "samples/s", detail))
     return rows
 
 
@@ -352,6 +469,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeats", type=int, default=3, help="Timed repeats of the other measurements.")
     parser.add_argument("--pipeline_clips", type=int, default=16, help="Audio files decoded by the pipeline test.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the pre-training model.")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers of the trainer section (8 on CUDA, 1 on CPU)."
+    )
+    parser.add_argument("--trainer_clips", type=int, default=32, help="Clips in the trainer section's log-mel cache.")
     parser.add_argument("--output", default="benchmarks/results.json", help="Where the JSON results go.")
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes.split(",")
@@ -364,15 +485,19 @@ def main(argv: list[str] | None = None) -> list[Row]:
             parser.error(f"unknown section {name!r}; choose from {SECTIONS}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is available")
+    if args.workers is None:
+        args.workers = 8 if args.device.startswith("cuda") else 1
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     device = torch.device(args.device)
+    step_seconds = {}  # the pretraining section's, for the trainer section's ratio
 
     runners = {
         "matmul": lambda: bench_matmul(args, device),
         "frontend": lambda: bench_frontend(device, args.repeats),
         "resampling": lambda: bench_resampling(device, args.repeats),
         "pipeline": lambda: bench_pipeline(args.pipeline_clips),
-        "pretraining": lambda: bench_pretraining(args, device),
+        "pretraining": lambda: bench_pretraining(args, device, step_seconds),
+        "trainer": lambda: bench_trainer(args, device, step_seconds),
         "embedding": lambda: bench_embedding(args, device),
     }
     rows = []

@@ -62,15 +62,13 @@ class MatpacForPreTrainingOutput(ModelOutput):
         Number of masked patches summed in `teacher_sum`.
     teacher_temperature (`torch.FloatTensor` of shape `()`):
         Teacher softmax temperature used for this step.
-    teacher_entropy (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
-        Mean entropy of the teacher's per-patch distributions (nats); near 0 means over-sharpened targets.
-    teacher_perplexity (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
-        Exponential of the entropy of the batch-mean teacher distribution: about how many classes are in use.
-    teacher_num_classes (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
-        Number of distinct teacher argmax classes in the batch; 1 means collapse.
-    target_std / prediction_std (`torch.FloatTensor` of shape `()`, with `output_collapse_statistics=True`):
-        Standard deviation over the masked patches of the l2-normalised teacher latents / predictions (the winning
-        ones under MATPAC++), averaged over channels; near 0 means collapsed representations.
+    teacher_probs (`torch.FloatTensor` of shape `(batch_size, num_masked_patches, head_num_prototypes)`):
+        The teacher's centred and sharpened class distributions over the masked patches: the targets of `loss_cls`
+        (detached).
+    targets (`torch.FloatTensor` of shape `(batch_size, num_masked_patches, hidden_size)`):
+        The l2-normalised teacher latents of the masked patches: the targets of `loss_pred` (detached).
+    predictions (`torch.FloatTensor` of shape `(batch_size, num_masked_patches, hidden_size)`):
+        The l2-normalised predictions of the masked patches (the winning head's under MATPAC++), detached.
     mcl_temperature (`torch.FloatTensor` of shape `()`, MATPAC++ only):
         Temperature of the multiple-choice schedule at this step; at or below `config.mcl_temperature_end` the
         prediction loss is the hard minimum over the heads.
@@ -84,11 +82,9 @@ class MatpacForPreTrainingOutput(ModelOutput):
     teacher_sum: torch.FloatTensor | None = None
     teacher_count: torch.FloatTensor | None = None
     teacher_temperature: torch.FloatTensor | None = None
-    teacher_entropy: torch.FloatTensor | None = None
-    teacher_perplexity: torch.FloatTensor | None = None
-    teacher_num_classes: torch.FloatTensor | None = None
-    target_std: torch.FloatTensor | None = None
-    prediction_std: torch.FloatTensor | None = None
+    teacher_probs: torch.FloatTensor | None = None
+    targets: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
     mcl_temperature: torch.FloatTensor | None = None
     mcl_win_share: torch.FloatTensor | None = None
 
@@ -840,7 +836,6 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         input_values: torch.Tensor,
         noise: torch.Tensor | None = None,
         step: int | torch.Tensor | None = None,
-        output_collapse_statistics: bool = False,
     ) -> MatpacForPreTrainingOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, num_frames)`):
@@ -850,9 +845,6 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         step (`int` or `torch.Tensor`, *optional*):
             Optimizer updates done so far, for the teacher (and MATPAC++'s multiple-choice) temperature schedules; the
             end of the schedules when not given. A 0-d tensor keeps a compiled forward from specialising on it.
-        output_collapse_statistics (`bool`, *optional*, defaults to `False`):
-            Whether to return the teacher entropy, perplexity, distinct classes and the spreads of targets and
-            predictions (only logged; a trainer asks for them on the steps it logs).
         """
         config = self.config
         expected = (config.num_mel_bins, config.num_frames)
@@ -909,12 +901,6 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                     "mcl_win_share": (winner.flatten().unsqueeze(-1) == heads).float().mean(0),
                 }
             centred = teacher_probs if config.center_mode == "probabilities" else teacher_logits
-            # Only logged: an unlogged step skips them (about 5 passes over the batch's class probabilities).
-            statistics = (
-                self.collapse_statistics(teacher_probs, targets_unit, predictions_unit.detach())
-                if output_collapse_statistics
-                else {}
-            )
             return MatpacForPreTrainingOutput(
                 loss=loss,
                 loss_pred=loss_pred.mean().detach(),
@@ -922,20 +908,27 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 teacher_sum=centred.sum(dim=(0, 1)),
                 teacher_count=torch.full((), float(loss_cls.numel()), device=loss.device),
                 teacher_temperature=torch.as_tensor(temperature, dtype=torch.float32, device=loss.device),
-                **statistics,
+                teacher_probs=teacher_probs,
+                targets=targets_unit,
+                predictions=predictions_unit.detach(),
                 **mcl_statistics,
             )
 
     @staticmethod
     @torch.compiler.disable
-    def collapse_statistics(
-        teacher_probs: torch.Tensor, targets_unit: torch.Tensor, predictions_unit: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def collapse_statistics(outputs: MatpacForPreTrainingOutput) -> dict[str, torch.Tensor]:
         """
-        Signs of collapse, from the teacher's class distributions and the unit targets and predictions. Run eagerly
-        under `torch.compile` (only logged steps ask for them): fused into the loss's kernels, Inductor's Triton code
-        for them failed to compile on an H200 (torch 2.11, `NameError` in the generated kernel).
+        Signs of collapse in a step's outputs, to be logged: the teacher's mean per-patch entropy (near 0:
+        over-sharpened targets), the perplexity of its batch-mean distribution (about how many classes are in use),
+        its number of distinct argmax classes (1: collapse), and the spreads over the masked patches of the unit
+        targets and predictions, averaged over channels (near 0: collapsed representations).
+
+        A function of the outputs rather than of the forward, so that a compiled forward is the same graph on every
+        step, logged or not. It runs eagerly even inside a compiled function: fused into the loss's kernels,
+        Inductor's Triton code for it failed to compile on an H200 (torch 2.11, `NameError` in the generated kernel).
         """
+        teacher_probs = outputs.teacher_probs
         mean_probs = teacher_probs.mean(dim=(0, 1))
         return {
             "teacher_entropy": -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean(),
@@ -943,8 +936,8 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             "teacher_num_classes": torch.zeros_like(mean_probs)
             .index_fill_(0, teacher_probs.argmax(-1).flatten(), 1)
             .sum(),
-            "target_std": targets_unit.flatten(0, 1).std(0).mean(),
-            "prediction_std": predictions_unit.flatten(0, 1).std(0).mean(),
+            "target_std": outputs.targets.flatten(0, 1).std(0).mean(),
+            "prediction_std": outputs.predictions.flatten(0, 1).std(0).mean(),
         }
 
 

@@ -50,8 +50,12 @@ def test_script_writes_every_section(tmp_path):
         "tiny, 4 clips of 30, 21, 11.5, 4.2 s, precise, fp32",
         "tiny, 4 clips of 30, 21, 11.5, 4.2 s, precise, bf16",
     ]
-    details = {row["case"]: row["detail"] for row in results["rows"]}
-    assert "x MATPAC's" in details["tiny, batch 8, bf16, MATPAC++"]
+    details = {(row["section"], row["case"]): row["detail"] for row in results["rows"]}
+    assert "x MATPAC's" in details["pretraining", "tiny, batch 8, bf16, MATPAC++"]
+    # The Trainer end to end, beside the benchmark's step (the same model, batch and precision).
+    cases = [row["case"] for row in results["rows"] if row["section"] == "trainer"]
+    assert cases == ["tiny, batch 8, fp32", "tiny, batch 8, bf16"]
+    assert all("x the benchmark step's rate" in details["trainer", case] for case in cases)
 
 
 def test_matpac_plus_plus_adds_the_flops_of_four_more_heads():

@@ -18,9 +18,6 @@ logger = logging.getLogger(__name__)
 # Detached model outputs averaged into the logs like `loss` (over micro-batches and steps, then over processes). The
 # MATPAC++ ones are absent for MATPAC; a vector is logged per entry (`mcl_win_share_0`, ...).
 LOGGED_OUTPUTS = ("loss_pred", "loss_cls", "teacher_temperature", "mcl_temperature", "mcl_win_share")
-# Collapse statistics: the model computes them only when asked, on the steps that will be logged (their average
-# over those steps' micro-batches is logged), so that the other steps do not pay for them.
-COLLAPSE_STATISTICS = ("teacher_entropy", "teacher_perplexity", "teacher_num_classes", "target_std", "prediction_std")
 # Which parameters get weight decay: "all" (the authors' fairseq Adam) or "transformers" (the Trainer's rule, which
 # spares biases and LayerNorm weights).
 WEIGHT_DECAY_SETS = ("all", "transformers")
@@ -153,6 +150,16 @@ class MatpacTrainer(Trainer):
             multiprocessing_context=args.dataloader_multiprocessing_context,
         )
 
+    def _prepare_input(self, data):
+        """
+        Copies the batch to the device without making the host wait for the copy: from the loader's pinned memory
+        (`dataloader_pin_memory`, on by default) the step then has no host-device synchronisation. `Trainer`'s own
+        copy is blocking, one synchronisation per micro-batch (seen with `torch.cuda.set_sync_debug_mode`).
+        """
+        if isinstance(data, torch.Tensor):
+            return data.to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The step as a device tensor: a compiled forward neither recompiles per step nor waits for the host.
         step = torch.full((), self.state.global_step, device=inputs["input_values"].device)
@@ -160,7 +167,6 @@ class MatpacTrainer(Trainer):
             input_values=inputs["input_values"],
             noise=inputs.get("noise"),
             step=step,
-            output_collapse_statistics=model.training and self._step_will_be_logged(),
         )
         if model.training:
             self._accumulate(outputs)
@@ -182,11 +188,13 @@ class MatpacTrainer(Trainer):
         self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
         count = outputs.teacher_count.float()
         self._teacher_count = count if self._teacher_count is None else self._teacher_count + count
-        for name in LOGGED_OUTPUTS + COLLAPSE_STATISTICS:
-            value = getattr(outputs, name)
-            if value is not None:
-                self._log_sums[name] = self._log_sums.get(name, 0) + value.detach().float()
-                self._log_counts[name] = self._log_counts.get(name, 0) + 1
+        logged = {name: getattr(outputs, name) for name in LOGGED_OUTPUTS if getattr(outputs, name) is not None}
+        if self._step_will_be_logged():
+            # Only the steps that log pay for the collapse statistics (their micro-batches' average is logged).
+            logged.update(self.pretraining_model.collapse_statistics(outputs))
+        for name, value in logged.items():
+            self._log_sums[name] = self._log_sums.get(name, 0) + value.detach().float()
+            self._log_counts[name] = self._log_counts.get(name, 0) + 1
 
     @torch.no_grad()
     def update_teachers_and_center(self, step: int) -> None:

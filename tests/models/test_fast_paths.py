@@ -53,13 +53,23 @@ def test_compiled_pretraining_step_matches_eager(batch):
     loss, gradients = loss_and_gradients(model, *batch, forward=compiled)
     assert abs(loss - reference_loss) <= 1e-5
     assert_gradients_close(gradients, reference_gradients, rtol=1e-4)
-    # A logged step: the collapse statistics run eagerly beside the compiled loss (see `collapse_statistics`).
+    # What a logged step reads from the compiled forward: the collapse statistics' inputs and values.
     values, noise = batch
-    kwargs = dict(noise=noise, step=torch.tensor(3), output_collapse_statistics=True)
     with torch.no_grad():
-        expected, actual = model(values, **kwargs), compiled(values, **kwargs)
-    for name in ("teacher_entropy", "teacher_perplexity", "teacher_num_classes", "target_std", "prediction_std"):
+        expected = model(values, noise=noise, step=torch.tensor(3))
+        actual = compiled(values, noise=noise, step=torch.tensor(3))
+    for name in ("teacher_probs", "targets", "predictions"):
         torch.testing.assert_close(getattr(actual, name), getattr(expected, name), atol=1e-5, rtol=1e-5)
+    expected, actual = model.collapse_statistics(expected), model.collapse_statistics(actual)
+    assert expected.keys() == {
+        "teacher_entropy",
+        "teacher_perplexity",
+        "teacher_num_classes",
+        "target_std",
+        "prediction_std",
+    }
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_autocast_stays_within_tolerance(batch):

@@ -186,13 +186,17 @@ def test_collapse_statistics_are_consistent():
     model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).eval()
     values = torch.randn(3, 80, 608)
     with torch.no_grad():
-        outputs = model(values, output_collapse_statistics=True)
-        unlogged = model(values)
-    assert unlogged.teacher_entropy is None and unlogged.prediction_std is None
+        outputs = model(values)
+    statistics = model.collapse_statistics(outputs)
     prototypes = model.config.head_num_prototypes
-    assert 0 <= outputs.teacher_entropy <= math.log(prototypes) + 1e-5
-    assert 1 <= outputs.teacher_perplexity <= prototypes + 1e-3
-    assert 1 <= outputs.teacher_num_classes <= prototypes
+    assert 0 <= statistics["teacher_entropy"] <= math.log(prototypes) + 1e-5
+    assert 1 <= statistics["teacher_perplexity"] <= prototypes + 1e-3
+    assert 1 <= statistics["teacher_num_classes"] <= prototypes
+    # The statistics' inputs are the loss's: the classification targets and the unit latents of `loss_pred`.
+    torch.testing.assert_close(outputs.teacher_probs.sum(-1), torch.ones(3, 133))
+    cosine = (outputs.predictions * outputs.targets).sum(-1)
+    torch.testing.assert_close(outputs.loss_pred, (2 - 2 * cosine).mean())
+    assert 0 < statistics["target_std"] < 1 and 0 < statistics["prediction_std"] < 1
     assert outputs.teacher_sum.sum().item() == pytest.approx(outputs.teacher_count.item(), rel=1e-5)
     torch.testing.assert_close(outputs.loss, 0.5 * outputs.loss_cls + 0.5 * outputs.loss_pred)
 

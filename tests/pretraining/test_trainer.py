@@ -1,4 +1,3 @@
-import functools
 import os
 import subprocess
 import sys
@@ -6,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config_kwargs
 from pretraining_worker import train
 from transformers import TrainingArguments
 
@@ -73,22 +73,60 @@ def test_matpac_plus_plus_logs_its_temperature_and_win_shares(tmp_path):
 
 
 def test_collapse_statistics_are_computed_on_logged_steps_only(tmp_path, monkeypatch):
-    asked = []
-    original = MatpacForPreTraining.forward
+    computed = []
+    original = MatpacForPreTraining.collapse_statistics
 
-    @functools.wraps(original)  # the Trainer reads the signature to keep the batch's columns
-    def spy(self, *args, output_collapse_statistics=False, **kwargs):
-        asked.append(output_collapse_statistics)
-        return original(self, *args, output_collapse_statistics=output_collapse_statistics, **kwargs)
+    def spy(outputs):
+        computed.append(outputs.teacher_probs.shape[0])
+        return original(outputs)
 
-    monkeypatch.setattr(MatpacForPreTraining, "forward", spy)
+    monkeypatch.setattr(MatpacForPreTraining, "collapse_statistics", staticmethod(spy))
     trainer = train(tmp_path, batch_size=2, accumulation=2, max_steps=4, logging_steps=2, logging_first_step=True)
     # Two micro-batches per step; steps 1 (the first), 2 and 4 are logged, step 3 is not.
-    assert asked == [True, True, True, True, False, False, True, True]
+    assert computed == [2] * 6
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 4]
     for entry in logged:
         assert 1 <= entry["teacher_num_classes"] <= 24 and 0 < entry["target_std"] < 1
+
+
+def test_a_compiled_run_compiles_its_step_once(tmp_path, monkeypatch):
+    # Logged and unlogged steps alike: the collapse statistics are computed from the outputs, outside the compiled
+    # forward, which a flag would otherwise specialise (a second graph at the first logged step).
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    trainer = train(
+        tmp_path,
+        batch_size=2,
+        accumulation=1,
+        max_steps=3,
+        logging_steps=2,
+        torch_compile=True,
+        torch_compile_backend="eager",
+    )
+    torch._dynamo.reset()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [2] and 1 <= logged[0]["teacher_num_classes"] <= 24
+
+
+def test_the_batch_goes_to_the_device_without_waiting_for_the_copy(tmp_path, monkeypatch):
+    trainer = MatpacTrainer(
+        model=MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())),
+        args=TrainingArguments(tmp_path, use_cpu=True, report_to=[], max_steps=1),
+    )
+    copies = []
+    original = torch.Tensor.to
+
+    def spy(tensor, *args, **kwargs):
+        copies.append(kwargs.get("non_blocking", False))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    batch = {"input_values": torch.randn(2, 80, 608), "noise": torch.rand(2, 190)}
+    prepared = trainer._prepare_inputs(batch)
+    # A blocking copy would make the host wait for the device once per micro-batch.
+    assert copies == [True, True]
+    assert all(torch.equal(prepared[name], batch[name]) for name in batch)
 
 
 @HYPOTHESES
