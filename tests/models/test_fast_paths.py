@@ -152,8 +152,15 @@ def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa(mask_kind):
         assert fast.dtype == torch.bfloat16 and (fast.float() - reference).abs().max() <= 3e-2
         for tensor, gradient in zip(inputs, reference_gradients):
             assert (tensor.grad.float() - gradient).abs().max() <= 3e-2 * gradient.abs().max()
-        if mask is not None:  # masked keys get no weight at all
-            assert torch.all(weights[0, ..., shape[2] // 3 :] == 0)
+        # Without a backward to keep weights for, the softmax takes the fp32-output kernel: the same up to rounding.
+        with torch.no_grad():
+            inference, inference_weights = cpu_bf16_attention_forward(None, *inputs, mask, scaling=scaling)
+        assert inference_weights.dtype == torch.bfloat16
+        assert (inference_weights.float() - weights.float()).abs().max() <= 2**-13
+        assert (inference.transpose(1, 2).float() - fast.float()).abs().max() <= 2**-7  # one bf16 ulp in [1, 2)
+        for attention_weights in (weights, inference_weights):
+            if mask is not None:  # masked keys get no weight at all
+                assert torch.all(attention_weights[0, ..., shape[2] // 3 :] == 0)
 
 
 def test_bf16_autocast_on_cpu_takes_the_fast_attention_path(monkeypatch):
