@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel  # noqa: E402
 from modeling_matpac.audio import resample  # noqa: E402
+from modeling_matpac.cpu_memory import keep_freed_memory_mapped  # noqa: E402
 from modeling_matpac.feature_extraction_matpac import log_mel_spectrogram  # noqa: E402
 from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus  # noqa: E402
 from modeling_matpac.pretraining.data import collate_pretraining_batch  # noqa: E402
@@ -67,7 +68,7 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # The pre-training variants: MATPAC and MATPAC++ (the authors' 5 multiple-choice heads).
 VARIANTS = {"MATPAC": {}, "MATPAC++": {"predictor_num_hypotheses": 5}}
 SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "trainer", "embedding")
-# Trainer steps before the timed ones (compilation, the loader's start); the last of them is logged.
+# Trainer steps before the timed ones (compilation, the loader's start); the first of them is logged.
 TRAINER_WARMUP_STEPS = 10
 
 
@@ -270,7 +271,9 @@ def measure_trainer(
             per_device_train_batch_size=batch_size,
             max_steps=TRAINER_WARMUP_STEPS + steps,
             warmup_steps=0,
-            logging_steps=TRAINER_WARMUP_STEPS,  # the last warm-up step logs: a compiled step must not recompile
+            # Only the first step logs: a compiled step must not recompile after it, and no timed step logs.
+            logging_first_step=True,
+            logging_steps=TRAINER_WARMUP_STEPS + steps + 1,
             save_strategy="no",
             report_to=[],
             disable_tqdm=True,
@@ -293,9 +296,14 @@ def measure_trainer(
     }
 
 
-def in_fresh_process(function, *args):
-    """`function(*args)` in a new process (not a daemon, so that the trainer's DataLoader can start workers)."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+def in_fresh_process(device: torch.device, function, *args):
+    """
+    `function(*args)` in a new process (not a daemon, so that the trainer's DataLoader can start workers). On CPU the
+    process keeps freed memory for the next steps, as `run_pretraining.py` and `run_probe.py` do: with glibc's
+    defaults the same step varies by tens of percent from one process to the next with its page faults.
+    """
+    initializer = keep_freed_memory_mapped if device.type == "cpu" else None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=initializer) as pool:
         return pool.submit(function, *args).result()
 
 
@@ -374,7 +382,14 @@ def bench_pretraining(args, device: torch.device, seconds: dict) -> list[Row]:
         config_kwargs = {**SIZES[args.size], **variant_kwargs}
         for dtype in args.dtypes:
             result = in_fresh_process(
-                measure_pretraining, config_kwargs, args.batch_size, str(device), dtype, args.steps, args.compile
+                device,
+                measure_pretraining,
+                config_kwargs,
+                args.batch_size,
+                str(device),
+                dtype,
+                args.steps,
+                args.compile,
             )
             seconds[variant, dtype] = result["seconds"]
             detail = (
@@ -402,6 +417,7 @@ def bench_trainer(args, device: torch.device, step_seconds: dict) -> list[Row]:
         preprocess_to_cache(files, Path(directory) / "cache", num_workers=1)
         for dtype in args.dtypes:
             result = in_fresh_process(
+                device,
                 measure_trainer,
                 SIZES[args.size],
                 args.batch_size,
@@ -412,7 +428,8 @@ def bench_trainer(args, device: torch.device, step_seconds: dict) -> list[Row]:
                 str(Path(directory) / "cache"),
                 args.workers,
             )
-            detail = f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {args.workers} workers"
+            workers = f"{args.workers} DataLoader worker{'s' if args.workers != 1 else ''}"
+            detail = f"{result['seconds']:.2f} s/step, peak {result['memory_gb']:.2f} GB, {workers}"
             if args.compile:
                 detail += f", {result['graphs']} graph(s) compiled"
             if result["syncs"] is not None:
@@ -438,7 +455,9 @@ def bench_embedding(args, device: torch.device) -> list[Row]:
         ]
         flops = sum(embedding_flops(config, clip_frames) for clip_frames in frames)
         for dtype in args.dtypes:
-            result = in_fresh_process(measure_embedding, SIZES[args.size], seconds, str(device), dtype, args.repeats)
+            result = in_fresh_process(
+                device, measure_embedding, SIZES[args.size], seconds, str(device), dtype, args.repeats
+            )
             rate = share_of_ceiling(flops / result["seconds"] / 1e9, device, dtype, args.repeats)
             rows.append(
                 Row(
