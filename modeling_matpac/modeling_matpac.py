@@ -547,23 +547,6 @@ class MatpacModel(MatpacPreTrainedModel):
             rows = torch.arange(num_chunks, device=device)
         return list(rows.split(per_pass))
 
-    def _autocast_weights(self, num_passes: int) -> dict[str, torch.Tensor] | None:
-        """
-        The encoder's Linear weights in the autocast dtype, cast once for a call of several passes. Autocast keeps no
-        cast of its own under `torch.inference_mode` or of frozen weights, so it would cast every weight again in
-        every pass. The values are autocast's own (the same rounding); None when autocast casts nothing or once.
-        """
-        device = self.device.type
-        if num_passes < 2 or torch.is_grad_enabled() or not torch.is_autocast_enabled(device):
-            return None
-        dtype = torch.get_autocast_dtype(device)
-        return {
-            name: parameter.to(dtype)
-            for module_name, module in self.encoder.named_modules()
-            if isinstance(module, nn.Linear)
-            for name, parameter in module.named_parameters(prefix=module_name)
-        }
-
     def _encode_chunks(
         self,
         embeddings: torch.Tensor,
@@ -582,7 +565,6 @@ class MatpacModel(MatpacPreTrainedModel):
             for rows, steps, masked in groups
             for pass_rows in self._passes(rows, steps, step_mask.shape[0], embeddings.device)
         ]
-        weights = self._autocast_weights(len(passes))
         outputs: list[torch.Tensor] = []
         attentions: list[tuple[torch.Tensor, ...]] = []
         for rows, steps, masked in passes:
@@ -592,7 +574,7 @@ class MatpacModel(MatpacPreTrainedModel):
             token_mask = None
             if masked:  # padded steps hidden in all their frequency rows; the CLS token stays visible
                 token_mask = nn.functional.pad(step_mask[rows].repeat(1, num_frequency), (1, 0), value=True)
-            encoded = self._encode(tokens, token_mask, weights, **kwargs)
+            encoded = self._encode(tokens, token_mask, **kwargs)
             states = [encoded.last_hidden_state, *(encoded.hidden_states or ())]
             states = [self._to_time_steps(state, steps) for state in states]
             if masked:
@@ -614,21 +596,14 @@ class MatpacModel(MatpacPreTrainedModel):
         self,
         embeddings: torch.Tensor,
         token_mask: torch.Tensor | None,
-        weights: dict[str, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutput:
-        """
-        Chunks' patch embeddings -> the encoder's output, CLS first; records hidden states and attentions. `weights`
-        replace the encoder's own for this pass (see `_autocast_weights`).
-        """
+        """Chunks' patch embeddings -> the encoder's output, CLS first; records hidden states and attentions."""
         hidden_states = self.embeddings.prepend_cls_token(embeddings)
         attention_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=token_mask
         )
-        if weights is None:
-            return BaseModelOutput(last_hidden_state=self.encoder(hidden_states, attention_mask, **kwargs))
-        encoded = torch.func.functional_call(self.encoder, weights, (hidden_states, attention_mask), kwargs)
-        return BaseModelOutput(last_hidden_state=encoded)
+        return BaseModelOutput(last_hidden_state=self.encoder(hidden_states, attention_mask, **kwargs))
 
     @can_return_tuple
     def forward(

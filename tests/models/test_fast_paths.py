@@ -254,37 +254,3 @@ def test_cpu_passes_of_a_few_chunks_equal_one_pass(monkeypatch):
                 )
                 torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
             assert torch.equal(outputs.time_mask, reference.time_mask)
-
-
-def test_autocast_casts_each_weight_once_per_call_in_inference(monkeypatch):
-    """Under inference mode autocast caches no cast: the encoder's Linear weights are cast once, same values."""
-    torch.manual_seed(0)
-    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
-    one_chunk = 1 + model.config.num_frequency_patches * model.config.num_time_patches
-    monkeypatch.setattr(modeling, "CPU_ACTIVATIONS_PER_PASS", one_chunk * model.config.intermediate_size)
-    fc1_shape = [model.config.intermediate_size, model.config.hidden_size]
-
-    def run():
-        with torch.profiler.profile(record_shapes=True) as profile:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                outputs = encode_mixed_batch(model)
-        casts = [e for e in profile.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [fc1_shape]]
-        return outputs, len(casts)
-
-    outputs, casts = run()
-    assert casts == model.config.num_hidden_layers  # once per layer, not once per pass
-    weights = model._autocast_weights(num_passes=2)
-    assert weights is None  # grad mode is on outside inference
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        weights = model._autocast_weights(num_passes=2)
-    assert {name.rsplit(".", 1)[-1] for name in weights} == {"weight", "bias"}
-    assert not any("layernorm" in name for name in weights)
-    assert all(weight.dtype == torch.bfloat16 for weight in weights.values())
-
-    monkeypatch.setattr(MatpacModel, "_autocast_weights", lambda self, num_passes: None)
-    per_pass, casts = run()
-    assert casts == 7 * model.config.num_hidden_layers  # 4 full chunks, one each of 18, 25 and 6 steps
-    for actual, expected in zip(
-        (outputs.last_hidden_state, *outputs.hidden_states), (per_pass.last_hidden_state, *per_pass.hidden_states)
-    ):
-        assert torch.equal(actual, expected)
