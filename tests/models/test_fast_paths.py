@@ -254,3 +254,21 @@ def test_cpu_passes_of_a_few_chunks_equal_one_pass(monkeypatch):
                 )
                 torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
             assert torch.equal(outputs.time_mask, reference.time_mask)
+
+
+def test_bf16_inference_in_passes_equals_one_pass(monkeypatch):
+    """Under inference autocast each pass casts the weights it uses (as autocast does): the same values as one pass."""
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
+    one_chunk = 1 + model.config.num_frequency_patches * model.config.num_time_patches
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = encode_mixed_batch(model)
+        for chunks_per_pass in (1, 2):
+            budget = chunks_per_pass * one_chunk * model.config.intermediate_size
+            monkeypatch.setattr(modeling, "CPU_ACTIVATIONS_PER_PASS", budget)
+            outputs = encode_mixed_batch(model)
+            for actual, expected in zip(
+                (outputs.last_hidden_state, *outputs.hidden_states),
+                (reference.last_hidden_state, *reference.hidden_states),
+            ):
+                assert torch.equal(actual, expected)
