@@ -188,7 +188,7 @@ class MatpacTrainer(Trainer):
         self._teacher_sum = teacher_sum if self._teacher_sum is None else self._teacher_sum + teacher_sum
         count = outputs.teacher_count.float()
         self._teacher_count = count if self._teacher_count is None else self._teacher_count + count
-        logged = {name: getattr(outputs, name) for name in LOGGED_OUTPUTS if getattr(outputs, name) is not None}
+        logged = {name: value for name in LOGGED_OUTPUTS if (value := getattr(outputs, name)) is not None}
         if self._step_will_be_logged():
             # Only the steps that log pay for the collapse statistics (their micro-batches' average is logged).
             logged.update(self.pretraining_model.collapse_statistics(outputs))
