@@ -13,7 +13,7 @@ import resource, sys, torch
 from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 if sys.argv[1] == "kept":
     assert keep_freed_memory_mapped()
-for step in range(8):
+for step in range(3 + 16):
     if step == 3:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     activations = [torch.ones(5_000_000) for _ in range(4)]  # 4 x 20 MB, freed together as a step's would be
@@ -42,5 +42,7 @@ def minor_page_faults(mode: str) -> int:
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     default, kept = minor_page_faults("default"), minor_page_faults("kept")
     pages_per_block = 20_000_000 // 4096
-    assert default > 0.9 * 5 * 4 * pages_per_block  # each of the 5 steps faulted its 4 blocks in again
-    assert kept < pages_per_block // 10  # the setting overrides the environment's: nothing faulted in again
+    assert default > 0.9 * 16 * 4 * pages_per_block  # each of the 16 steps faulted its 4 blocks in again
+    # The setting overrides the environment's: the 64 blocks are reused. A small allocation left between freed blocks
+    # can make the heap grow by one block, once (seen in CI: 4,883 pages), so the bound allows two blocks of the 64.
+    assert kept < 2 * pages_per_block
