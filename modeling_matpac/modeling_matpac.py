@@ -149,6 +149,71 @@ class MatpacEmbeddings(nn.Module):
         return torch.cat([cls_token, tokens], dim=1)
 
 
+# oneDNN's fp32 GEMM on x86 CPUs. `torch.addmm` runs fp32 through MKL, which takes a slower code path on AMD
+# processors: on a 2-core EPYC, a 2048^3 product runs at 218 GFLOP/s through MKL and 444 through oneDNN, with the same
+# fp32 accuracy (benchmarks/run.py's "matmul" rows measure both).
+ONEDNN_FP32_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+)
+
+
+def onednn_matmul_transposed(
+    left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`left @ right.T (+ bias)` for 2-D fp32 CPU tensors through oneDNN (strided operands are read in place)."""
+    return torch.ops.mkldnn._linear_pointwise(left, right, bias, "none", [], "")
+
+
+class OnednnLinearFunction(torch.autograd.Function):
+    """`F.linear` in fp32 on CPU with its three products (output, input and weight gradients) run by oneDNN."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        rows = input.reshape(-1, input.shape[-1])
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape, ctx.has_bias = input.shape, bias is not None
+        return onednn_matmul_transposed(rows, weight, bias).view(*input.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = onednn_matmul_transposed(grad_rows, weight.t()).view(ctx.input_shape)
+        if ctx.needs_input_grad[1]:
+            grad_weight = onednn_matmul_transposed(grad_rows.t(), rows.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
+class MatpacLinear(nn.Linear):
+    """
+    `nn.Linear` whose fp32 products on an x86 CPU run through oneDNN (`OnednnLinearFunction`, about twice as fast
+    where MKL is slow); under autocast, in other dtypes, on accelerators and when compiling it is `nn.Linear`.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (
+            ONEDNN_FP32_LINEAR
+            and input.device.type == "cpu"
+            and input.dtype == self.weight.dtype == torch.float32
+            and input.numel() > 0
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            return OnednnLinearFunction.apply(input, self.weight, self.bias)
+        return super().forward(input)
+
+
 # Activations of the MLP (tokens x intermediate size) per encoder pass on CPU; see `MatpacModel._passes`.
 CPU_ACTIVATIONS_PER_PASS = 2_500_000
 
@@ -220,8 +285,8 @@ class MatpacAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
-        self.qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.qkv_proj = MatpacLinear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
+        self.out_proj = MatpacLinear(hidden_size, hidden_size)
 
     def forward(
         self,
@@ -248,9 +313,9 @@ class MatpacAttention(nn.Module):
 class MatpacMLP(nn.Module):
     def __init__(self, config: MatpacConfig, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc1 = MatpacLinear(hidden_size, intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.fc2 = MatpacLinear(intermediate_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(hidden_states)))
@@ -311,7 +376,7 @@ class MatpacPredictor(nn.Module):
     def __init__(self, config: MatpacConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Linear(config.hidden_size, config.predictor_hidden_size)
+        self.embed = MatpacLinear(config.hidden_size, config.predictor_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.predictor_hidden_size))
         self.register_buffer(
             "position_embeddings", torch.zeros(1, config.num_patches + 1, config.predictor_hidden_size)
@@ -327,7 +392,7 @@ class MatpacPredictor(nn.Module):
         )
         self.layernorm = nn.LayerNorm(config.predictor_hidden_size, eps=config.layer_norm_eps)
         self.projection = (
-            nn.Linear(config.predictor_hidden_size, config.hidden_size)
+            MatpacLinear(config.predictor_hidden_size, config.hidden_size)
             if config.predictor_num_hypotheses == 1
             else nn.Identity()
         )
@@ -362,7 +427,8 @@ class MatpacMultipleChoiceHeads(nn.Module):
     def __init__(self, config: MatpacConfig):
         super().__init__()
         self.heads = nn.ModuleList(
-            nn.Linear(config.predictor_hidden_size, config.hidden_size) for _ in range(config.predictor_num_hypotheses)
+            MatpacLinear(config.predictor_hidden_size, config.hidden_size)
+            for _ in range(config.predictor_num_hypotheses)
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -378,10 +444,12 @@ class MatpacProjectionHead(nn.Module):
         widths = [config.hidden_size] + [config.head_hidden_size] * (config.head_num_layers - 1)
         layers = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.GELU()]
-        layers.append(nn.Linear(widths[-1], config.head_bottleneck_size))
+            layers += [MatpacLinear(width_in, width_out), nn.GELU()]
+        layers.append(MatpacLinear(widths[-1], config.head_bottleneck_size))
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = weight_norm(nn.Linear(config.head_bottleneck_size, config.head_num_prototypes, bias=False))
+        self.last_layer = weight_norm(
+            MatpacLinear(config.head_bottleneck_size, config.head_num_prototypes, bias=False)
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.last_layer(nn.functional.normalize(self.mlp(hidden_states), dim=-1))
@@ -933,7 +1001,7 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         self.matpac = MatpacModel(config)
         pooled_size = config.hidden_size if config.classifier_pooling == "frequency_mean" else config.embedding_size
         self.embedding_norm = nn.BatchNorm1d(pooled_size, affine=False) if config.classifier_batch_norm else None
-        self.classifier = nn.Linear(pooled_size, config.num_labels)
+        self.classifier = MatpacLinear(pooled_size, config.num_labels)
         self.freeze_fixed_parameters()
         self.post_init()
 

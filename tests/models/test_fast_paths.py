@@ -272,3 +272,63 @@ def test_bf16_inference_in_passes_equals_one_pass(monkeypatch):
                 (reference.last_hidden_state, *reference.hidden_states),
             ):
                 assert torch.equal(actual, expected)
+
+
+needs_onednn = pytest.mark.skipif(not modeling.ONEDNN_FP32_LINEAR, reason="oneDNN's fp32 linear is for x86 CPUs")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, bias", [((37, 96), True), ((3, 41, 96), False), ((2, 5, 7, 96), True)])
+def test_onednn_linear_equals_torch_linear_in_fp32(shape, bias):
+    """Output and the input, weight and bias gradients within 1e-5 (relative to the largest value) of `F.linear`."""
+    generator = torch.Generator().manual_seed(0)
+    layer = modeling.MatpacLinear(96, 130, bias=bias)
+    # A transposed input, as the attention output reaches `out_proj`: strided operands must be read correctly.
+    values = torch.randn(*shape[:-2], shape[-1], shape[-2], generator=generator).transpose(-1, -2)
+    upstream = torch.randn(*shape[:-1], 130, generator=generator)
+    results = []
+    for function in (modeling.OnednnLinearFunction.apply, torch.nn.functional.linear):
+        layer.zero_grad()
+        inputs = values.clone().requires_grad_()
+        output = function(inputs, layer.weight, layer.bias)
+        output.backward(upstream)
+        results.append([output, inputs.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
+    for fast, reference in zip(*results):
+        assert fast.shape == reference.shape
+        assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@needs_onednn
+def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, monkeypatch):
+    calls, onednn = [], modeling.OnednnLinearFunction
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            calls.append(args[0].dtype)
+            return onednn.apply(*args)
+
+    monkeypatch.setattr(modeling, "OnednnLinearFunction", Spy)
+    model = pretraining_model()
+    values, noise = batch
+    monkeypatch.setattr(modeling, "ONEDNN_FP32_LINEAR", False)  # the reference: torch's own products
+    reference_loss, reference_gradients = loss_and_gradients(model, values, noise)
+    with torch.no_grad():
+        reference_embeddings = model.matpac(values).last_hidden_state
+    assert calls == []
+    monkeypatch.setattr(modeling, "ONEDNN_FP32_LINEAR", True)
+    loss, gradients = loss_and_gradients(model, values, noise)
+    layers = 4 * (2 * model.config.num_hidden_layers + model.config.predictor_num_hidden_layers)
+    heads = 2 * (model.config.head_num_layers + 1)  # the student's and the teacher's MLP and weight-normalised layer
+    assert len(calls) == layers + 2 + heads  # + the predictor's embedding and projection
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
+    assert_gradients_close(gradients, reference_gradients, rtol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        embeddings = model.matpac(values).last_hidden_state
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    assert (embeddings - reference_embeddings).abs().max() <= 1e-5 * reference_embeddings.abs().max()
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(values, noise=noise)
+    assert calls == []  # bf16 autocast keeps torch's bf16 products (oneDNN already)
