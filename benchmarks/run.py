@@ -315,7 +315,7 @@ def matmul_products(device: torch.device, dtype: str) -> dict[str, object]:
     size = 2048
     left, right = (torch.randn(size, size, device=device, dtype=DTYPES[dtype] or torch.float32) for _ in range(2))
     products = {"torch.matmul": lambda: left @ right}
-    if device.type == "cpu" and dtype == "fp32" and modeling_matpac.ONEDNN_FP32_LINEAR:
+    if device.type == "cpu" and dtype == "fp32" and modeling_matpac.ONEDNN_LINEAR:
         products["oneDNN"] = lambda: modeling_matpac.onednn_matmul_transposed(left, right)
     return products
 

@@ -274,7 +274,7 @@ def test_bf16_inference_in_passes_equals_one_pass(monkeypatch):
                 assert torch.equal(actual, expected)
 
 
-needs_onednn = pytest.mark.skipif(not modeling.ONEDNN_FP32_LINEAR, reason="oneDNN's fp32 linear is for x86 CPUs")
+needs_onednn = pytest.mark.skipif(not modeling.ONEDNN_LINEAR, reason="oneDNN's linear paths are for x86 CPUs")
 
 
 @needs_onednn
@@ -311,12 +311,12 @@ def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, mo
     monkeypatch.setattr(modeling, "OnednnLinearFunction", Spy)
     model = pretraining_model()
     values, noise = batch
-    monkeypatch.setattr(modeling, "ONEDNN_FP32_LINEAR", False)  # the reference: torch's own products
+    monkeypatch.setattr(modeling, "ONEDNN_LINEAR", False)  # the reference: torch's own products
     reference_loss, reference_gradients = loss_and_gradients(model, values, noise)
     with torch.no_grad():
         reference_embeddings = model.matpac(values).last_hidden_state
     assert calls == []
-    monkeypatch.setattr(modeling, "ONEDNN_FP32_LINEAR", True)
+    monkeypatch.setattr(modeling, "ONEDNN_LINEAR", True)
     loss, gradients = loss_and_gradients(model, values, noise)
     layers = 4 * (2 * model.config.num_hidden_layers + model.config.predictor_num_hidden_layers)
     heads = 2 * (model.config.head_num_layers + 1)  # the student's and the teacher's MLP and weight-normalised layer
@@ -332,3 +332,32 @@ def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, mo
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(values, noise=noise)
     assert calls == []  # bf16 autocast keeps torch's bf16 products (oneDNN already)
+
+
+@needs_onednn
+def test_bf16_inference_mode_packs_each_weight_once_and_equals_autocast_bitwise():
+    """Autocast's own bf16 products (outside inference mode) are the reference: packed weights give the same bits."""
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
+    linears = [module for module in model.modules() if isinstance(module, modeling.MatpacLinear)]
+    values = torch.randn(2, 80, 1400)
+
+    def embed(mode):
+        with mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(values).last_hidden_state
+
+    reference = embed(torch.no_grad)
+    assert torch.equal(embed(torch.inference_mode), reference)
+    packed = [linear._packed_bf16[1] for linear in linears]
+    assert len(packed) == 4 * model.config.num_hidden_layers and all(
+        weight.dtype == torch.bfloat16 for weight in packed
+    )
+    assert torch.equal(embed(torch.inference_mode), reference)
+    assert all(linear._packed_bf16[1] is weight for linear, weight in zip(linears, packed))  # packed once
+
+    with torch.no_grad():  # a weight changed in place is packed again
+        model.encoder.layers[0].mlp.fc1.weight.mul_(0.5)
+    changed = embed(torch.inference_mode)
+    assert linears[2]._packed_bf16[1] is not packed[2] and linears[3]._packed_bf16[1] is packed[3]
+    assert torch.equal(changed, embed(torch.no_grad)) and not torch.equal(changed, reference)
+    assert all(linear._packed_bf16 is None for linear in linears)  # dropped by the call outside inference mode

@@ -196,7 +196,7 @@ def test_one_hypothesis_is_bitwise_matpac_on_its_fixture(monkeypatch):
 
     # The numbers were recorded with torch's own fp32 products; oneDNN's differ in the last bits (its own tests
     # compare it with them within tolerance: tests/models/test_fast_paths.py).
-    monkeypatch.setattr(modeling_matpac, "ONEDNN_FP32_LINEAR", False)
+    monkeypatch.setattr(modeling_matpac, "ONEDNN_LINEAR", False)
 
     reference = load_file(FIXTURES / "pretraining.safetensors")
     model = matpac_fixture_model(predictor_num_hypotheses=1)
