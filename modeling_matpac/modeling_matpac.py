@@ -174,24 +174,27 @@ class OnednnLinearFunction(torch.autograd.Function):
     """`F.linear` in fp32 on CPU with its three products (output, input and weight gradients) run by oneDNN."""
 
     @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = input.reshape(-1, input.shape[-1])
-        ctx.save_for_backward(rows, weight)
-        ctx.input_shape, ctx.has_bias = input.shape, bias is not None
         return onednn_matmul_transposed(rows, weight, bias).view(*input.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        input, weight, bias = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        rows, weight = ctx.saved_tensors
+        input, weight = ctx.saved_tensors
+        rows = input.reshape(-1, input.shape[-1])
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = onednn_matmul_transposed(grad_rows, weight.t()).view(ctx.input_shape)
+            grad_input = onednn_matmul_transposed(grad_rows, weight.t()).view(input.shape)
         if ctx.needs_input_grad[1]:
             grad_weight = onednn_matmul_transposed(grad_rows.t(), rows.t())
         if ctx.has_bias and ctx.needs_input_grad[2]:

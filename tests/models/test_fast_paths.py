@@ -299,6 +299,21 @@ def test_onednn_linear_equals_torch_linear_in_fp32(shape, bias):
 
 
 @needs_onednn
+def test_onednn_linear_composes_with_torch_func_grad():
+    """`torch.func` transforms (per-example gradients, functional training loops) go through the oneDNN path too."""
+    layer = modeling.MatpacLinear(16, 8)
+    values = torch.randn(3, 5, 16)
+
+    def loss(parameters):
+        return torch.func.functional_call(layer, parameters, (values,)).square().sum()
+
+    gradients = torch.func.grad(loss)(dict(layer.named_parameters()))
+    torch.nn.functional.linear(values, layer.weight, layer.bias).square().sum().backward()
+    for name, parameter in layer.named_parameters():
+        assert (gradients[name] - parameter.grad).abs().max() <= 1e-5 * parameter.grad.abs().max()
+
+
+@needs_onednn
 def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, monkeypatch):
     calls, onednn = [], modeling.OnednnLinearFunction
 
