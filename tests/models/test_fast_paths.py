@@ -314,6 +314,18 @@ def test_onednn_linear_composes_with_torch_func_grad():
 
 
 @needs_onednn
+def test_traced_and_exported_graphs_keep_torch_linear():
+    """TorchScript tracing and `torch.export` (ONNX export goes through one of them) record the portable `linear`."""
+    layer = modeling.MatpacLinear(16, 8).eval()
+    values = torch.randn(2, 16)
+    traced = torch.jit.trace(layer, values)
+    exported = torch.export.export(layer, (values,))
+    for graph, run in ((traced.graph, traced), (exported.graph, exported.module())):
+        assert "mkldnn" not in str(graph) and "linear" in str(graph)
+        assert (run(values) - layer(values)).abs().max() <= 1e-5 * layer(values).abs().max()
+
+
+@needs_onednn
 def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, monkeypatch):
     calls, onednn = [], modeling.OnednnLinearFunction
 
