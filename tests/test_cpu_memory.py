@@ -2,6 +2,7 @@
 
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -13,12 +14,13 @@ import resource, sys, torch
 from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 if sys.argv[1] == "kept":
     assert keep_freed_memory_mapped()
-for step in range(3 + 16):
-    if step == 3:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
+for step in range(4 + 16):
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     activations = [torch.ones(5_000_000) for _ in range(4)]  # 4 x 20 MB, freed together as a step's would be
     del activations
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+print(*faults[4:])
 """
 
 
@@ -27,7 +29,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_TOP_PAD_": "0"}
 
 
-def minor_page_faults(mode: str) -> int:
+def minor_page_faults(mode: str) -> list[int]:
+    """Minor page faults of each of 16 steps, after 4 steps that grow the heap to its working size."""
     result = subprocess.run(
         [sys.executable, "-c", ALLOCATE_AND_FREE, mode],
         capture_output=True,
@@ -35,14 +38,15 @@ def minor_page_faults(mode: str) -> int:
         check=True,
         env={**os.environ, **RETURNING_MALLOC},
     )
-    return int(result.stdout.split()[-1])
+    return [int(count) for count in result.stdout.split()]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     default, kept = minor_page_faults("default"), minor_page_faults("kept")
     pages_per_block = 20_000_000 // 4096
-    assert default > 0.9 * 16 * 4 * pages_per_block  # each of the 16 steps faulted its 4 blocks in again
-    # The setting overrides the environment's: the 64 blocks are reused. A small allocation left between freed blocks
-    # can make the heap grow by one block, once (seen in CI: 4,883 pages), so the bound allows two blocks of the 64.
-    assert kept < 2 * pages_per_block
+    assert statistics.median(default) > 0.9 * 4 * pages_per_block  # a step faults its 4 blocks in again
+    # With the setting (which overrides the environment's) a step reuses the freed blocks. The heap can still grow
+    # by a block or a step's worth in a late step of its warm-up (seen in CI: 1 and 2 blocks), hence the median.
+    assert statistics.median(kept) == 0
+    assert sum(kept) < sum(default) / 10
