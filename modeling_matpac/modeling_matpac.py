@@ -160,14 +160,14 @@ ONEDNN_LINEAR = (
 )
 
 
-def onednn_matmul_transposed(
-    left: torch.Tensor, right: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
+def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """
-    `left @ right.T (+ bias)` for 2-D CPU tensors through oneDNN (strided operands are read in place; `right` may
-    be a weight pre-packed by `torch.ops.mkldnn._reorder_linear_weight`).
+    `input @ weight.T (+ bias)` over the last dimension of a CPU `input` through oneDNN. Strided 2-D operands are
+    read in place; `weight` may be pre-packed by `torch.ops.mkldnn._reorder_linear_weight`.
     """
-    return torch.ops.mkldnn._linear_pointwise(left, right, bias, "none", [], "")
+    rows = input.reshape(-1, input.shape[-1])
+    output = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    return output.view(*input.shape[:-1], output.shape[-1])
 
 
 class OnednnLinearFunction(torch.autograd.Function):
@@ -175,14 +175,11 @@ class OnednnLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = input.reshape(-1, input.shape[-1])
-        return onednn_matmul_transposed(rows, weight, bias).view(*input.shape[:-1], weight.shape[0])
+        return onednn_linear(input, weight, bias)
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-        input, weight, bias = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(*inputs[:2])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -190,14 +187,13 @@ class OnednnLinearFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         input, weight = ctx.saved_tensors
-        rows = input.reshape(-1, input.shape[-1])
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = onednn_matmul_transposed(grad_rows, weight.t()).view(input.shape)
+            grad_input = onednn_linear(grad_output, weight.t())
         if ctx.needs_input_grad[1]:
-            grad_weight = onednn_matmul_transposed(grad_rows.t(), rows.t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_weight = onednn_linear(grad_rows.t(), input.reshape(-1, input.shape[-1]).t())
+        if ctx.needs_input_grad[2]:  # False without a bias
             grad_bias = grad_rows.sum(0)
         return grad_input, grad_weight, grad_bias
 
@@ -217,8 +213,12 @@ class MatpacLinear(nn.Linear):
     _packed_bf16: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # graphs keep the portable `F.linear`
-        if ONEDNN_LINEAR and input.device.type == "cpu" and not tracing and input.numel() > 0:
+        if (
+            ONEDNN_LINEAR
+            and input.device.type == "cpu"
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # graphs keep the portable `F.linear`
+            and input.numel() > 0
+        ):
             if not torch.is_autocast_enabled("cpu"):
                 if input.dtype == self.weight.dtype == torch.float32:
                     return OnednnLinearFunction.apply(input, self.weight, self.bias)
@@ -235,8 +235,7 @@ class MatpacLinear(nn.Linear):
             weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.to(torch.bfloat16))
             self._packed_bf16 = (version, weight, None if self.bias is None else self.bias.to(torch.bfloat16))
         _, weight, bias = self._packed_bf16
-        rows = input.reshape(-1, input.shape[-1]).to(torch.bfloat16)
-        return onednn_matmul_transposed(rows, weight, bias).view(*input.shape[:-1], self.out_features)
+        return onednn_linear(input.to(torch.bfloat16), weight, bias)
 
 
 # Activations of the MLP (tokens x intermediate size) per encoder pass on CPU; see `MatpacModel._passes`.

@@ -22,11 +22,16 @@ def loss_and_gradients(model, values, noise, forward=None):
     return outputs.loss.detach(), gradients
 
 
+def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "") -> None:
+    """Within `rtol` of the largest magnitude of `expected`."""
+    assert actual.shape == expected.shape, name
+    assert (actual - expected).abs().max() <= rtol * expected.abs().max().clamp(min=1e-12), name
+
+
 def assert_gradients_close(actual: dict, expected: dict, rtol: float) -> None:
     assert actual.keys() == expected.keys()
     for name, gradient in expected.items():
-        scale = gradient.abs().max().clamp(min=1e-12)
-        assert (actual[name] - gradient).abs().max() / scale <= rtol, name
+        assert_relatively_close(actual[name], gradient, rtol, name)
 
 
 @pytest.fixture(scope="module")
@@ -294,8 +299,7 @@ def test_onednn_linear_equals_torch_linear_in_fp32(shape, bias):
         output.backward(upstream)
         results.append([output, inputs.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
     for fast, reference in zip(*results):
-        assert fast.shape == reference.shape
-        assert (fast - reference).abs().max() <= 1e-5 * reference.abs().max()
+        assert_relatively_close(fast, reference, 1e-5)
 
 
 @needs_onednn
@@ -310,7 +314,7 @@ def test_onednn_linear_composes_with_torch_func_grad():
     gradients = torch.func.grad(loss)(dict(layer.named_parameters()))
     torch.nn.functional.linear(values, layer.weight, layer.bias).square().sum().backward()
     for name, parameter in layer.named_parameters():
-        assert (gradients[name] - parameter.grad).abs().max() <= 1e-5 * parameter.grad.abs().max()
+        assert_relatively_close(gradients[name], parameter.grad, 1e-5, name)
 
 
 @needs_onednn
@@ -322,7 +326,7 @@ def test_traced_and_exported_graphs_keep_torch_linear():
     exported = torch.export.export(layer, (values,))
     for graph, run in ((traced.graph, traced), (exported.graph, exported.module())):
         assert "mkldnn" not in str(graph) and "linear" in str(graph)
-        assert (run(values) - layer(values)).abs().max() <= 1e-5 * layer(values).abs().max()
+        assert_relatively_close(run(values), layer(values), 1e-5)
 
 
 @needs_onednn
@@ -354,7 +358,7 @@ def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, mo
     with torch.no_grad():
         embeddings = model.matpac(values).last_hidden_state
     assert len(calls) == 4 * model.config.num_hidden_layers
-    assert (embeddings - reference_embeddings).abs().max() <= 1e-5 * reference_embeddings.abs().max()
+    assert_relatively_close(embeddings, reference_embeddings, 1e-5)
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(values, noise=noise)
