@@ -349,7 +349,10 @@ def test_fp32_pretraining_and_inference_on_cpu_take_onednn_within_1e_5(batch, mo
     assert calls == []
     monkeypatch.setattr(modeling, "ONEDNN_LINEAR", True)
     loss, gradients = loss_and_gradients(model, values, noise)
-    layers = 4 * (2 * model.config.num_hidden_layers + model.config.predictor_num_hidden_layers)
+    # 4 linear layers in each teacher block, 3 in the student's and predictor's (fc2 is in `GeluLinearFunction`)
+    layers = 4 * model.config.num_hidden_layers + 3 * (
+        model.config.num_hidden_layers + model.config.predictor_num_hidden_layers
+    )
     heads = 2 * (model.config.head_num_layers + 1)  # the student's and the teacher's MLP and weight-normalised layer
     assert len(calls) == layers + 2 + heads  # + the predictor's embedding and projection
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
@@ -392,3 +395,43 @@ def test_bf16_inference_mode_packs_each_weight_once_and_equals_autocast_bitwise(
     assert linears[2]._packed_bf16[1] is not packed[2] and linears[3]._packed_bf16[1] is packed[3]
     assert torch.equal(changed, embed(torch.no_grad)) and not torch.equal(changed, reference)
     assert all(linear._packed_bf16 is None for linear in linears)  # dropped by the call outside inference mode
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp32, torch's products", "bf16 autocast"])
+def test_recomputed_gelu_gives_the_same_bits_and_keeps_one_activation_less(batch, precision, monkeypatch):
+    """
+    The MLP's training backward on CPU computes its GELU again (`GeluLinearFunction`): the loss and every gradient
+    are bitwise those of `fc2(gelu(fc1))`, and the tensors kept for the backward shrink by exactly the GELU outputs
+    of the student's and the predictor's blocks.
+    """
+    monkeypatch.setattr(modeling, "ONEDNN_LINEAR", modeling.ONEDNN_LINEAR and precision == "fp32")
+    model = pretraining_model()
+    mlps = [module for module in model.modules() if isinstance(module, modeling.MatpacMLP)]
+    values, noise = batch
+    results = {}
+    for recompute in (False, True):
+        for mlp in mlps:
+            mlp.recompute_activation = recompute
+        saved, held = {}, []
+
+        def keep(tensor):
+            held.append(tensor)  # no storage freed (a discarded graph's) and its address taken by another
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast"):
+                loss, gradients = loss_and_gradients(model, values, noise)
+        results[recompute] = loss, gradients, sum(saved.values())
+
+    (reference_loss, reference_gradients, reference_bytes), (loss, gradients, kept_bytes) = results.values()
+    assert torch.equal(loss, reference_loss)
+    assert gradients.keys() == reference_gradients.keys()
+    assert all(torch.equal(gradients[name], gradient) for name, gradient in reference_gradients.items())
+    config, batch_size = model.config, values.shape[0]
+    student = batch_size * (config.num_visible_patches + 1) * config.intermediate_size * config.num_hidden_layers
+    predictor = (
+        batch_size * (config.num_patches + 1) * config.predictor_intermediate_size * config.predictor_num_hidden_layers
+    )
+    itemsize = 2 if precision == "bf16 autocast" else 4
+    assert reference_bytes - kept_bytes == (student + predictor) * itemsize
