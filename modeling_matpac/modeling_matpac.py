@@ -396,6 +396,7 @@ class MatpacMLP(nn.Module):
             self.recompute_activation
             and hidden_states.device.type == "cpu"
             and hidden_states.requires_grad
+            and hidden_states.numel() > 0
             and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
         ):
             # In the dtype that autocast would give `fc2`, cast here so that autograd casts the gradients back.
