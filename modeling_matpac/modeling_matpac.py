@@ -170,6 +170,25 @@ def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return output.view(*input.shape[:-1], output.shape[-1])
 
 
+def linear_gradients(
+    grad_output: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, ...], onednn: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """
+    The gradients of `input @ weight.T + bias` that `needs` asks for: by oneDNN's products, or else by those of
+    `addmm`'s backward in its layouts (so equal bit for bit to autograd's).
+    """
+    grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+    rows = input.reshape(-1, input.shape[-1])
+    grad_input = grad_weight = grad_bias = None
+    if needs[0]:
+        grad_input = onednn_linear(grad_output, weight.t()) if onednn else grad_rows.mm(weight).view(input.shape)
+    if needs[1]:
+        grad_weight = onednn_linear(grad_rows.t(), rows.t()) if onednn else grad_rows.t().mm(rows)
+    if needs[2]:  # False without a bias
+        grad_bias = grad_rows.sum(0)
+    return grad_input, grad_weight, grad_bias
+
+
 class OnednnLinearFunction(torch.autograd.Function):
     """`F.linear` in fp32 on CPU with its three products (output, input and weight gradients) run by oneDNN."""
 
@@ -187,15 +206,7 @@ class OnednnLinearFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         input, weight = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = onednn_linear(grad_output, weight.t())
-        if ctx.needs_input_grad[1]:
-            grad_weight = onednn_linear(grad_rows.t(), input.reshape(-1, input.shape[-1]).t())
-        if ctx.needs_input_grad[2]:  # False without a bias
-            grad_bias = grad_rows.sum(0)
-        return grad_input, grad_weight, grad_bias
+        return linear_gradients(grad_output, input, weight, ctx.needs_input_grad, onednn=True)
 
 
 class MatpacLinear(nn.Linear):
@@ -265,24 +276,13 @@ class GeluLinearFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         hidden, weight = ctx.saved_tensors
         activated = nn.functional.gelu(hidden).to(weight.dtype)
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        activated_rows = activated.reshape(-1, activated.shape[-1])
         onednn = ONEDNN_LINEAR and weight.dtype == torch.float32
-        grad_hidden = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if onednn:
-                grad_activated = onednn_linear(grad_output, weight.t())
-            else:
-                grad_activated = grad_rows.mm(weight).view(activated.shape)
-            grad_hidden = torch.ops.aten.gelu_backward(grad_activated.to(hidden.dtype), hidden)
-        if ctx.needs_input_grad[1]:
-            if onednn:
-                grad_weight = onednn_linear(grad_rows.t(), activated_rows.t())
-            else:
-                grad_weight = grad_rows.t().mm(activated_rows)
-        if ctx.needs_input_grad[2]:  # False without a bias
-            grad_bias = grad_rows.sum(0)
-        return grad_hidden, grad_weight, grad_bias
+        grad_activated, grad_weight, grad_bias = linear_gradients(
+            grad_output, activated, weight, ctx.needs_input_grad, onednn
+        )
+        if grad_activated is not None:
+            grad_activated = torch.ops.aten.gelu_backward(grad_activated.to(hidden.dtype), hidden)
+        return grad_activated, grad_weight, grad_bias
 
 
 # Activations of the MLP (tokens x intermediate size) per encoder pass on CPU; see `MatpacModel._passes`.
