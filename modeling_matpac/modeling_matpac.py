@@ -160,6 +160,18 @@ ONEDNN_LINEAR = (
 )
 
 
+def eager_on_cpu(tensor: torch.Tensor) -> bool:
+    """
+    Whether an op on `tensor` runs eagerly on CPU with data: where the CPU-only Functions below apply. Graphs (tracing,
+    compiling, exporting) keep torch's portable ops.
+    """
+    return (
+        tensor.device.type == "cpu"
+        and tensor.numel() > 0
+        and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+    )
+
+
 def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """
     `input @ weight.T (+ bias)` over the last dimension of a CPU `input` through oneDNN. Strided 2-D operands are
@@ -224,12 +236,7 @@ class MatpacLinear(nn.Linear):
     _packed_bf16: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (
-            ONEDNN_LINEAR
-            and input.device.type == "cpu"
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())  # graphs keep the portable `F.linear`
-            and input.numel() > 0
-        ):
+        if ONEDNN_LINEAR and eager_on_cpu(input):
             if not torch.is_autocast_enabled("cpu"):
                 if input.dtype == self.weight.dtype == torch.float32:
                     return OnednnLinearFunction.apply(input, self.weight, self.bias)
@@ -392,13 +399,7 @@ class MatpacMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)
-        if (
-            self.recompute_activation
-            and hidden_states.device.type == "cpu"
-            and hidden_states.requires_grad
-            and hidden_states.numel() > 0
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-        ):
+        if self.recompute_activation and hidden_states.requires_grad and eager_on_cpu(hidden_states):
             # In the dtype that autocast would give `fc2`, cast here so that autograd casts the gradients back.
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
             bias = None if self.fc2.bias is None else self.fc2.bias.to(dtype)
