@@ -49,4 +49,4 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     # With the setting (which overrides the environment's) a step reuses the freed blocks. The heap can still grow
     # by a block or a step's worth in a late step of its warm-up (seen in CI: 1 and 2 blocks), hence the median.
     assert statistics.median(kept) == 0
-    assert sum(kept) < sum(default) / 10
+    assert sum(kept) < 4 * pages_per_block  # the 16 steps together fault less than one default step
