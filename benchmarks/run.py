@@ -68,6 +68,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # The pre-training variants: MATPAC and MATPAC++ (the authors' 5 multiple-choice heads).
 VARIANTS = {"MATPAC": {}, "MATPAC++": {"predictor_num_hypotheses": 5}}
 SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "trainer", "embedding")
+# What `torch.cuda.set_sync_debug_mode("warn")` says at each host-device synchronisation.
+SYNC_WARNING = "called a synchronizing CUDA operation"
 # Trainer steps before the timed ones (compilation, the loader's start); the first of them is logged.
 TRAINER_WARMUP_STEPS = 10
 
@@ -244,7 +246,9 @@ class StepClock(TrainerCallback):
         if state.global_step == state.max_steps:
             if self.device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-                self.syncs = sum("synchroniz" in str(caught.message) for caught in self._caught)
+                # Only torch's notice of a synchronising call: entering the mode also warns, once, that it is a
+                # prototype ("Synchronization debug mode is ..."), which is not a synchronisation.
+                self.syncs = sum(SYNC_WARNING in str(caught.message) for caught in self._caught)
                 self._warnings.__exit__(None, None, None)
             synchronize(self.device)
             self.seconds = time.perf_counter() - self.start

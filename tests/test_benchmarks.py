@@ -81,3 +81,24 @@ def test_embedding_flops_count_the_short_last_chunk_at_its_length():
     one_step = 12 * benchmarks.block_flops(1 + 5, 768, 3072) + 2 * 5 * 16**2 * 768
     assert benchmarks.embedding_flops(config, 608 + 16) == one_chunk + one_step
     assert 4 * benchmarks.embedding_flops(config, 2998) / 1e9 == pytest.approx(669.9, abs=0.1)  # 4 x 30 s
+
+
+def test_step_clock_counts_synchronisations_not_the_debug_modes_own_notice(monkeypatch):
+    """On CUDA, entering the sync debug mode warns once that it is a prototype: that notice is not a sync."""
+    import warnings
+    from types import SimpleNamespace
+
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(benchmarks, "synchronize", lambda device: None)
+    clock = benchmarks.StepClock(warmup=1, device=SimpleNamespace(type="cuda"))
+    state = SimpleNamespace(global_step=1, max_steps=3)
+    clock.on_step_begin(None, state, None)
+    warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing ops")
+    for state.global_step in (2, 3):
+        warnings.warn(benchmarks.SYNC_WARNING)
+        clock.on_step_end(None, state, None)
+    assert modes == ["warn", "default"]
+    assert clock.syncs == 2 and clock.seconds >= 0
