@@ -435,3 +435,49 @@ def test_recomputed_gelu_gives_the_same_bits_and_keeps_one_activation_less(batch
     )
     itemsize = 2 if precision == "bf16 autocast" else 4
     assert reference_bytes - kept_bytes == (student + predictor) * itemsize
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hypotheses", [None, 5])
+def test_unit_cosine_equals_normalize_then_dot_with_closed_form_gradients(dtype, hypotheses):
+    """The MATPAC++ loss's cosine: the autograd ops' forward bit for bit, their gradients within fp32 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (3, 7, 16) if hypotheses is None else (3, 7, hypotheses, 16)
+    predictions = torch.randn(shape, generator=generator).to(dtype)
+    predictions[0, 0] = 0  # a zero vector and one below eps: normalize's clamp, whose gradient is linear
+    predictions[0, 1] = predictions[0, 1] * 1e-13
+    targets = torch.randn(shape if hypotheses is None else (3, 7, 1, 16), generator=generator)
+    targets = torch.nn.functional.normalize(targets, dim=-1)
+    grad = torch.randn(torch.broadcast_shapes(shape, targets.shape)[:-1], generator=generator)
+
+    results = []
+    for fast in (False, True):
+        inputs = (predictions.clone().requires_grad_(), targets.clone().requires_grad_())
+        if fast:
+            cosine = modeling.UnitCosineFunction.apply(*inputs, modeling.NORMALIZE_EPS)
+        else:
+            cosine = (torch.nn.functional.normalize(inputs[0].float(), dim=-1) * inputs[1]).sum(-1)
+        cosine.backward(grad)
+        results.append((cosine, inputs[0].grad, inputs[1].grad))
+    (reference, *reference_grads), (fast, *fast_grads) = results
+    assert torch.equal(fast, reference)
+    assert fast_grads[0].dtype == dtype
+    for name, actual, expected in zip(("predictions", "targets"), fast_grads, reference_grads):
+        # Rows far below eps have gradients near 1e12: compare each row relative to its own magnitude.
+        scale = expected.float().abs().amax(-1, keepdim=True).clamp(min=1e-12)
+        assert ((actual.float() - expected.float()).abs() / scale).max() <= 1e-5, name
+
+
+def test_multiple_choice_pretraining_step_takes_the_closed_form_cosine_within_1e_5(batch, monkeypatch):
+    """MATPAC++'s step with `UnitCosineFunction` against the same step through autograd's normalize."""
+    values, noise = batch
+    model = pretraining_model(predictor_num_hypotheses=5)
+    fast_loss, fast_gradients = loss_and_gradients(model, values, noise)
+
+    def reference_apply(predictions, targets, eps):
+        return (torch.nn.functional.normalize(predictions.float(), dim=-1, eps=eps) * targets).sum(-1)
+
+    monkeypatch.setattr(modeling.UnitCosineFunction, "apply", reference_apply)
+    loss, gradients = loss_and_gradients(model, values, noise)
+    assert torch.equal(fast_loss, loss)
+    assert_gradients_close(fast_gradients, gradients, rtol=1e-5)
