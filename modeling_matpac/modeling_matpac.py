@@ -818,7 +818,7 @@ def linear_schedule(step: int | torch.Tensor, start: float, end: float, num_step
     return start + (end - start) * progress
 
 
-# `nn.functional.normalize`'s default, which the authors' losses use.
+# `nn.functional.normalize`'s default eps, which the authors' losses (and the normalize calls here) use.
 NORMALIZE_EPS = 1e-12
 
 
@@ -1053,7 +1053,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
 
         targets_unit = nn.functional.normalize(targets.float(), dim=-1)
         if self.mcl_heads is None:
-            predictions_unit = nn.functional.normalize(predictions.float(), dim=-1, eps=NORMALIZE_EPS)
+            predictions_unit = nn.functional.normalize(predictions.float(), dim=-1)
             loss_pred = 2 - 2 * (predictions_unit * targets_unit).sum(-1)
         else:
             hypotheses = self.mcl_heads(predictions)
@@ -1061,7 +1061,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             loss_pred, _, winner = self.multiple_choice_loss(head_losses, step)
             # The student head classifies the winner's raw prediction, in the soft phase too (the authors' code).
             predictions = torch.take_along_dim(hypotheses, winner[..., None, None], dim=2).squeeze(2)
-            predictions_unit = nn.functional.normalize(predictions.detach().float(), dim=-1, eps=NORMALIZE_EPS)
+            predictions_unit = nn.functional.normalize(predictions.detach().float(), dim=-1)
 
         temperature = self.teacher_temperature(step) if step is not None else config.teacher_temperature
         teacher_probs = torch.softmax((teacher_logits - self.center) / temperature, dim=-1)
