@@ -992,8 +992,14 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 continue
             teacher_params = list(teacher.parameters())
             student_params = [param.detach().to(teacher_params[0].dtype) for param in student.parameters()]
-            torch._foreach_mul_(teacher_params, decay)
-            torch._foreach_add_(teacher_params, student_params, alpha=1 - decay)
+            if teacher_params[0].device.type == "cpu":
+                # One parameter at a time, so that the add reads what the multiply left in the cache (ViT-B: 22
+                # instead of 31 ms per step on 2 cores); the same two roundings, so the same bits as `_foreach_`.
+                for teacher_param, student_param in zip(teacher_params, student_params):
+                    teacher_param.mul_(decay).add_(student_param, alpha=1 - decay)
+            else:
+                torch._foreach_mul_(teacher_params, decay)
+                torch._foreach_add_(teacher_params, student_params, alpha=1 - decay)
             applied.append(decay)
         return applied[0], applied[1]
 

@@ -96,16 +96,19 @@ def test_bf16_autocast_stays_within_tolerance(batch):
     assert not torch.equal(fast_embedding, reference_embedding) and similarity.min() > 0.99
 
 
-def test_fused_ema_equals_a_per_parameter_loop():
+def test_cpu_ema_is_bitwise_the_foreach_update_of_accelerators():
+    """On CPU the EMA runs one parameter at a time (cache-friendly); it must give the bits of the `_foreach_` ops."""
     model = pretraining_model()
     with torch.no_grad():
         for param in model.matpac.parameters():
             param.add_(torch.randn_like(param))
-    teacher_before = [param.clone() for param in model.teacher_encoder.parameters()]
+    expected = [param.clone() for param in model.teacher_encoder.parameters()]
     decay, _ = model.update_teachers_and_center(5, torch.zeros(model.config.head_num_prototypes), 1.0)
-    pairs = zip(teacher_before, model.teacher_encoder.parameters(), model.matpac.encoder.parameters())
-    for before, teacher, student in pairs:
-        assert torch.equal(teacher, before.mul(decay).add_(student.detach(), alpha=1 - decay))
+    assert 0 < decay < 1
+    torch._foreach_mul_(expected, decay)
+    torch._foreach_add_(expected, [param.detach() for param in model.matpac.encoder.parameters()], alpha=1 - decay)
+    for teacher, reference in zip(model.teacher_encoder.parameters(), expected, strict=True):
+        assert torch.equal(teacher, reference)
 
 
 def test_one_pass_chunked_embeddings_equal_chunk_by_chunk():
