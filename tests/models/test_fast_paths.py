@@ -171,6 +171,47 @@ def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa(mask_kind):
                 assert torch.all(attention_weights[0, ..., shape[2] // 3 :] == 0)
 
 
+def test_cpu_bf16_training_attention_pads_the_keys_to_the_softmax_width(monkeypatch):
+    """
+    191 keys (MATPAC's predictor) go through the bf16 softmax as 192, the extra key's weight exactly 0: the outputs
+    and gradients are those of the unpadded ops up to bf16 rounding, and the weights come back with 191 keys.
+    """
+    torch.manual_seed(0)
+    lengths = []
+    softmax = torch.nn.functional.softmax
+
+    def spy(scores, *args, **kwargs):
+        lengths.append(scores.shape[-1])
+        return softmax(scores, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", spy)
+    batch_size, num_heads, seq_len, head_dim = 2, 4, 191, 32
+    inputs = [torch.randn(batch_size, num_heads, seq_len, head_dim).bfloat16().requires_grad_() for _ in range(3)]
+    unpadded = [tensor.detach().clone().requires_grad_() for tensor in inputs]
+    scaling = head_dim**-0.5
+    output, weights = cpu_bf16_attention_forward(None, *inputs, None, scaling=scaling)
+    assert lengths == [modeling.CPU_BF16_SOFTMAX_WIDTH * 6]
+    query, key, value = (tensor.flatten(0, 1) for tensor in unpadded)
+    scores = torch.baddbmm(
+        query.new_empty(query.shape[0], seq_len, seq_len), query, key.transpose(1, 2), beta=0, alpha=scaling
+    )
+    expected_weights = softmax(scores, dim=-1)
+    expected = torch.bmm(expected_weights, value).view(batch_size, num_heads, seq_len, head_dim).transpose(1, 2)
+    expected_weights = expected_weights.view(batch_size, num_heads, seq_len, seq_len)
+    assert weights.shape == expected_weights.shape
+    torch.testing.assert_close(weights.float().sum(-1), torch.ones(batch_size, num_heads, seq_len), atol=2e-2, rtol=0)
+    # Only the order of the fp32 sums differs: all but a few elements equal, the others by one bf16 ulp.
+    torch.testing.assert_close(weights, expected_weights, atol=2**-16, rtol=2**-7)
+    torch.testing.assert_close(output, expected, atol=2**-12, rtol=2**-7)
+    assert (weights == expected_weights).float().mean() > 0.999 and (output == expected).float().mean() > 0.999
+    gradient = torch.randn_like(output)
+    output.backward(gradient)
+    expected.backward(gradient)
+    for fast, reference in zip(inputs, unpadded, strict=True):
+        torch.testing.assert_close(fast.grad, reference.grad, atol=2**-10, rtol=2**-7)
+        assert (fast.grad == reference.grad).float().mean() > 0.999
+
+
 def test_bf16_autocast_on_cpu_takes_the_fast_attention_path(monkeypatch):
     calls = []
 
