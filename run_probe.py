@@ -155,7 +155,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
 
 def main(argv: list[str] | None = None) -> list[TaskResult]:
     parser = HfArgumentParser((ModelArguments, DataArguments, ProbeSettings))
-    model_args, data_args, settings = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, settings = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # flags no dataclass has: an argument error, like a bad value
+        parser.error(str(error))
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",

@@ -16,6 +16,7 @@ shapes cannot tell, are arguments.
 """
 
 import argparse
+import importlib
 import logging
 import re
 import shlex
@@ -23,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .configuration_matpac import MatpacConfig
@@ -85,18 +87,77 @@ ENCODER_KEYS = {"cls_token", "pos_embed", "patch_embed.proj.weight"}
 KINDS = ("encoder", "audioset_classifier", "pretraining", "probe_head")
 
 
+# Data-only classes that a fairseq training checkpoint holds besides tensors: its arguments and the numpy numbers of
+# its logged metrics. `torch.load(weights_only=True)` refuses them by default; none can run code when unpickled.
+DATA_ONLY_GLOBALS = re.compile(
+    r"^(argparse\.Namespace"
+    r"|numpy(\._core|\.core)?\.multiarray\.(scalar|_reconstruct)"
+    r"|numpy\.(dtype|ndarray)"
+    r"|numpy\.dtypes\.\w+DType)$"
+)
+
+
+def unreadable_checkpoint(path: Path, error: Exception) -> ValueError:
+    """One line for a file `torch.load` cannot read: its weights-only message wraps the cause in lines of advice."""
+    text = str(error).split("WeightsUnpickler error:")[-1]
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return ValueError(f"{path} is not a readable PyTorch checkpoint: {reason}")
+
+
+def load_pickled_checkpoint(path: Path) -> object:
+    """
+    `torch.load` without running code from the file: tensors and containers, plus `DATA_ONLY_GLOBALS` (for fairseq
+    training checkpoints). Any other class is refused in one line that says how to extract the weights instead.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_error = error
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = []
+    if not names:
+        raise unreadable_checkpoint(path, first_error)
+    refused = [name for name in names if not DATA_ONLY_GLOBALS.match(name)]
+    if refused:
+        raise ValueError(
+            f"{path} holds objects that are not weights ({', '.join(refused)}), which loading would have to run as "
+            "code: in an environment you trust, save the state dict alone, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt'), and convert that."
+        )
+    allowed = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        allowed.append((getattr(importlib.import_module(module), attribute), name))
+    if any(name.startswith("numpy") for name in names):
+        import numpy
+
+        # A numpy scalar's dtype is rebuilt through its class, which the list of globals above does not name.
+        allowed += [
+            (getattr(numpy.dtypes, dtype), f"numpy.dtypes.{dtype}")
+            for dtype in dir(numpy.dtypes)
+            if dtype.endswith("DType")
+        ]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise unreadable_checkpoint(path, error) from None
+
+
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Reads a `.pt` / `.safetensors` checkpoint into a flat dict, `_ema` / `_cls_head_ema` flattened with a dot."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
     if path.suffix == ".safetensors":
-        raw = load_file(path)
-    else:
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+            raw = load_file(path)
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    else:
+        raw = load_pickled_checkpoint(path)
     if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
         raw = raw["model"]  # a fairseq training checkpoint
     if not isinstance(raw, Mapping):

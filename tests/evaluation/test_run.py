@@ -219,11 +219,23 @@ def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):
         run_probe.main([*args, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path)])
 
 
-def test_unknown_dataset_is_an_argument_error(capsys):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "esc100"], "argument --dataset: invalid choice: 'esc100'"),
+        (
+            ["--dataset", "esc50", "--task", "esc50"],
+            "Some specified arguments are not used by the HfArgumentParser: ['--task', 'esc50']",
+        ),
+    ],
+)
+def test_bad_flags_are_argument_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_probe.main(["--dataset", "esc100"])
+        run_probe.main(args)
     assert exit_info.value.code == 2
-    assert "invalid choice: 'esc100'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f".py: error: {message}" in error.splitlines()[-1]
+    assert "Traceback" not in error
 
 
 def test_command_line(tiny_model, data_root, tmp_path):

@@ -123,3 +123,59 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
     )
     assert result.returncode == 2 and "not a readable PyTorch checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class LoggedMeter:
+    """Stands for the objects of a training framework that a checkpoint can pickle besides its weights."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+
+def test_fairseq_training_checkpoint_converts_like_its_state_dict(tmp_path):
+    import argparse
+
+    import numpy
+
+    state = torch.load(FIXTURES / "pretraining_init_state.pt", weights_only=True)
+    training_checkpoint = {
+        "args": argparse.Namespace(arch="matpac", lr=[0.0003]),
+        "cfg": {"common": {"seed": 1}},
+        "model": state,
+        "optimizer_history": [{"optimizer_name": "FairseqAdam", "num_updates": numpy.int64(10)}],
+        "extra_state": {"val_loss": numpy.float32(0.5), "metrics": {"loss": numpy.array([1.5, 2.5])}},
+    }
+    torch.save(training_checkpoint, tmp_path / "checkpoint_last.pt")
+    flat = load_original_state_dict(tmp_path / "checkpoint_last.pt")
+    reference = load_original_state_dict(FIXTURES / "pretraining_init_state.pt")
+    assert flat.keys() == reference.keys() and len(flat) == 93
+    for key, tensor in reference.items():
+        assert torch.equal(flat[key], tensor), key
+
+    training_checkpoint["extra_state"]["meter"] = LoggedMeter(1.5)
+    torch.save(training_checkpoint, tmp_path / "with_objects.pt")
+    with pytest.raises(ValueError) as error:
+        load_original_state_dict(tmp_path / "with_objects.pt")
+    message = str(error.value)
+    assert "holds objects that are not weights (test_convert.LoggedMeter)" in message
+    assert "torch.save(torch.load(path, weights_only=False)['model']" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("pickle.pt", b"\x80\x02garbage", "is not a readable PyTorch checkpoint: "),
+        (
+            "truncated.pt",
+            (FIXTURES / "inference_checkpoint.pt").read_bytes()[:3000],
+            "failed finding central directory",
+        ),
+        ("truncated.safetensors", (FIXTURES / "inference_checkpoint.safetensors").read_bytes()[:2000], "safetensors"),
+    ],
+)
+def test_a_corrupt_checkpoint_is_refused_in_one_line(name, content, message, tmp_path):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_original_state_dict(tmp_path / name)
+    assert str(error.value).startswith(f"{tmp_path / name} is not a readable ")
+    assert "\n" not in str(error.value)
