@@ -123,8 +123,8 @@ def load_pickled_checkpoint(path: Path) -> object:
     if refused:
         raise ValueError(
             f"{path} holds objects that are not weights ({', '.join(refused)}), which loading would have to run as "
-            "code: in an environment you trust, save the state dict alone, e.g. "
-            "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pt'), and convert that."
+            "code: in an environment you trust, load it with weights_only=False, save its 'model' entry alone with "
+            "torch.save, and convert that file."
         )
     allowed = []
     for name in names:
