@@ -653,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, NoUsableClipError,
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError, NoUsableClipError,
             NonFiniteTrainingError) as error:  # fmt: skip
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
         sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")

@@ -352,13 +352,21 @@ def test_bad_flags_end_in_one_clear_error(tmp_path, flags, message):
         run_pretraining.main(["--warmup_steps", "0", "--teacher_temperature_warmup_steps", "1", *arguments])
 
 
-def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0."),
+        (
+            ["--dataset_name", "someone/unreachable", "--dataset_config_name", "full"],
+            "Couldn't reach 'someone/unreachable' on the Hub (OfflineModeIsEnabled)",
+        ),
+    ],
+)
+def test_the_command_line_prints_one_line_and_exits_non_zero(flags, message, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path),
-         "--per_device_train_batch_size", "0"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        [sys.executable, str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path), *flags],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "run_pretraining.py: error: --per_device_train_batch_size must be at least 1, got 0."
-    ]
+    assert result.stderr.strip().splitlines() == [f"run_pretraining.py: error: {message}"]
