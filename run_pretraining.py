@@ -36,6 +36,7 @@ import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
@@ -409,16 +410,27 @@ def check_training_arguments(training_args: MatpacTrainingArguments) -> None:
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why `checkpoint` cannot be resumed from, `None` if it is complete (the Trainer writes its state file last)."""
+    """
+    Why `checkpoint` cannot be resumed from, `None` if it can. The Trainer saves the weights, then the optimizer and
+    scheduler states, then trainer_state.json: a run stopped while saving leaves no valid state file, and a folder
+    with a state file but no optimizer state is a final model or a `--save_only_model` checkpoint, from which the
+    Trainer would silently restart AdamW's moments and the learning-rate schedule.
+    """
     state = checkpoint / "trainer_state.json"
     if not state.is_file():
-        return "it has no trainer_state.json"
+        return "it has no trainer_state.json (the run was stopped while saving it)"
     try:
         json.loads(state.read_text())
     except ValueError:
-        return "its trainer_state.json is empty or truncated"
+        return "its trainer_state.json is empty or truncated (the run was stopped while saving it)"
     if not any((checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         return "it has no model weights"
+    missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (checkpoint / name).is_file()]
+    if missing:
+        return (
+            f"it has no {' or '.join(missing)} (a final model folder, or a checkpoint saved with --save_only_model), "
+            "so resuming would restart AdamW's moments and the learning-rate schedule"
+        )
     return None
 
 
@@ -440,8 +452,7 @@ def resolve_resume(training_args: MatpacTrainingArguments) -> None:
                 logger.info("Resuming from %s, the last complete checkpoint of %s.", checkpoint, output_dir)
                 training_args.resume_from_checkpoint = str(checkpoint)
                 return
-            logger.warning("Skipping the incomplete checkpoint %s: %s (the run was stopped while saving it).",
-                           checkpoint, problem)  # fmt: skip
+            logger.warning("Skipping the incomplete checkpoint %s: %s.", checkpoint, problem)
         raise ValueError(f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint.")
     checkpoint = Path(value)
     if not checkpoint.is_dir():
@@ -449,8 +460,9 @@ def resolve_resume(training_args: MatpacTrainingArguments) -> None:
     problem = checkpoint_problem(checkpoint)
     if problem is not None:
         raise ValueError(
-            f"--resume_from_checkpoint {value!r} is not a complete checkpoint: {problem} (the run was probably "
-            "stopped while saving it). Resume from an earlier one, or with `--resume_from_checkpoint last`."
+            f"--resume_from_checkpoint {value!r} is not a complete checkpoint: {problem}. Resume from a complete one "
+            "(`--resume_from_checkpoint last` finds the last), or start a new run from its weights with "
+            "--model_name_or_path."
         )
 
 
@@ -648,6 +660,9 @@ def main(argv: list[str] | None = None) -> None:
             training_args.output_dir,
             training_args.output_dir,
         )
+    # The end of a distributed script, as torch and accelerate ask: a process group left to the interpreter's exit
+    # makes NCCL warn, and a gloo one can abort a process (SIGABRT) after everything was saved.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -113,3 +113,6 @@ if __name__ == "__main__":
     rank = trainer.args.process_index
     state = {name: tensor.clone() for name, tensor in trainer.pretraining_model.state_dict().items()}
     torch.save({"state": state, "log_history": trainer.state.log_history}, f"{output_dir}/rank{rank}.pt")
+    # As run_pretraining.py does. Left to the interpreter's exit, the gloo group now and then aborted a rank of this
+    # worker in the test suite (SIGABRT, "terminate called without an active exception").
+    trainer.accelerator.end_training()

@@ -270,6 +270,13 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_s
 
     with pytest.raises(ValueError, match=r"already holds the checkpoints of a run \(last: .*checkpoint-2\)"):
         run_main(output_dir, "--max_steps", "2")
+    # The run's final folder has the weights and trainer_state.json but no optimizer or scheduler state: resuming
+    # from it restarted AdamW and the warm-up without a word.
+    with pytest.raises(
+        ValueError, match=r"'.*run' is not a complete checkpoint: it has no optimizer.pt or scheduler.pt"
+    ):
+        run_main(tmp_path / "continued", "--max_steps", "4", "--resume_from_checkpoint", str(output_dir))
+    assert not (tmp_path / "continued" / "model.safetensors").exists()
 
     (output_dir / "checkpoint-2" / "trainer_state.json").write_text("")  # killed while saving
     with pytest.raises(
@@ -370,3 +377,24 @@ def test_the_command_line_prints_one_line_and_exits_non_zero(flags, message, tmp
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"run_pretraining.py: error: {message}"]
+
+
+def test_the_script_tears_its_process_group_down(tmp_path):
+    """A distributed run ends by destroying its process group, before the interpreter's exit does it in disorder."""
+    code = "; ".join(
+        [
+            "import sys, torch.distributed as dist",
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)",
+            "import run_pretraining",
+            f"run_pretraining.main(['--output_dir', {str(tmp_path / 'out')!r}, '--config_overrides', {TINY!r}, "
+            "'--max_steps', '1', '--builtin_corpus_clips', '4', '--per_device_train_batch_size', '2'])",
+            "print('process group left:', dist.is_initialized())",
+        ]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "process group left: False" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
