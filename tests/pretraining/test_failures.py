@@ -383,7 +383,7 @@ def test_the_script_tears_its_process_group_down(tmp_path):
     """A distributed run ends by destroying its process group, before the interpreter's exit does it in disorder."""
     code = "; ".join(
         [
-            "import sys, torch.distributed as dist",
+            "import torch.distributed as dist",
             f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'store'}', rank=0, world_size=1)",
             "import run_pretraining",
             f"run_pretraining.main(['--output_dir', {str(tmp_path / 'out')!r}, '--config_overrides', {TINY!r}, "
