@@ -10,7 +10,8 @@ Each pre-training and embedding measurement runs in a fresh process, so that its
 pre-training step is measured for MATPAC and for MATPAC++ (5 multiple-choice prediction heads). The `trainer` section
 trains MATPAC with `MatpacTrainer` end to end (log-mel cache, DataLoader workers, the scripts' arguments) and reports
 its rate against the benchmark's step, the graphs a compiled run compiled and, on CUDA, the host-device
-synchronisations of its steps.
+synchronisations of its steps. On CUDA each pre-training row is followed by the step's GPU time by kernel kind
+(products, attention, the foreach passes of clipping, EMA and AdamW, and the rest), from a profiler trace.
 """
 
 import argparse
@@ -19,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -72,6 +74,16 @@ SECTIONS = ("matmul", "frontend", "resampling", "pipeline", "pretraining", "trai
 SYNC_WARNING = "called a synchronizing CUDA operation"
 # Trainer steps before the timed ones (compilation, the loader's start); the first of them is logged.
 TRAINER_WARMUP_STEPS = 10
+# Steps of the pre-training measurement run again under the profiler on CUDA, for its GPU time by kernel kind.
+PROFILED_STEPS = 3
+# What each kind of library GPU kernel is called; the first pattern that matches wins, so attention comes before the
+# products (flash and memory-efficient attention are CUTLASS kernels too).
+KERNEL_KINDS = {
+    "attention": re.compile(r"flash|fmha|attention|sdpa", re.IGNORECASE),
+    "products": re.compile(r"gemm|xmma|nvjet|cutlass|cublas|cudnn", re.IGNORECASE),
+    "foreach (clip, EMA, AdamW)": re.compile(r"multi_tensor_apply"),
+    "copies": re.compile(r"^mem(cpy|set)", re.IGNORECASE),
+}
 
 
 @dataclass
@@ -99,6 +111,59 @@ def timed(function, repeats: int, device: torch.device) -> float:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def kernel_kind(name: str) -> str:
+    """
+    The kind of a GPU kernel by its name: "other" is elementwise work, reductions, softmax and norms. Kernels that
+    Inductor generates are named after the ops they fuse (`triton_poi_fused_..._flash_attention_0` is elementwise):
+    its templates (`triton_tem_`) are products, its other kernels "other".
+    """
+    if name.startswith("triton_"):
+        return "products" if name.startswith("triton_tem_") else "other"
+    return next((kind for kind, pattern in KERNEL_KINDS.items() if pattern.search(name)), "other")
+
+
+def profiled_kernels(function, calls: int) -> list[tuple[str, float, float]]:
+    """`(name, start, end)` in microseconds of every CUDA kernel and copy that `calls` calls of `function` run."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            function()
+        torch.cuda.synchronize()
+    return [
+        (event.name, event.time_range.start, event.time_range.end)
+        for event in profile.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    ]
+
+
+def gpu_time_by_kind(kernels: list[tuple[str, float, float]], steps: int, top: int = 3) -> dict[str, object]:
+    """
+    Milliseconds per step of the GPU's kernels by `kernel_kind`, the time it was busy (the union of the kernels'
+    intervals, as streams may overlap) and the costliest "other" kernels: where a step's time goes beside its products.
+    """
+    by_kind, others = {}, {}
+    for name, start, end in kernels:
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e3 / steps
+        if kind == "other":
+            others[name] = others.get(name, 0.0) + (end - start) / 1e3 / steps
+    busy, covered_until = 0.0, float("-inf")
+    for _, start, end in sorted(kernels, key=lambda kernel: kernel[1]):
+        busy += max(0.0, end - max(start, covered_until))
+        covered_until = max(covered_until, end)
+    costliest = sorted(others.items(), key=lambda item: -item[1])[:top]
+    return {"busy_ms": busy / 1e3 / steps, "by_kind_ms": by_kind, "costliest_other_ms": dict(costliest)}
+
+
+def format_gpu_time(gpu: dict[str, object], step_ms: float) -> str:
+    """`gpu_time_by_kind` in one table cell, beside the measured step time."""
+    busy = gpu["busy_ms"]
+    kinds = sorted(gpu["by_kind_ms"].items(), key=lambda item: -item[1])
+    parts = ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / busy:.0f} %)" for kind, ms in kinds)
+    others = ", ".join(f"{name[:60]} {ms:.1f} ms" for name, ms in gpu["costliest_other_ms"].items())
+    return f"{parts}; GPU idle {max(step_ms - busy, 0.0):.1f} of the {step_ms:.1f} ms step; costliest other: {others}"
 
 
 def block_flops(tokens: int, width: int, mlp: int) -> int:
@@ -198,7 +263,10 @@ def measure_pretraining(
 
     seconds = timed(step, steps, device)
     flops = sum(pretraining_flops(config).values()) * batch_size
-    return {"seconds": seconds, "memory_gb": peak_memory_gb(device), "gflops": flops / seconds / 1e9}
+    result = {"seconds": seconds, "memory_gb": peak_memory_gb(device), "gflops": flops / seconds / 1e9}
+    if device.type == "cuda":
+        result["gpu"] = gpu_time_by_kind(profiled_kernels(step, PROFILED_STEPS), PROFILED_STEPS)
+    return result
 
 
 def measure_embedding(config_kwargs: dict, seconds: tuple[float, ...], device: str, dtype: str, repeats: int):
@@ -437,6 +505,9 @@ def bench_pretraining(args, device: torch.device, seconds: dict) -> list[Row]:
             case = f"{args.size}, batch {args.batch_size}, {dtype}{', compiled' if args.compile else ''}"
             case += f", {variant}" if variant != "MATPAC" else ""
             rows.append(Row("pretraining", case, args.batch_size / result["seconds"], "samples/s", detail))
+            if "gpu" in result:
+                gpu, detail = result["gpu"], format_gpu_time(result["gpu"], 1e3 * result["seconds"])
+                rows.append(Row("pretraining", f"{case}: GPU time by kernel", gpu["busy_ms"], "ms/step", detail))
     for variant, variant_kwargs in VARIANTS.items():
         flops = pretraining_flops(MatpacConfig(**SIZES[args.size], **variant_kwargs))
         parts = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in flops.items())

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling_matpac import MatpacConfig
 
@@ -88,8 +89,6 @@ def test_step_clock_counts_synchronisations_not_the_debug_modes_own_notice(monke
     import warnings
     from types import SimpleNamespace
 
-    import torch
-
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     monkeypatch.setattr(benchmarks, "synchronize", lambda device: None)
@@ -102,3 +101,67 @@ def test_step_clock_counts_synchronisations_not_the_debug_modes_own_notice(monke
         clock.on_step_end(None, state, None)
     assert modes == ["warn", "default"]
     assert clock.syncs == 2 and clock.seconds >= 0
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("nvjet_tst_192x192_64x4_1x2_h_bz_coopA_NNT", "products"),
+        (
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas",
+            "products",
+        ),
+        (
+            "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)",
+            "products",
+        ),
+        ("triton_tem_fused_addmm_7", "products"),
+        (
+            "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, cutlass::bfloat16_t>>()",
+            "attention",
+        ),
+        (
+            "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<>::Params)",
+            "attention",
+        ),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, "
+            "at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, (at::native::ADAM_MODE)1, false>>()",
+            "foreach (clip, EMA, AdamW)",
+        ),
+        ("Memcpy HtoD (Pageable -> Device)", "copies"),
+        ("Memset (Device)", "copies"),
+        ("triton_poi_fused__scaled_dot_product_flash_attention_add_0", "other"),
+        ("triton_red_fused__to_copy_native_layer_norm_3", "other"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>()", "other"),
+        ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<8, c10::BFloat16, float>()", "other"),
+    ],
+)
+def test_gpu_kernels_are_sorted_by_kind(name, kind):
+    assert benchmarks.kernel_kind(name) == kind
+
+
+def test_gpu_time_counts_overlapping_streams_once_and_names_the_costliest_other_kernels():
+    # Two steps (microseconds): a product that overlaps an elementwise kernel on another stream for 100 us.
+    kernels = [
+        ("nvjet_tst_a", 0.0, 1000.0),
+        ("triton_poi_fused_add_0", 900.0, 1300.0),
+        ("triton_red_fused_sum_1", 1400.0, 1500.0),
+        ("nvjet_tst_a", 2000.0, 3000.0),
+        ("triton_poi_fused_add_0", 3000.0, 3400.0),
+        ("Memset (Device)", 3400.0, 3410.0),
+    ]
+    gpu = benchmarks.gpu_time_by_kind(kernels, steps=2, top=1)
+    assert gpu["busy_ms"] == pytest.approx((1300 + 100 + 1410) / 1e3 / 2)
+    assert gpu["by_kind_ms"] == pytest.approx({"products": 1.0, "other": 0.45, "copies": 0.005})
+    assert gpu["costliest_other_ms"] == pytest.approx({"triton_poi_fused_add_0": 0.4})
+    detail = benchmarks.format_gpu_time(gpu, step_ms=2.0)
+    assert detail.startswith("products 1.0 ms (71 %), other 0.5 ms (32 %), copies 0.0 ms (0 %); GPU idle 0.6 of")
+    assert detail.endswith("costliest other: triton_poi_fused_add_0 0.4 ms")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_profiled_kernels_of_products_are_products():
+    left = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    gpu = benchmarks.gpu_time_by_kind(benchmarks.profiled_kernels(lambda: left @ left, calls=2), steps=2)
+    assert gpu["by_kind_ms"]["products"] > 0.9 * gpu["busy_ms"] > 0
