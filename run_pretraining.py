@@ -267,7 +267,7 @@ def resolve_schedules(
 ) -> None:
     """Turns the recipe's epochs into optimizer steps, or asks for steps when the dataset size is unknown."""
     steps_per_epoch = math.ceil(dataset_size / global_batch_size(training_args)) if dataset_size else None
-    if training_args.max_steps <= 0:
+    if training_args.max_steps == -1:
         if steps_per_epoch is None:
             raise ValueError(
                 "The dataset's size is unknown (a stream without a declared size): give the schedule in steps with "
@@ -400,6 +400,17 @@ def check_training_arguments(training_args: MatpacTrainingArguments) -> None:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(training_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(training_args, name)}.")
+    # Read as "not given", as the Trainer reads any max_steps <= 0, these would train for the epochs (300 by default).
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps must be a positive number of steps, or -1 to train for --num_train_epochs; got "
+            f"{training_args.max_steps}."
+        )
+    if training_args.max_steps == -1 and training_args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs:g}.")
+    # The Trainer gives the decay to AdamW per parameter group, where torch does not check its sign.
+    if training_args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must be at least 0, got {training_args.weight_decay:g}.")
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {training_args.output_dir!r} is a file, not a folder.")

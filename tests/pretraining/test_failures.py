@@ -330,6 +330,10 @@ def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_i
     [
         (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+        # The Trainer read both as "train for the epochs": 1,800 steps of the built-in corpus, or a confusing error.
+        (["--max_steps", "0"], "--max_steps must be a positive number of steps, or -1 to train for --num_train_"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs must be positive, got 0."),
+        (["--weight_decay", "-0.05"], "--weight_decay must be at least 0, got -0.05."),  # AdamW took it per group
         (["--config_overrides", "hidden_size=32,oops"], r"name=value items .*got \['oops'\]"),
         (["--model_name_or_path", "{tmp}/no-model"], "--model_name_or_path '.*no-model' is not a model folder"),
         (["--fp16", "--use_cpu"], "--fp16 needs a CUDA GPU"),
