@@ -55,6 +55,12 @@ class ModelArguments:
     extraction_batch_size: int = field(default=8, metadata={"help": "Clips encoded per forward pass."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Processes decoding audio during extraction."})
 
+    def __post_init__(self):
+        if self.extraction_batch_size < 1:
+            raise ValueError(f"extraction_batch_size must be at least 1, got {self.extraction_batch_size}.")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"dataloader_num_workers must be at least 0, got {self.dataloader_num_workers}.")
+
 
 @dataclass
 class DataArguments:

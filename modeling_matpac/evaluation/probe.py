@@ -53,6 +53,27 @@ class ProbeSettings:
         default=None, metadata={"help": "Device for extraction and probing (default: cuda if available)."}
     )
 
+    def __post_init__(self):
+        """Values that would crash deep in the training loop, or train nothing and report a number anyway."""
+        for name in ("batch_size", "max_epochs", "patience", "num_runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate:g}.")
+        if self.seed < 0:
+            raise ValueError(f"seed must be at least 0, got {self.seed}.")
+        if not 0 < self.valid_fraction < 1:
+            raise ValueError(f"valid_fraction must be between 0 and 1, got {self.valid_fraction:g}.")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')."
+                ) from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r}, but no CUDA device is available.")
+
 
 @dataclass
 class Split:

@@ -174,3 +174,9 @@ def test_results_table_and_files(tmp_path):
     assert saved["settings"]["probe"]["learning_rate"] == 1e-4
     assert saved["results"][0]["runs"] == pytest.approx([80.0, 90.0, 100.0])
     assert markdown_path.read_text().strip() == table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_without_a_gpu_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="device 'cuda:0', but no CUDA device is available"):
+        ProbeSettings(device="cuda:0")

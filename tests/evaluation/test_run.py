@@ -227,6 +227,15 @@ def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):
             ["--dataset", "esc50", "--task", "esc50"],
             "Some specified arguments are not used by the HfArgumentParser: ['--task', 'esc50']",
         ),
+        # Before: tracebacks (a split size of 0, a None best probe, an empty list of runs, torch's device errors), or
+        # a probe that never trained reported at chance level, or a validation fraction that did not apply.
+        (["--dataset", "esc50", "--batch_size", "0"], "batch_size must be at least 1, got 0."),
+        (["--dataset", "esc50", "--max_epochs", "0"], "max_epochs must be at least 1, got 0."),
+        (["--dataset", "esc50", "--num_runs", "0"], "num_runs must be at least 1, got 0."),
+        (["--dataset", "esc50", "--learning_rate", "0"], "learning_rate must be positive, got 0."),
+        (["--dataset", "esc50", "--valid_fraction", "1"], "valid_fraction must be between 0 and 1, got 1."),
+        (["--dataset", "esc50", "--device", "gpu"], "device 'gpu' is not a torch device"),
+        (["--dataset", "esc50", "--extraction_batch_size", "0"], "extraction_batch_size must be at least 1, got 0."),
     ],
 )
 def test_bad_flags_are_argument_errors(args, message, capsys):
