@@ -584,21 +584,43 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def count(minimum: int):
+    """An argparse type: a whole number of at least `minimum` (a timing of 0 steps has no median)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="base", help="Model size (base = the published ViT-B).")
-    parser.add_argument("--batch_size", type=int, default=8, help="Pre-training batch size.")
+    parser.add_argument("--batch_size", type=count(1), default=8, help="Pre-training batch size.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16 (autocast).")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {SECTIONS}.")
-    parser.add_argument("--steps", type=int, default=5, help="Timed pre-training steps (after one warm-up step).")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed repeats of the other measurements.")
-    parser.add_argument("--pipeline_clips", type=int, default=16, help="Audio files decoded by the pipeline test.")
+    parser.add_argument("--steps", type=count(1), default=5, help="Timed pre-training steps (after one warm-up step).")
+    parser.add_argument("--repeats", type=count(1), default=3, help="Timed repeats of the other measurements.")
+    parser.add_argument(
+        "--pipeline_clips", type=count(1), default=16, help="Audio files decoded by the pipeline test."
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the pre-training model.")
     parser.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers of the trainer section (8 on CUDA, 1 on CPU)."
+        "--workers",
+        type=count(0),
+        default=None,
+        help="DataLoader workers of the trainer section (8 on CUDA, 1 on CPU).",
     )
-    parser.add_argument("--trainer_clips", type=int, default=32, help="Clips in the trainer section's log-mel cache.")
+    parser.add_argument(
+        "--trainer_clips", type=count(1), default=32, help="Clips in the trainer section's log-mel cache."
+    )
     parser.add_argument("--output", default="benchmarks/results.json", help="Where the JSON results go.")
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes.split(",")

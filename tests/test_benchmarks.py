@@ -70,10 +70,19 @@ def test_matpac_plus_plus_adds_the_flops_of_four_more_heads():
     }
 
 
-def test_bad_arguments_are_refused(capsys):
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--dtypes", "fp8"], "unknown dtype 'fp8'"),
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),  # before: no median of no timing
+        (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+        (["--batch_size", "8.5"], "argument --batch_size: not a whole number: '8.5'"),
+    ],
+)
+def test_bad_arguments_are_refused(arguments, message, capsys):
     with pytest.raises(SystemExit):
-        benchmarks.main(["--dtypes", "fp8"])
-    assert "unknown dtype 'fp8'" in capsys.readouterr().err
+        benchmarks.main(arguments)
+    assert message in capsys.readouterr().err
 
 
 def test_embedding_flops_count_the_short_last_chunk_at_its_length():
