@@ -213,7 +213,7 @@ def infer_config(
         num_frames=num_positions // (num_mel_bins // patch_size) * patch_size,
         hidden_size=hidden_size,
         num_hidden_layers=_count_blocks(state_dict, "student_encoder.blocks."),
-        num_attention_heads=num_attention_heads or max(hidden_size // 64, 1),
+        num_attention_heads=max(hidden_size // 64, 1) if num_attention_heads is None else num_attention_heads,
         intermediate_size=state_dict["student_encoder.blocks.0.mlp.fc1.weight"].shape[0],
         qkv_bias="student_encoder.blocks.0.attn.qkv.bias" in state_dict,
     )
@@ -222,7 +222,11 @@ def infer_config(
         kwargs.update(
             predictor_hidden_size=predictor_hidden_size,
             predictor_num_hidden_layers=_count_blocks(state_dict, "decoder.decoder_blocks."),
-            predictor_num_attention_heads=predictor_num_attention_heads or max(predictor_hidden_size // 32, 1),
+            predictor_num_attention_heads=(
+                max(predictor_hidden_size // 32, 1)
+                if predictor_num_attention_heads is None
+                else predictor_num_attention_heads
+            ),
             predictor_intermediate_size=state_dict["decoder.decoder_blocks.0.mlp.fc1.weight"].shape[0],
         )
     num_hypotheses = _count_blocks(state_dict, "mcl_heads.mcl_heads.")
@@ -383,6 +387,8 @@ def convert_checkpoint(
     unless `encoder_only`; encoder weights always become a `MatpacModel`.
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
     original = load_original_state_dict(checkpoint)
     try:
         detected = detect_kind(original)

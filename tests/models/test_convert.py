@@ -125,6 +125,18 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_head_count_of_0_and_a_file_for_output_dir_are_refused(tmp_path):
+    """Before: 0 heads meant the default count (a model saved without a word), a file an AssertionError traceback."""
+    with pytest.raises(ValueError, match="`num_attention_heads` must be positive, got 0"):
+        convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "out", num_attention_heads=0)
+    with pytest.raises(ValueError, match="`predictor_num_attention_heads` must be positive, got 0"):
+        convert_checkpoint(FIXTURES / "pretraining_init_state.pt", tmp_path / "out", predictor_num_attention_heads=0)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="--output_dir '.*a-file' is a file, not a folder"):
+        convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "a-file", **FIXTURE_HEADS)
+
+
 class LoggedMeter:
     """Stands for the objects of a training framework that a checkpoint can pickle besides its weights."""
 
