@@ -112,6 +112,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         raise ValueError("Pass either --dataset NAME or --all.")
     if data_args.all and data_args.hub_dataset:
         raise ValueError("--hub_dataset names one task's data: use it with --dataset, not --all.")
+    folders = {
+        "--output_dir": data_args.output_dir,
+        "--cache_dir": data_args.cache_dir,
+        "--save_head": data_args.save_head,
+    }
+    for flag, folder in folders.items():  # checked first: the head and the results are written after all the work
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder!r} is a file, not a folder.")
     layer = parse_layer(model_args.layer)
     if data_args.save_head and layer != "last":
         raise ValueError("--save_head puts the probe on pooler_output (the last layer): leave --layer at 'last'.")

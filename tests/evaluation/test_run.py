@@ -211,9 +211,13 @@ def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data
         ),
         (["--dataset", "esc50", "--layer", "top"], "--layer must be 'last', 'all' or a block number"),
         (["--all", "--hub_dataset", "x"], "use it with --dataset, not --all"),
+        # Before: tracebacks, for --save_head only after the whole probe had run, with its results unwritten.
+        (["--dataset", "esc50", "--save_head", "{empty}/a-file"], "--save_head '.*a-file' is a file, not a folder."),
+        (["--dataset", "esc50", "--cache_dir", "{empty}/a-file"], "--cache_dir '.*a-file' is a file, not a folder."),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):
+    (tmp_path / "a-file").write_text("")
     args = [arg.replace("{empty}", str(tmp_path)) for arg in args]
     with pytest.raises(SystemExit, match=message):
         run_probe.main([*args, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path)])
