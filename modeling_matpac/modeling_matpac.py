@@ -784,11 +784,12 @@ class MatpacModel(MatpacPreTrainedModel):
     ) -> MatpacModelOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
-            Normalised log-mel from [`MatpacFeatureExtractor`], any number of frames (at least one).
+            Normalised log-mel from [`MatpacFeatureExtractor`], at least one clip of any number of frames (at least
+            one).
         attention_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*):
             1 for the frames of each clip, 0 for batch padding (at the end of the clip: elsewhere it is a hole).
         """
-        if input_values.ndim != 3 or input_values.shape[1] != self.config.num_mel_bins or input_values.shape[2] < 1:
+        if input_values.ndim != 3 or input_values.shape[1] != self.config.num_mel_bins or 0 in input_values.shape:
             raise ValueError(
                 f"`input_values` must have shape (batch, {self.config.num_mel_bins}, frames), got "
                 f"{tuple(input_values.shape)}."
@@ -1050,7 +1051,7 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         """
         config = self.config
         expected = (config.num_mel_bins, config.num_frames)
-        if input_values.ndim != 3 or tuple(input_values.shape[1:]) != expected:
+        if input_values.ndim != 3 or tuple(input_values.shape[1:]) != expected or len(input_values) == 0:
             raise ValueError(
                 f"`input_values` must have shape (batch, {expected[0]}, {expected[1]}), got "
                 f"{tuple(input_values.shape)}."

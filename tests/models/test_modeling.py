@@ -126,7 +126,12 @@ def test_output_layout_and_tuple_return(tiny_config):
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((2, 64, 100), "must have shape"), ((80, 100), "must have shape"), ((2, 80, 0), "must have shape")],
+    [
+        ((2, 64, 100), "must have shape"),
+        ((80, 100), "must have shape"),
+        ((2, 80, 0), "must have shape"),
+        ((0, 80, 100), r"must have shape \(batch, 80, frames\), got \(0, 80, 100\)"),  # was a ZeroDivisionError
+    ],
 )
 def test_bad_input_shapes(tiny_config, shape, message):
     with pytest.raises(ValueError, match=message):

@@ -233,3 +233,11 @@ def test_forward_compiles_without_graph_breaks_and_tensor_steps_match_int_steps(
             int_outputs = model(values, noise=noise, step=step)
             torch.testing.assert_close(tensor_outputs.loss, int_outputs.loss, atol=1e-6, rtol=0)
             assert tensor_outputs.teacher_temperature.item() == pytest.approx(model.teacher_temperature(step))
+
+
+@pytest.mark.parametrize("shape", [(2, 80, 100), (0, 80, 608)])
+def test_input_of_another_size_or_no_clip_is_refused(shape):
+    """An empty batch was a reshape error deep in the attention."""
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs()))
+    with pytest.raises(ValueError, match=rf"must have shape \(batch, 80, 608\), got \({', '.join(map(str, shape))}\)"):
+        model(torch.zeros(shape))
