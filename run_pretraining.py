@@ -477,6 +477,29 @@ def resolve_resume(training_args: MatpacTrainingArguments) -> None:
         )
 
 
+# What a saved config records about its file rather than about the model.
+CONFIG_METADATA = {"_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype", "transformers_version"}
+
+
+def check_resumed_config(config: MatpacConfig, checkpoint: str) -> None:
+    """
+    A resumed run continues the checkpoint's run: this command's config (its --config_overrides or
+    --model_name_or_path, and the schedules its flags set) must be the checkpoint's. The Trainer would load the weights
+    into whatever model the command builds, and go on with another mask ratio or schedule without a word.
+    """
+    saved, current = MatpacConfig.from_pretrained(checkpoint).to_dict(), config.to_dict()
+    differences = [
+        f"{name} {saved.get(name)!r} (now {current.get(name)!r})"
+        for name in sorted(set(saved) | set(current))
+        if name not in CONFIG_METADATA and saved.get(name) != current.get(name)
+    ]
+    if differences:
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint!r} continues a run of another config: {', '.join(differences)}. "
+            "Resume with that run's flags, or start a new run from its weights with --model_name_or_path."
+        )
+
+
 def check_output_dir(training_args: MatpacTrainingArguments) -> None:
     """
     A new run needs an --output_dir without another run's files (whose checkpoints it would mix with, or rotate away
@@ -644,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
             train_dataset.dataset_size,
         )
     resolve_schedules(model_args, training_args, config, dataset_size)
+    if training_args.resume_from_checkpoint is not None:
+        check_resumed_config(config, training_args.resume_from_checkpoint)
     log_recipe(training_args, config, dataset_size, training_args.device.type, check_paper=not builtin)
     logger.info(
         "Pre-training a %s encoder of %s parameters.",

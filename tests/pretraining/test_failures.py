@@ -288,6 +288,11 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_s
         run_main(output_dir, "--max_steps", "3", "--resume_from_checkpoint", "last")
     assert "Skipping the incomplete checkpoint" in caplog.text and "checkpoint-2" in caplog.text
     assert global_step(output_dir / "checkpoint-3") == 3 and global_step(output_dir / "checkpoint-2") == 2
+    # Another config went on silently (here another mask ratio) or loaded the weights into another model.
+    with pytest.raises(ValueError, match=r"continues a run of another config: mask_ratio 0.7 \(now 0.5\)\. Resume"):
+        overrides = f"{TINY},mask_ratio=0.5"
+        run_main(output_dir, "--max_steps", "4", "--resume_from_checkpoint", "last", "--config_overrides", overrides)
+    assert not (output_dir / "checkpoint-4").exists()
 
     run_main(output_dir, "--max_steps", "1", "--overwrite_output_dir")
     assert [path.name for path in output_dir.glob("checkpoint-*")] == ["checkpoint-1"]
