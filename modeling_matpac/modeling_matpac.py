@@ -784,8 +784,7 @@ class MatpacModel(MatpacPreTrainedModel):
     ) -> MatpacModelOutput:
         r"""
         input_values (`torch.FloatTensor` of shape `(batch_size, num_mel_bins, frames)`):
-            Normalised log-mel from [`MatpacFeatureExtractor`], at least one clip of any number of frames (at least
-            one).
+            Normalised log-mel from [`MatpacFeatureExtractor`]: one clip or more, of one frame or more.
         attention_mask (`torch.LongTensor` of shape `(batch_size, frames)`, *optional*):
             1 for the frames of each clip, 0 for batch padding (at the end of the clip: elsewhere it is a hole).
         """
