@@ -265,7 +265,16 @@ def measure_pretraining(
     flops = sum(pretraining_flops(config).values()) * batch_size
     result = {"seconds": seconds, "memory_gb": peak_memory_gb(device), "gflops": flops / seconds / 1e9}
     if device.type == "cuda":
-        result["gpu"] = gpu_time_by_kind(profiled_kernels(step, PROFILED_STEPS), PROFILED_STEPS)
+        # A diagnostic: a profiler that cannot trace the GPU (no CUPTI) must not cost the measurement above.
+        try:
+            kernels = profiled_kernels(step, PROFILED_STEPS)
+        except RuntimeError as error:
+            kernels = []
+            logger.warning("No GPU time by kernel: the profiler failed (%s).", str(error).strip().splitlines()[0])
+        if kernels:
+            result["gpu"] = gpu_time_by_kind(kernels, PROFILED_STEPS)
+        else:
+            logger.warning("No GPU time by kernel: the profiler recorded no CUDA kernel.")
     return result
 
 
