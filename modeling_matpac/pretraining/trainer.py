@@ -7,6 +7,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..modeling_matpac import MatpacForPreTraining
@@ -46,6 +47,39 @@ class _TeacherUpdateCallback(TrainerCallback):
             self.trainer.check_finite()
 
 
+class _GlobalBatchRecord(TrainerCallback, ExportableState):
+    """
+    Keeps the run's global batch (clips per optimizer step) in each checkpoint's trainer state, and warns when a run
+    resumes with another: its schedules go on in steps, each of another number of clips, which the Trainer does not
+    mention.
+    """
+
+    def __init__(self, size: int | None = None):
+        self.size = size  # set when training begins
+
+    def state(self) -> dict:
+        return {"args": {"size": self.size}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        # A resumed state holds the checkpoint's record, or none (a checkpoint from before this record).
+        name = type(self).__name__
+        recorded = state.stateful_callbacks.get(name, {}).get("args", {}).get("size")
+        if recorded is not None and recorded != self.size:
+            logger.warning(
+                "This run resumes at step %d with a global batch of %d clips (%d per device x %d accumulation steps "
+                "x %d processes); the checkpoint's run had %d. Its schedules go on in steps of %d clips.",
+                state.global_step,
+                self.size,
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps,
+                args.world_size,
+                recorded,
+                self.size,
+            )
+        state.stateful_callbacks[name] = self.state()
+
+
 class MatpacTrainer(Trainer):
     """
     Trains [`MatpacForPreTraining`] with the standard `Trainer` loop. Per optimizer step, after the backward of the
@@ -80,6 +114,7 @@ class MatpacTrainer(Trainer):
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
+        self.add_callback(_GlobalBatchRecord())
 
     def reset_accumulators(self, global_step: int) -> None:
         """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""

@@ -299,6 +299,23 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_s
     assert global_step(output_dir / "checkpoint-1") == 1
 
 
+def test_a_resume_with_another_global_batch_says_so(tmp_path, caplog):
+    """Before: a changed per-device batch drew the Trainer's warning; more accumulation steps or processes, none."""
+    output_dir = tmp_path / "run"
+    run_main(output_dir, "--max_steps", "2")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_main(
+            output_dir, "--max_steps", "3", "--resume_from_checkpoint", "last", "--gradient_accumulation_steps", "2"
+        )
+    assert (
+        "This run resumes at step 2 with a global batch of 4 clips (2 per device x 2 accumulation steps x 1 "
+        "processes); the checkpoint's run had 2." in caplog.text
+    )
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["_GlobalBatchRecord"]["args"] == {"size": 4}
+
+
 def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_is_named(tmp_path):
     """
     Before: `--overwrite_cache` deleted the old cache before the new build succeeded, and a truncated shard gave a
