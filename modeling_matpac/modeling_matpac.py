@@ -976,7 +976,6 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
             weights = torch.where(soft_phase, soft_weights, weights)
         return (weights * head_losses).sum(-1), weights, winner
 
-    @torch.no_grad()
     def update_teachers_and_center(
         self,
         step: int,
@@ -986,19 +985,28 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
     ) -> tuple[float, float]:
         """
         The teacher side of optimizer step `step`, to call once per step after its backward and before
-        `optimizer.step()` (the authors' timing, which the fixtures pin):
+        `optimizer.step()` (the authors' timing, which the fixtures pin): [`~MatpacForPreTraining.update_center`], then
+        [`~MatpacForPreTraining.update_teachers`]. Returns the two decays (NaN where nothing was done).
+        """
+        self.update_center(teacher_sum, teacher_count)
+        return self.update_teachers(step, anneal_end_step)
 
-        1. the centre moves toward the step's teacher statistics, `C <- m C + (1 - m) teacher_sum / teacher_count`,
-           with `teacher_sum` and `teacher_count` of the forward outputs summed over the step's micro-batches and
-           processes;
-        2. each teacher moves toward the student's current weights (those that produced the step's loss),
-           `T <- d T + (1 - d) S`, unless its decay (`ema_decays(step, anneal_end_step)`) is 1; as in the authors'
-           code there is no update at step 0.
-
-        Returns the two decays (NaN where nothing was done).
+    @torch.no_grad()
+    def update_center(self, teacher_sum: torch.Tensor, teacher_count: torch.Tensor | float) -> None:
+        """
+        Moves the centre toward the step's teacher statistics, `C <- m C + (1 - m) teacher_sum / teacher_count`, with
+        `teacher_sum` and `teacher_count` of the forward outputs summed over the step's micro-batches and processes.
         """
         batch_mean = (teacher_sum.float() / teacher_count).view_as(self.center)
         self.center.mul_(self.config.center_momentum).add_(batch_mean, alpha=1 - self.config.center_momentum)
+
+    @torch.no_grad()
+    def update_teachers(self, step: int, anneal_end_step: int | None = None) -> tuple[float, float]:
+        """
+        Moves each teacher toward the student's current weights (those that produced the step's loss),
+        `T <- d T + (1 - d) S`, unless its decay (`ema_decays(step, anneal_end_step)`) is 1; as in the authors' code
+        there is no update at step 0. Returns the two decays (NaN where nothing was done).
+        """
         decays = self.ema_decays(step, anneal_end_step)
         pairs = ((self.teacher_encoder, self.matpac.encoder), (self.teacher_head, self.student_head))
         applied = []

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -241,3 +242,28 @@ def test_input_of_another_size_or_no_clip_is_refused(shape):
     model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs()))
     with pytest.raises(ValueError, match=rf"must have shape \(batch, 80, 608\), got \({', '.join(map(str, shape))}\)"):
         model(torch.zeros(shape))
+
+
+def test_the_centre_and_teacher_updates_are_the_two_halves_of_the_step_call():
+    """A loop may call `update_center` and `update_teachers` itself (the side-by-side instrument does): same state."""
+    torch.manual_seed(0)
+    combined = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).train()
+    halves = copy.deepcopy(combined)
+    values = torch.randn(2, combined.config.num_mel_bins, combined.config.num_frames)
+    noise = torch.rand(2, combined.config.num_patches)
+    outputs = {}
+    for name, model in (("combined", combined), ("halves", halves)):
+        outputs[name] = model(values, noise=noise, step=3)
+        outputs[name].loss.backward()
+    decays = combined.update_teachers_and_center(3, outputs["combined"].teacher_sum, outputs["combined"].teacher_count)
+
+    teachers_before = [param.clone() for param in halves.teacher_encoder.parameters()]
+    halves.update_center(outputs["halves"].teacher_sum, outputs["halves"].teacher_count)
+    assert torch.count_nonzero(halves.center) > 0
+    assert all(torch.equal(a, b) for a, b in zip(teachers_before, halves.teacher_encoder.parameters()))
+    center = halves.center.clone()
+    assert halves.update_teachers(3) == decays
+    assert torch.equal(halves.center, center)
+    assert not all(torch.equal(a, b) for a, b in zip(teachers_before, halves.teacher_encoder.parameters()))
+    for (name, a), b in zip(combined.state_dict().items(), halves.state_dict().values()):
+        assert torch.equal(a, b), name
