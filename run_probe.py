@@ -12,7 +12,9 @@ validation rule, `modeling_matpac/evaluation/tasks.py` for the tasks and their e
 Each split's clip count is checked against the complete dataset's (a partly extracted copy fails unless
 `--allow_incomplete` is given); the results table shows the counts used, and the tasks `--all` skipped, with why.
 
-Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing.
+Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing. With
+`--all`, the results are written after each task (the tasks still to probe listed as pending): a run that fails or is
+stopped keeps what it finished.
 """
 
 import logging
@@ -135,8 +137,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
     if extractor.device.type == "cpu" and keep_freed_memory_mapped():
         logger.info("On CPU: malloc keeps freed memory for the next batches (modeling_matpac/cpu_memory.py).")
     cache_dir = data_args.cache_dir or str(Path(data_args.output_dir) / "embeddings")
+    run_settings = {"model": asdict(model_args), "data": asdict(data_args), "probe": asdict(settings)}
+    tasks = list(PAPER_TASKS) if data_args.all else [data_args.dataset]
     results, skipped = [], {}
-    for name in PAPER_TASKS if data_args.all else [data_args.dataset]:
+    for index, name in enumerate(tasks):
         try:
             data = load_data(name, data_args)
             check_clip_counts(data, data_args.allow_incomplete)
@@ -157,11 +161,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
             directory = Path(data_args.save_head) / name if data_args.all else Path(data_args.save_head)
             save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, directory)
             logger.info("%s: saved the probe as an audio classifier in %s", name, directory)
+        if index + 1 < len(tasks):  # what is done stays written if a later task fails or the run is stopped
+            pending = tasks[index + 1 :]
+            write_results(results, data_args.output_dir, run_settings, skipped, pending)
+            logger.info("%s: results so far written to %s (%d tasks to go)", name, data_args.output_dir, len(pending))
     if not results:
         raise ProbeDataError(f"No task data found (data_dir={data_args.data_dir}).")
 
     print(results_markdown(results, skipped))
-    run_settings = {"model": asdict(model_args), "data": asdict(data_args), "probe": asdict(settings)}
     json_path, markdown_path = write_results(results, data_args.output_dir, run_settings, skipped)
     logger.info("Results written to %s and %s", json_path, markdown_path)
     return results

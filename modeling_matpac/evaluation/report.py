@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,13 @@ def task_result(data: ProbeData, outcome: ProbeOutcome, embeddings: Embeddings, 
     )
 
 
-def results_markdown(results: list[TaskResult], skipped: dict[str, str] | None = None) -> str:
-    """The results table; tasks in `skipped` (task -> reason) get a row that says why they have no score."""
+def results_markdown(
+    results: list[TaskResult], skipped: dict[str, str] | None = None, pending: list[str] | None = None
+) -> str:
+    """
+    The results table; tasks in `skipped` (task -> reason) get a row that says why they have no score, and those in
+    `pending` a row that says they are not probed yet.
+    """
     header = (
         "Task",
         "Metric",
@@ -92,21 +98,40 @@ def results_markdown(results: list[TaskResult], skipped: dict[str, str] | None =
                 {True: "yes", False: "no", None: "-"}[result.complete],
             )
         )
-    for task, reason in (skipped or {}).items():
+    statuses = [(task, f"skipped: {reason}") for task, reason in (skipped or {}).items()]
+    statuses += [(task, "pending: not probed yet") for task in pending or []]
+    for task, status in statuses:
         paper = TASKS[task].paper_score
-        row = (task, "-", f"skipped: {reason}", "-" if paper is None else f"{paper:.1f}")
+        row = (task, "-", status, "-" if paper is None else f"{paper:.1f}")
         rows.append(row + ("-",) * (len(header) - len(row)))
     return "\n".join("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
 
 
 def write_results(
-    results: list[TaskResult], output_dir: str | Path, settings: dict, skipped: dict[str, str] | None = None
+    results: list[TaskResult],
+    output_dir: str | Path,
+    settings: dict,
+    skipped: dict[str, str] | None = None,
+    pending: list[str] | None = None,
 ) -> tuple[Path, Path]:
-    """Writes `results.json` (rows, skipped tasks and the run's settings) and `results.md` (the table)."""
+    """
+    Writes `results.json` (rows, skipped tasks, tasks still to probe and the run's settings) and `results.md` (the
+    table), each through a temporary file, so that a run stopped while writing keeps the previous complete version.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, markdown_path = output_dir / "results.json", output_dir / "results.md"
-    content = {"settings": settings, "results": [asdict(r) for r in results], "skipped": skipped or {}}
-    json_path.write_text(json.dumps(content, indent=2) + "\n")
-    markdown_path.write_text(results_markdown(results, skipped) + "\n")
+    content = {
+        "settings": settings,
+        "results": [asdict(r) for r in results],
+        "skipped": skipped or {},
+        "pending": pending or [],
+    }
+    for path, text in (
+        (json_path, json.dumps(content, indent=2)),
+        (markdown_path, results_markdown(results, skipped, pending)),
+    ):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text + "\n")
+        os.replace(partial, path)
     return json_path, markdown_path

@@ -118,7 +118,32 @@ def test_all_tasks_found_under_their_official_folder_names(tiny_model, data_root
     assert {r.task: r.num_folds for r in results} == {t: {"esc50": 5, "us8k": 10}.get(t, 1) for t in PAPER_TASKS}
     assert {r.task: r.paper for r in results} == {t: TASKS[t].paper_score for t in PAPER_TASKS}
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| {task} |" in table for task in PAPER_TASKS)
+    assert all(f"| {task} |" in table for task in PAPER_TASKS) and "pending" not in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["task"] for row in saved["results"]] == list(PAPER_TASKS) and saved["pending"] == []
+
+
+def test_all_keeps_the_finished_tasks_when_a_later_one_fails(tiny_model, data_root, tmp_path, monkeypatch):
+    """The third task's probe fails (here, as a stopped run would): the first two tasks' results are on disk."""
+    calls = []
+
+    def failing_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_probe, "evaluate", failing_third)
+    args = ["--all", "--data_dir", str(data_root), "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="went away"):
+        run_probe.main(args + FAST)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["task"] for row in saved["results"]] == list(PAPER_TASKS[:2])
+    assert all(len(row["runs"]) == 2 for row in saved["results"])
+    assert saved["pending"] == list(PAPER_TASKS[2:]) and saved["skipped"] == {}
+    table = (tmp_path / "results.md").read_text()
+    assert f"| {PAPER_TASKS[2]} | - | pending: not probed yet |" in table
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_all_skips_tasks_without_data(tiny_model, tmp_path, caplog):
