@@ -12,9 +12,9 @@ validation rule, `modeling_matpac/evaluation/tasks.py` for the tasks and their e
 Each split's clip count is checked against the complete dataset's (a partly extracted copy fails unless
 `--allow_incomplete` is given); the results table shows the counts used, and the tasks `--all` skipped, with why.
 
-Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing. With
-`--all`, the results are written after each task (the tasks still to probe listed as pending): a run that fails or is
-stopped keeps what it finished.
+Embeddings are cached under `--cache_dir`, so re-running with other probe hyper-parameters re-encodes nothing; a long
+extraction is saved every 10,000 clips, so a stopped run resumes where it was. With `--all`, the results are written
+after each task (the tasks still to probe listed as pending): a run that fails or is stopped keeps what it finished.
 """
 
 import logging

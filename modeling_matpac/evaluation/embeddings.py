@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 LAST_LAYER = "last"
 ALL_LAYERS = "all"
+# Clips per block of a long extraction: each block is saved as it ends, so a stopped run encodes again only the block
+# it was in (NSynth's 306k clips take hours on CPU).
+EXTRACTION_BLOCK_CLIPS = 10_000
+
+
+class NoDecodableClipsError(ValueError):
+    """None of the clips given to the extractor could be decoded."""
 
 
 def parse_layer(layer: str | int | None) -> str | int:
@@ -214,7 +221,7 @@ class EmbeddingExtractor:
                 positions += batch_positions
                 embeddings.append(self.embed(features).float().cpu())
         if not embeddings:
-            raise ValueError(f"{data.task}: none of the {len(data)} clips could be decoded.")
+            raise NoDecodableClipsError(f"{data.task}: none of the {len(data)} clips could be decoded.")
         positions = np.array(positions)
         restore = np.argsort(positions)
         return torch.cat(embeddings).numpy()[restore], positions[restore]
@@ -230,23 +237,65 @@ class Embeddings:
     cached: bool
 
 
-def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: str | Path) -> Embeddings:
-    """Reads the task's embeddings from `cache_dir` or extracts and stores them (`<task>-<key>.npz`)."""
-    key = extractor.cache_key(data)
-    path = Path(cache_dir) / f"{data.task}-{key[:20]}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            if str(cached["key"]) == key:
-                logger.info("%s: using cached embeddings %s", data.task, path)
-                return Embeddings(cached["values"], cached["positions"], float(cached["seconds"]), cached=True)
-    start = time.perf_counter()
-    values, positions = extractor(data)
-    seconds = time.perf_counter() - start
-    logger.info(
-        "%s: encoded %d clips in %.1f s (%.2f clips/s)", data.task, len(positions), seconds, len(positions) / seconds
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _read_cache(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """`(values, positions, seconds)` stored at `path` for `key`, or None."""
+    if not path.is_file():
+        return None
+    with np.load(path) as cached:
+        if str(cached["key"]) != key:
+            return None
+        return cached["values"], cached["positions"], float(cached["seconds"])
+
+
+def _write_cache(path: Path, key: str, values: np.ndarray, positions: np.ndarray, seconds: float) -> None:
     partial = path.with_suffix(".partial.npz")
     np.savez(partial, key=key, values=values, positions=positions, seconds=seconds)
     os.replace(partial, path)  # a run killed while writing leaves no truncated cache behind
+
+
+def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: str | Path) -> Embeddings:
+    """
+    Reads the task's embeddings from `cache_dir` or extracts and stores them (`<task>-<key>.npz`). A task of more
+    than `EXTRACTION_BLOCK_CLIPS` clips is encoded in blocks, each saved as it ends (`<task>-<key>.block<k>.npz`), so
+    that a run stopped midway resumes at the block it was in; the blocks are merged at the end.
+    """
+    key = extractor.cache_key(data)
+    path = Path(cache_dir) / f"{data.task}-{key[:20]}.npz"
+    cached = _read_cache(path, key)
+    if cached is not None:
+        logger.info("%s: using cached embeddings %s", data.task, path)
+        return Embeddings(*cached, cached=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    num_blocks = -(-len(data) // EXTRACTION_BLOCK_CLIPS)
+    block_paths = [path.with_name(f"{path.stem}.block{k}.npz") for k in range(num_blocks)] if num_blocks > 1 else []
+    blocks = []
+    for k in range(num_blocks):
+        block = _read_cache(block_paths[k], key) if block_paths else None
+        if block is not None:
+            logger.info("%s: block %d of %d read from %s", data.task, k + 1, num_blocks, block_paths[k])
+            blocks.append(block)
+            continue
+        start = k * EXTRACTION_BLOCK_CLIPS
+        subset = data.select(np.arange(start, min(start + EXTRACTION_BLOCK_CLIPS, len(data)))) if block_paths else data
+        begin = time.perf_counter()
+        try:
+            values, positions = extractor(subset)
+        except NoDecodableClipsError:
+            if not block_paths:
+                raise
+            continue  # not saved: a resumed run tries this block again
+        blocks.append((values, positions + start, time.perf_counter() - begin))
+        if block_paths:
+            _write_cache(block_paths[k], key, *blocks[-1])
+    if not blocks:
+        raise NoDecodableClipsError(f"{data.task}: none of the {len(data)} clips could be decoded.")
+    values = np.concatenate([block[0] for block in blocks])
+    positions = np.concatenate([block[1] for block in blocks])
+    seconds = sum(block[2] for block in blocks)
+    logger.info(
+        "%s: encoded %d clips in %.1f s (%.2f clips/s)", data.task, len(positions), seconds, len(positions) / seconds
+    )
+    _write_cache(path, key, values, positions, seconds)
+    for block_path in block_paths:
+        block_path.unlink(missing_ok=True)
     return Embeddings(values, positions, seconds, cached=False)

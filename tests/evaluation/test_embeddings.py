@@ -11,6 +11,7 @@ from test_tasks import make_task, save_tiny_matpac, write_clip
 
 from modeling_matpac import MatpacFeatureExtractor, MatpacModel
 from modeling_matpac.convert import convert_checkpoint
+from modeling_matpac.evaluation import embeddings as embeddings_module
 from modeling_matpac.evaluation.embeddings import (
     EmbeddingExtractor,
     authors_layer_results,
@@ -132,6 +133,40 @@ def test_cache_is_reused_without_running_the_model(tiny_model, us8k, tmp_path, f
     assert len(forward_calls) == 5 and len(list(tmp_path.glob("us8k-*.npz"))) == 2
     load_or_extract(us8k.select(np.arange(10)), extractor, tmp_path)  # other clips: a miss
     assert len(forward_calls) == 7
+
+
+def test_a_stopped_extraction_resumes_at_the_block_it_was_in(tiny_model, us8k, tmp_path, monkeypatch):
+    """30 clips in blocks of 8: the run stops in the third block, the next one encodes only the last two blocks."""
+    reference = load_or_extract(us8k, EmbeddingExtractor(tiny_model, batch_size=8), tmp_path / "whole")
+    monkeypatch.setattr(embeddings_module, "EXTRACTION_BLOCK_CLIPS", 8)
+    encoded = []
+
+    class StoppedExtractor(EmbeddingExtractor):
+        def __call__(self, data):
+            if self.stop_at_clip is not None and len(encoded) == self.stop_at_clip:
+                raise KeyboardInterrupt
+            encoded.extend(data.ids)
+            return super().__call__(data)
+
+    extractor = StoppedExtractor(tiny_model, batch_size=8)
+    extractor.stop_at_clip = 16
+    with pytest.raises(KeyboardInterrupt):
+        load_or_extract(us8k, extractor, tmp_path / "blocks")
+    assert encoded == us8k.ids[:16]
+    assert sorted(path.name.split(".")[-2] for path in (tmp_path / "blocks").glob("us8k-*.npz")) == [
+        "block0",
+        "block1",
+    ]
+
+    extractor.stop_at_clip = None
+    resumed = load_or_extract(us8k, extractor, tmp_path / "blocks")
+    assert encoded == us8k.ids  # the first two blocks were read back, the last two encoded
+    assert not resumed.cached and [path.name for path in (tmp_path / "blocks").iterdir()] == [
+        next((tmp_path / "whole").iterdir()).name
+    ]
+    np.testing.assert_array_equal(resumed.positions, np.arange(30))
+    np.testing.assert_allclose(resumed.values, reference.values, atol=1e-5)
+    assert load_or_extract(us8k, extractor, tmp_path / "blocks").cached and encoded == us8k.ids
 
 
 def test_retrained_model_invalidates_the_cache(tmp_path, us8k):
