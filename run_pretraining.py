@@ -18,7 +18,8 @@ paper's. On 8 GPUs, AudioSet's balanced and unbalanced training sets (1,757,473 
 model), with any data source or the built-in corpus.
 
 `--preprocess_to DIR` decodes, resamples and computes the log-mels of the audio source once, stores them in DIR and
-exits; `--train_cache DIR` then trains on random crops of them, without decoding any audio:
+exits (a stopped build resumes after its last finished shard when run again); `--train_cache DIR` then trains on
+random crops of them, without decoding any audio:
 
     python run_pretraining.py --train_dir /data/my_audio --preprocess_to /data/logmels --preprocessing_num_workers 16
     python run_pretraining.py --train_cache /data/logmels --num_train_epochs 100

@@ -37,12 +37,17 @@ On-disk format (a folder):
   it is an interrupted build.
 
 A cache is built in a sibling folder `.<name>.building` and renamed into place once complete, so an interrupted or
-failed build (with `overwrite=True` too) leaves the previous cache as it was.
+failed build (with `overwrite=True` too) leaves the previous cache as it was. Each finished shard is recorded there
+(`progress.json`: the shards, the source clips read and the counts), so that the same call again, with the same source
+and settings, resumes after the last finished shard instead of starting over (a build over AudioSet takes hours); the
+resumed cache is byte for byte the one an uninterrupted build writes.
 
 The shards are plain Arrow, so `datasets.load_dataset(cache_dir, streaming=True)` (or `load_dataset("arrow",
 data_files=...)`) streams them too; `MatpacLogMelCacheDataset` memory-maps a local copy.
 """
 
+import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -67,6 +72,7 @@ logger = logging.get_logger(__name__)
 CACHE_FORMAT = "matpac-logmel-cache"
 CACHE_FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
+PROGRESS_FILE = "progress.json"  # in the building folder only
 SHARD_PREFIX = "logmels-"
 SHARD_SCHEMA = pa.schema([("clip_id", pa.string()), ("num_frames", pa.int32()), ("log_mel", pa.binary())])
 # Frames computed at once: bounds the framed copies of long clips (a frame's log-mel only depends on its samples).
@@ -145,15 +151,16 @@ def _computed_clips(
 class _ShardWriter:
     """Writes rows into Arrow stream files of `shard_size` rows, named once their number is known (`finish`)."""
 
-    def __init__(self, directory: Path, shard_size: int):
+    def __init__(self, directory: Path, shard_size: int, shards: list[tuple[Path, int]] | None = None):
         self.directory = directory
         self.shard_size = shard_size
-        self.shards: list[tuple[Path, int]] = []  # (path while writing, rows)
+        self.shards: list[tuple[Path, int]] = list(shards or [])  # (path while writing, rows), finished ones first
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
         self._batch: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
         self._batch_bytes = 0
 
-    def write(self, clip_id: str, log_mel: np.ndarray) -> None:
+    def write(self, clip_id: str, log_mel: np.ndarray) -> bool:
+        """Adds a row; True when it completes a shard."""
         if self._writer is None:
             path = self.directory / f"{SHARD_PREFIX}{len(self.shards):05d}.arrow.incomplete"
             self._writer = pa.ipc.new_stream(os.fspath(path), SHARD_SCHEMA)
@@ -169,6 +176,8 @@ class _ShardWriter:
             self._flush()
         if rows + 1 == self.shard_size:
             self._close_shard()
+            return True
+        return False
 
     def _flush(self) -> None:
         if self._batch["clip_id"]:
@@ -278,13 +287,19 @@ def preprocess_to_cache(
     _check_output_dir(output_dir, overwrite)
     # Built next to `output_dir` and swapped in once complete: a failed or killed build leaves the previous cache.
     building = output_dir.with_name(f".{output_dir.name}.building")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
+    building.mkdir(parents=True, exist_ok=True)
     try:
         metadata = _build(clips, building, extractor, min_frames, shard_size, num_workers, description)
     except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
+        if (building / PROGRESS_FILE).exists():
+            logger.warning(
+                f"The build stopped: its finished shards stay in {os.fspath(building)}, and the same call resumes "
+                "after them."
+            )
+        else:
+            shutil.rmtree(building, ignore_errors=True)
         raise
+    (building / PROGRESS_FILE).unlink(missing_ok=True)
     _swap_in(building, output_dir)
     shards = metadata["shards"]
     logger.info(
@@ -296,6 +311,59 @@ def preprocess_to_cache(
     return metadata
 
 
+def _source_identity(clips: _IndexedClips | _StreamedClips) -> str:
+    """
+    A hash of what identifies the source's clips and their order: the file list, a dataset's fingerprint, or a stream's
+    name, config, split and shards. A stopped build resumes only from the same identity.
+    """
+    if isinstance(clips, _IndexedClips) and clips.column is None:
+        parts = ["files", *(os.fspath(item) for item in clips.items)]
+    elif isinstance(clips, _IndexedClips):
+        parts = ["dataset", getattr(clips.items, "_fingerprint", None), len(clips.items), clips.column]
+    else:
+        info, dataset = clips.dataset.info, clips.dataset
+        parts = ["stream", info.dataset_name, info.config_name, dataset.split, dataset.num_shards, clips.column]
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
+
+
+def _finished_part(building: Path, identity: dict) -> dict:
+    """
+    What a stopped build of the same `identity` finished in `building` (its shards, counts and source clips read),
+    with every other file removed; an empty start when there is none.
+    """
+    progress_path = building / PROGRESS_FILE
+    done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+    if done.get("identity") != identity or not all((building / name).is_file() for name, _ in done["shards"]):
+        done = {"shards": [], "counts": {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}, "read": 0}
+    keep = {name for name, _ in done["shards"]} | ({PROGRESS_FILE} if done["read"] else set())
+    for path in building.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return done
+
+
+def _record_finished_part(
+    building: Path, identity: dict, shards: list[tuple[Path, int]], counts: dict, read: int
+) -> None:
+    """Records the finished shards (all of `shards`: the last one was just closed), the counts and the clips read."""
+    progress = {"identity": identity, "shards": [[path.name, rows] for path, rows in shards], "counts": counts}
+    partial = building / f"{PROGRESS_FILE}.partial"
+    partial.write_text(json.dumps({**progress, "read": read}, indent=2) + "\n")
+    os.replace(partial, building / PROGRESS_FILE)
+
+
+def _clips_after(clips: _IndexedClips | _StreamedClips, read: int) -> Iterator[_Clip]:
+    """The source's clips in order, after the first `read`: by index where the source has random access."""
+    if isinstance(clips, _IndexedClips):
+        return (clips._clip(index) for index in range(read, clips.num_clips))
+    stream = clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)
+    return itertools.islice(stream, read, None)
+
+
 def _build(
     clips: _IndexedClips | _StreamedClips,
     output_dir: Path,
@@ -305,17 +373,36 @@ def _build(
     num_workers: int | None,
     description: str | None,
 ) -> dict:
-    """Writes the shards and then the metadata of a cache into the empty folder `output_dir`."""
+    """
+    Writes the shards and then the metadata of a cache into the building folder `output_dir`, after the shards that a
+    stopped build of the same source and settings finished there.
+    """
     min_samples = extractor.num_samples(min_frames)
-    writer = _ShardWriter(output_dir, shard_size)
-    counts = {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}
-    stream = clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)
-    progress = logging.tqdm(total=clips.num_clips, desc="Computing log-mels", unit="clip")
-    for clip, (outcome, result) in _computed_clips(stream, extractor, min_samples, num_workers or 1):
+    identity = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "source": _source_identity(clips),
+        "front_end": front_end_settings(extractor),
+        "min_frames": min_frames,
+        "shard_size": shard_size,
+    }
+    done = _finished_part(output_dir, identity)
+    writer = _ShardWriter(output_dir, shard_size, [(output_dir / name, rows) for name, rows in done["shards"]])
+    counts, read = done["counts"], done["read"]
+    if read:
+        logger.info(
+            f"Resuming the stopped build in {os.fspath(output_dir)}: {len(writer.shards)} shards of {counts['kept']} "
+            f"clips are done, {read} clips of the source were read."
+        )
+    progress = logging.tqdm(total=clips.num_clips, initial=read, desc="Computing log-mels", unit="clip")
+    for clip, (outcome, result) in _computed_clips(
+        _clips_after(clips, read), extractor, min_samples, num_workers or 1
+    ):
+        read += 1
         if outcome == "ok":
-            writer.write(clip.clip_id, result)
             counts["kept"] += 1
             counts["frames"] += result.shape[-1]
+            if writer.write(clip.clip_id, result):
+                _record_finished_part(output_dir, identity, writer.shards, counts, read)
         elif outcome == "short":
             counts["short"] += 1
         else:

@@ -136,6 +136,54 @@ def test_cache_bytes_are_deterministic_whatever_the_number_of_processes(corpus, 
         assert (cache_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
 
+def test_a_stopped_build_resumes_after_its_last_finished_shard(tmp_path, monkeypatch):
+    """Stopped in its second shard, the build keeps the first; the same call computes only the rest, the same bytes."""
+    files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(7)]
+    files[1] = _write(tmp_path / "audio" / "1_short.wav", CROP - 1)
+    files[4] = tmp_path / "audio" / "4_corrupt.wav"
+    files[4].write_bytes(b"not audio")
+    preprocess_to_cache(files, tmp_path / "reference", shard_size=2)
+
+    computed = []
+    compute = logmel_cache._compute
+
+    def stopping_compute(value, *args):
+        if len(computed) == stop_after:
+            raise KeyboardInterrupt
+        computed.append(Path(value).name)
+        return compute(value, *args)
+
+    monkeypatch.setattr(logmel_cache, "_compute", stopping_compute)
+    output, building = tmp_path / "logmels", tmp_path / ".logmels.building"
+    stop_after = 5  # the first shard (clips 0 and 2) ended at the third clip; the second (3 and 5) is left unfinished
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(files, output, shard_size=2)
+    assert not output.exists()
+    progress = json.loads((building / "progress.json").read_text())
+    assert progress["read"] == 3 and progress["counts"] == {"kept": 2, "short": 1, "corrupt": 0, "frames": 608 + 628}
+    assert [name for name, _ in progress["shards"]] == ["logmels-00000.arrow.incomplete"]
+
+    computed.clear()
+    stop_after = None
+    metadata = preprocess_to_cache(files, output, shard_size=2)
+    assert computed == ["3.wav", "4_corrupt.wav", "5.wav", "6.wav"]
+    assert not building.exists() and metadata["num_clips"] == 5 and metadata["num_skipped_corrupt"] == 1
+    files_written = sorted(path.name for path in output.iterdir())
+    assert files_written == sorted(path.name for path in (tmp_path / "reference").iterdir())
+    for name in files_written:
+        assert (output / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+    # A stopped build of another source is not resumed: its shards are dropped and the new source read from the start.
+    stop_after = len(computed) + 3
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(files, tmp_path / "other", shard_size=2)
+    computed.clear()
+    stop_after = None
+    preprocess_to_cache(files[::-1], tmp_path / "other", shard_size=2)
+    assert computed == [path.name for path in files[::-1]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["audio", "logmels", "other", "reference"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Skipping
 
