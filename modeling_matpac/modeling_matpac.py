@@ -333,16 +333,17 @@ def cpu_bf16_attention_forward(
     Attention for bf16 on CPU, where torch's flash-attention kernel runs 2.5-5x slower than two bf16 matmuls at
     MATPAC's shapes (forward and backward). The scaling is `baddbmm`'s alpha (applied to the fp32 accumulator: one
     rounding and no extra pass over the scores, forward or backward); the mask is SDPA's (boolean, True = attend) or
-    an additive one; the softmax stays in bf16 (fp32 inside the kernel), so that the backward keeps one bf16 copy of
-    the weights. For that kernel, in eager mode, the keys are padded with zero keys to a multiple of
-    `CPU_BF16_SOFTMAX_WIDTH`, whose scores are set to -inf: their weights are exactly 0, and the returned weights are
-    a view without them.
+    an additive one. The softmax is the bf16 kernel (fp32 inside), so that a backward keeps one bf16 copy of the
+    weights and no pass writes fp32 scores. For that kernel, in eager mode and without a mask, the keys are padded
+    with zero keys to a multiple of `CPU_BF16_SOFTMAX_WIDTH`, whose scores are set to -inf: their weights are exactly
+    0, and the returned weights are a view without them.
     """
     batch_size, num_heads, query_len, head_dim = query.shape
     key_len = key.shape[2]
     trains = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    pads_keys = attention_mask is None and eager_on_cpu(query)
     padded_len = key_len
-    if trains and attention_mask is None and key_len % CPU_BF16_SOFTMAX_WIDTH and eager_on_cpu(query):
+    if pads_keys and key_len % CPU_BF16_SOFTMAX_WIDTH:
         padded_len = -(-key_len // CPU_BF16_SOFTMAX_WIDTH) * CPU_BF16_SOFTMAX_WIDTH
         key = nn.functional.pad(key, (0, 0, 0, padded_len - key_len))
         value = nn.functional.pad(value, (0, 0, 0, padded_len - key_len))
@@ -361,10 +362,11 @@ def cpu_bf16_attention_forward(
         scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
         scores.add_(attention_mask)
-    if trains:
+    if trains or pads_keys:
         attn_weights = nn.functional.softmax(scores, dim=-1)
     else:
-        # Nothing kept for a backward: the fp32-output kernel and a cast take 2/3 of the time of the bf16 kernel.
+        # Masked keys, nothing kept for a backward: the bf16 kernel is slow at such widths, and the fp32-output one
+        # with a cast takes 2/3 of its time.
         attn_weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights[..., :key_len]

@@ -160,7 +160,7 @@ def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa(mask_kind):
         assert fast.dtype == torch.bfloat16 and (fast.float() - reference).abs().max() <= 3e-2
         for tensor, gradient in zip(inputs, reference_gradients):
             assert (tensor.grad.float() - gradient).abs().max() <= 3e-2 * gradient.abs().max()
-        # Without a backward to keep weights for, the softmax takes the fp32-output kernel: the same up to rounding.
+        # Without a backward to keep weights for, a masked softmax takes the fp32-output kernel: equal up to rounding.
         with torch.no_grad():
             inference, inference_weights = cpu_bf16_attention_forward(None, *inputs, mask, scaling=scaling)
         assert inference_weights.dtype == torch.bfloat16
@@ -171,10 +171,11 @@ def test_cpu_bf16_attention_stays_within_bf16_tolerance_of_fp32_sdpa(mask_kind):
                 assert torch.all(attention_weights[0, ..., shape[2] // 3 :] == 0)
 
 
-def test_cpu_bf16_training_attention_pads_the_keys_to_the_softmax_width(monkeypatch):
+def test_cpu_bf16_attention_pads_the_keys_to_the_softmax_width(monkeypatch):
     """
     191 keys (MATPAC's predictor) go through the bf16 softmax as 192, the extra key's weight exactly 0: the outputs
-    and gradients are those of the unpadded ops up to bf16 rounding, and the weights come back with 191 keys.
+    and gradients are those of the unpadded ops up to bf16 rounding, and the weights come back with 191 keys. Without
+    a backward (the teacher, embeddings) the same ops run: the same bits.
     """
     torch.manual_seed(0)
     lengths = []
@@ -210,6 +211,10 @@ def test_cpu_bf16_training_attention_pads_the_keys_to_the_softmax_width(monkeypa
     for fast, reference in zip(inputs, unpadded, strict=True):
         torch.testing.assert_close(fast.grad, reference.grad, atol=2**-10, rtol=2**-7)
         assert (fast.grad == reference.grad).float().mean() > 0.999
+    with torch.no_grad():
+        inference, inference_weights = cpu_bf16_attention_forward(None, *inputs, None, scaling=scaling)
+    assert lengths == [modeling.CPU_BF16_SOFTMAX_WIDTH * 6] * 2
+    assert torch.equal(inference, output) and torch.equal(inference_weights, weights)
 
 
 def test_bf16_autocast_on_cpu_takes_the_fast_attention_path(monkeypatch):
