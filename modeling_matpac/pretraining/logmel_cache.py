@@ -350,9 +350,10 @@ def _record_finished_part(
     building: Path, identity: dict, shards: list[tuple[Path, int]], counts: dict, read: int
 ) -> None:
     """Records the finished shards (all of `shards`: the last one was just closed), the counts and the clips read."""
-    progress = {"identity": identity, "shards": [[path.name, rows] for path, rows in shards], "counts": counts}
+    shard_rows = [[path.name, rows] for path, rows in shards]
+    progress = {"identity": identity, "shards": shard_rows, "counts": counts, "read": read}
     partial = building / f"{PROGRESS_FILE}.partial"
-    partial.write_text(json.dumps({**progress, "read": read}, indent=2) + "\n")
+    partial.write_text(json.dumps(progress, indent=2) + "\n")
     os.replace(partial, building / PROGRESS_FILE)
 
 
