@@ -46,6 +46,7 @@ batches consumed so far are exact and deterministic, and come back after a resum
 """
 
 import glob
+import itertools
 import multiprocessing
 import os
 import queue
@@ -298,11 +299,24 @@ class _StreamedClips:
             # n-th clip still gives each clip to exactly one consumer.
             stream = stream.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
             stream.set_epoch(epoch)
+        for position, clip in enumerate(self._clips(stream)):
+            if not shared or position % num_consumers == consumer:
+                yield clip
+
+    def iter_in_order_after(self, shard: int, row: int) -> Iterator[_Clip]:
+        """
+        The clips in the source's order (shards in order, no shuffling) after row `row` of shard `shard`, without
+        reading the shards before it: where a stopped pass over the source resumes.
+        """
+        stream = datasets.concatenate_datasets(
+            [self._keyed_shard(index) for index in range(shard, self.dataset.num_shards)]
+        )
+        return itertools.islice(self._clips(stream), row + 1, None)
+
+    def _clips(self, stream: datasets.IterableDataset) -> Iterator[_Clip]:
         # `iter` rather than `for row in stream`: in a DataLoader worker, the latter splits the shards among the
         # workers once more.
-        for position, row in enumerate(stream.iter(batch_size=1)):
-            if shared and position % num_consumers != consumer:
-                continue
+        for row in stream.iter(batch_size=1):
             shard, index = row[_SHARD_KEY][0], row[_ROW_KEY][0]
             yield _Clip((shard, index), f"{shard}/{index}", row[self.column][0])
 

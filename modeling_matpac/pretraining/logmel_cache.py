@@ -47,7 +47,6 @@ data_files=...)`) streams them too; `MatpacLogMelCacheDataset` memory-maps a loc
 """
 
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -334,7 +333,7 @@ def _finished_part(building: Path, identity: dict) -> dict:
     progress_path = building / PROGRESS_FILE
     done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
     if done.get("identity") != identity or not all((building / name).is_file() for name, _ in done["shards"]):
-        done = {"shards": [], "counts": {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}, "read": 0}
+        done = {"shards": [], "counts": {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}, "read": 0, "last": None}
     keep = {name for name, _ in done["shards"]} | ({PROGRESS_FILE} if done["read"] else set())
     for path in building.iterdir():
         if path.name in keep:
@@ -347,22 +346,29 @@ def _finished_part(building: Path, identity: dict) -> dict:
 
 
 def _record_finished_part(
-    building: Path, identity: dict, shards: list[tuple[Path, int]], counts: dict, read: int
+    building: Path, identity: dict, shards: list[tuple[Path, int]], counts: dict, read: int, last: _Clip
 ) -> None:
-    """Records the finished shards (all of `shards`: the last one was just closed), the counts and the clips read."""
+    """
+    Records the finished shards (all of `shards`: the last one was just closed), the counts, the number of source
+    clips read and the key of the last one.
+    """
     shard_rows = [[path.name, rows] for path, rows in shards]
-    progress = {"identity": identity, "shards": shard_rows, "counts": counts, "read": read}
+    progress = {"identity": identity, "shards": shard_rows, "counts": counts, "read": read, "last": list(last.key)}
     partial = building / f"{PROGRESS_FILE}.partial"
     partial.write_text(json.dumps(progress, indent=2) + "\n")
     os.replace(partial, building / PROGRESS_FILE)
 
 
-def _clips_after(clips: _IndexedClips | _StreamedClips, read: int) -> Iterator[_Clip]:
-    """The source's clips in order, after the first `read`: by index where the source has random access."""
+def _clips_after(clips: _IndexedClips | _StreamedClips, read: int, last: list[int] | None) -> Iterator[_Clip]:
+    """
+    The source's clips in order, after the first `read`, the last of them keyed `last`: by index where the source has
+    random access, from the shard of `last` in a stream (the shards before it are not read again).
+    """
     if isinstance(clips, _IndexedClips):
         return (clips._clip(index) for index in range(read, clips.num_clips))
-    stream = clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)
-    return itertools.islice(stream, read, None)
+    if last is None:
+        return clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)
+    return clips.iter_in_order_after(*last)
 
 
 def _build(
@@ -396,14 +402,14 @@ def _build(
         )
     progress = logging.tqdm(total=clips.num_clips, initial=read, desc="Computing log-mels", unit="clip")
     for clip, (outcome, result) in _computed_clips(
-        _clips_after(clips, read), extractor, min_samples, num_workers or 1
+        _clips_after(clips, read, done["last"]), extractor, min_samples, num_workers or 1
     ):
         read += 1
         if outcome == "ok":
             counts["kept"] += 1
             counts["frames"] += result.shape[-1]
             if writer.write(clip.clip_id, result):
-                _record_finished_part(output_dir, identity, writer.shards, counts, read)
+                _record_finished_part(output_dir, identity, writer.shards, counts, read, clip)
         elif outcome == "short":
             counts["short"] += 1
         else:

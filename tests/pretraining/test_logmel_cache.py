@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from modeling_matpac.audio import decode_mono_16k
 from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor
+from modeling_matpac.pretraining import data as data_module
 from modeling_matpac.pretraining import logmel_cache
 from modeling_matpac.pretraining.data import list_audio_files
 from modeling_matpac.pretraining.logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
@@ -182,6 +184,46 @@ def test_a_stopped_build_resumes_after_its_last_finished_shard(tmp_path, monkeyp
     preprocess_to_cache(files[::-1], tmp_path / "other", shard_size=2)
     assert computed == [path.name for path in files[::-1]]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["audio", "logmels", "other", "reference"]
+
+
+def test_a_stopped_build_from_a_stream_resumes_without_reading_its_finished_source_shards(tmp_path, monkeypatch):
+    """3 source shards of 3 clips, cache shards of 2: stopped in the third cache shard, resumed in source shard 1."""
+    paths = [
+        os.fspath(_write(tmp_path / "audio" / f"{index}.wav", CROP + 800 * index, seed=index)) for index in range(9)
+    ]
+    stream = datasets.Dataset.from_dict({"audio": paths}).cast_column("audio", datasets.Audio())
+    stream = stream.to_iterable_dataset(num_shards=3)
+    preprocess_to_cache(stream, tmp_path / "reference", shard_size=2)
+
+    computed, opened = [], []
+    compute, keyed_shard = logmel_cache._compute, data_module._StreamedClips._keyed_shard
+
+    def stopping_compute(value, *args):
+        if len(computed) == stop_after:
+            raise KeyboardInterrupt
+        computed.append(Path(value["path"]).name)
+        return compute(value, *args)
+
+    def recording_keyed_shard(self, shard):
+        opened.append(shard)
+        return keyed_shard(self, shard)
+
+    monkeypatch.setattr(logmel_cache, "_compute", stopping_compute)
+    monkeypatch.setattr(data_module._StreamedClips, "_keyed_shard", recording_keyed_shard)
+    stop_after = 5  # cache shards (0, 1) and (2, 3) are done: the last clip read is row 0 of source shard 1
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(stream, tmp_path / "logmels", shard_size=2)
+    assert json.loads((tmp_path / ".logmels.building" / "progress.json").read_text())["last"] == [1, 0]
+
+    computed.clear()
+    opened.clear()
+    stop_after = None
+    preprocess_to_cache(stream, tmp_path / "logmels", shard_size=2)
+    assert opened == [1, 2] and computed == [f"{index}.wav" for index in range(4, 9)]
+    names = sorted(path.name for path in (tmp_path / "reference").iterdir())
+    assert sorted(path.name for path in (tmp_path / "logmels").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "logmels" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
