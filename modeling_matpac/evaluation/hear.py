@@ -49,8 +49,15 @@ def load_model(model_file_path: str = "", **kwargs) -> MatpacHearModel:
     """Loads a MATPAC directory (saved with `save_pretrained` or converted from the authors' checkpoint)."""
     if not model_file_path:
         raise ValueError("Pass the MATPAC model directory as model_file_path (hear-eval-kit: --model DIR).")
-    model = MatpacModel.from_pretrained(model_file_path, dtype=torch.float32, **kwargs)
-    return MatpacHearModel(model, MatpacFeatureExtractor.from_pretrained(model_file_path))
+    try:
+        model = MatpacModel.from_pretrained(model_file_path, dtype=torch.float32, **kwargs)
+        feature_extractor = MatpacFeatureExtractor.from_pretrained(model_file_path)
+    except OSError as error:  # transformers' message for a missing folder is about Hub repo ids
+        raise ValueError(
+            f"Cannot load a MATPAC model from {model_file_path!r} ({error}): pass a directory saved with "
+            "`save_pretrained` or written by the converter, or a Hub model id."
+        ) from error
+    return MatpacHearModel(model, feature_extractor)
 
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: MatpacHearModel) -> tuple[torch.Tensor, torch.Tensor]:

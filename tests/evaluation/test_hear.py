@@ -42,8 +42,11 @@ def test_scene_embedding_is_the_mean_of_the_timestamp_embeddings(model, audio):
     torch.testing.assert_close(hear.get_scene_embeddings(audio[1:2], model), scene[1:2], atol=1e-5, rtol=1e-5)
 
 
-def test_bad_input_is_refused(model):
+def test_bad_input_is_refused(model, tmp_path):
     with pytest.raises(ValueError, match=r"\(n_sounds, n_samples\)"):
         hear.get_scene_embeddings(torch.zeros(16000), model)
     with pytest.raises(ValueError, match="model directory"):
         hear.load_model("")
+    missing = tmp_path / "no-model"
+    with pytest.raises(ValueError, match=f"Cannot load a MATPAC model from '{missing}'"):
+        hear.load_model(str(missing))
