@@ -475,9 +475,16 @@ class LogMelCache:
     def _read_metadata(directory: Path) -> dict:
         path = directory / METADATA_FILE
         if not path.is_file():
+            building = directory.with_name(f".{directory.name}.building")
             if not directory.is_dir():
                 raise FileNotFoundError(
-                    f"Log-mel cache {os.fspath(directory)!r} does not exist or is not a directory."
+                    f"Log-mel cache {os.fspath(directory)!r} does not exist or is not a directory"
+                    + (
+                        f" (a stopped build of it is in {os.fspath(building)}: run the same build again to finish it)"
+                        if (building / PROGRESS_FILE).is_file()
+                        else ""
+                    )
+                    + "."
                 )
             interrupted = any(entry.name.startswith(SHARD_PREFIX) for entry in directory.iterdir())
             raise FileNotFoundError(

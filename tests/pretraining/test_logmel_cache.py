@@ -161,6 +161,8 @@ def test_a_stopped_build_resumes_after_its_last_finished_shard(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         preprocess_to_cache(files, output, shard_size=2)
     assert not output.exists()
+    with pytest.raises(FileNotFoundError, match="a stopped build of it is in .*: run the same build again"):
+        LogMelCache(output)
     progress = json.loads((building / "progress.json").read_text())
     assert progress["read"] == 3 and progress["counts"] == {"kept": 2, "short": 1, "corrupt": 0, "frames": 608 + 628}
     assert [name for name, _ in progress["shards"]] == ["logmels-00000.arrow.incomplete"]
