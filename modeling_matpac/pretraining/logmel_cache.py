@@ -397,8 +397,8 @@ def _build(
     counts, read = done["counts"], done["read"]
     if read:
         logger.info(
-            f"Resuming the stopped build in {os.fspath(output_dir)}: {len(writer.shards)} shards of {counts['kept']} "
-            f"clips are done, {read} clips of the source were read."
+            f"Resuming the stopped build in {os.fspath(output_dir)} after its last finished shard (shards done: "
+            f"{len(writer.shards)}, clips kept: {counts['kept']}, clips of the source read: {read})."
         )
     progress = logging.tqdm(total=clips.num_clips, initial=read, desc="Computing log-mels", unit="clip")
     for clip, (outcome, result) in _computed_clips(
