@@ -119,7 +119,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         "--cache_dir": data_args.cache_dir,
         "--save_head": data_args.save_head,
     }
-    for flag, folder in folders.items():  # checked first: the head and the results are written after all the work
+    for flag, folder in folders.items():  # checked first: the heads and the results are written after the work
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder!r} is a file, not a folder.")
     layer = parse_layer(model_args.layer)

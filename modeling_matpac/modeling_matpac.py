@@ -365,8 +365,8 @@ def cpu_bf16_attention_forward(
     if trains or pads_keys:
         attn_weights = nn.functional.softmax(scores, dim=-1)
     else:
-        # Masked keys, nothing kept for a backward: the bf16 kernel is slow at such widths, and the fp32-output one
-        # with a cast takes 2/3 of its time.
+        # Unpadded keys (a mask, or a graph being traced or compiled), nothing kept for a backward: the bf16 kernel is
+        # slow at such widths, and the fp32-output one with a cast takes 2/3 of its time.
         attn_weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights[..., :key_len]

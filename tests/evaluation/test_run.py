@@ -177,6 +177,7 @@ def test_all_without_data_dir_reads_the_hub_copies(tiny_model, tmp_path, caplog)
     assert "gtzan: skipped, Cannot load GTZAN from the Hub dataset 'confit/gtzan-parquet'" in caplog.text  # offline
     assert "mtt: skipped, MagnaTagATune (top-50 tags) has no script-free copy on the Hub" in caplog.text
     assert "nsynth: skipped, NSynth (instrument family) has no script-free copy on the Hub" in caplog.text
+    assert not (tmp_path / "results.json").exists()  # no task probed: nothing to keep, no table of pending tasks
 
 
 def test_saved_head_is_an_audio_classification_pipeline(tiny_model, data_root, tmp_path):
