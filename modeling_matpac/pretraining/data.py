@@ -303,15 +303,15 @@ class _StreamedClips:
             if not shared or position % num_consumers == consumer:
                 yield clip
 
-    def iter_in_order_after(self, shard: int, row: int) -> Iterator[_Clip]:
+    def iter_in_order_from(self, shard: int, row: int) -> Iterator[_Clip]:
         """
-        The clips in the source's order (shards in order, no shuffling) after row `row` of shard `shard`, without
+        The clips in the source's order (shards in order, no shuffling) from row `row` of shard `shard` on, without
         reading the shards before it: where a stopped pass over the source resumes.
         """
         stream = datasets.concatenate_datasets(
             [self._keyed_shard(index) for index in range(shard, self.dataset.num_shards)]
         )
-        return itertools.islice(self._clips(stream), row + 1, None)
+        return itertools.islice(self._clips(stream), row, None)
 
     def _clips(self, stream: datasets.IterableDataset) -> Iterator[_Clip]:
         # `iter` rather than `for row in stream`: in a DataLoader worker, the latter splits the shards among the

@@ -40,7 +40,8 @@ A cache is built in a sibling folder `.<name>.building` and renamed into place o
 failed build (with `overwrite=True` too) leaves the previous cache as it was. Each finished shard is recorded there
 (`progress.json`: the shards, the source clips read and the counts), so that the same call again, with the same source
 and settings, resumes after the last finished shard instead of starting over (a build over AudioSet takes hours); the
-resumed cache is byte for byte the one an uninterrupted build writes.
+resumed cache is byte for byte the one an uninterrupted build writes. A resumed build first reads the last clip the
+stopped one recorded again and starts over if it differs: two streams may look alike by name, split and shard count.
 
 The shards are plain Arrow, so `datasets.load_dataset(cache_dir, streaming=True)` (or `load_dataset("arrow",
 data_files=...)`) streams them too; `MatpacLogMelCacheDataset` memory-maps a local copy.
@@ -325,10 +326,10 @@ def _source_identity(clips: _IndexedClips | _StreamedClips) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
 
 
-def _finished_part(building: Path, identity: dict) -> dict:
+def _finished_part(building: Path, identity: dict | None) -> dict:
     """
     What a stopped build of the same `identity` finished in `building` (its shards, counts and source clips read),
-    with every other file removed; an empty start when there is none.
+    with every other file removed; an empty start when there is none (always for `identity=None`).
     """
     progress_path = building / PROGRESS_FILE
     done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
@@ -353,22 +354,58 @@ def _record_finished_part(
     clips read and the key of the last one.
     """
     shard_rows = [[path.name, rows] for path, rows in shards]
-    progress = {"identity": identity, "shards": shard_rows, "counts": counts, "read": read, "last": list(last.key)}
+    progress = {
+        "identity": identity,
+        "shards": shard_rows,
+        "counts": counts,
+        "read": read,
+        "last": list(last.key),
+        "last_digest": _clip_digest(last),
+    }
     partial = building / f"{PROGRESS_FILE}.partial"
     partial.write_text(json.dumps(progress, indent=2) + "\n")
     os.replace(partial, building / PROGRESS_FILE)
 
 
-def _clips_after(clips: _IndexedClips | _StreamedClips, read: int, last: list[int] | None) -> Iterator[_Clip]:
+def _clip_digest(clip: _Clip) -> str:
+    """A hash of what the clip is: its bytes where the source holds them, else its path."""
+    value = clip.value
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path") or ""
+    data = value if isinstance(value, bytes) else os.fspath(value).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _clips_from_last(clips: _IndexedClips | _StreamedClips, read: int, last: list[int] | None) -> Iterator[_Clip]:
     """
-    The source's clips in order, after the first `read`, the last of them keyed `last`: by index where the source has
-    random access, from the shard of `last` in a stream (the shards before it are not read again).
+    The source's clips in order, from the last of the first `read` (keyed `last`) on, that clip included, so that a
+    resumed build can check it is the one it recorded: by index where the source has random access, from the shard of
+    `last` in a stream (the shards before it are not read again). All of them when nothing was read.
     """
     if isinstance(clips, _IndexedClips):
-        return (clips._clip(index) for index in range(read, clips.num_clips))
+        return (clips._clip(index) for index in range(max(read - 1, 0), clips.num_clips))
     if last is None:
         return clips.iter_epoch(seed=0, epoch=0, shuffle=False, consumer=0, num_consumers=1)
-    return clips.iter_in_order_after(*last)
+    return clips.iter_in_order_from(*last)
+
+
+def _resumed_clips(clips: _IndexedClips | _StreamedClips, building: Path, done: dict) -> tuple[dict, Iterator[_Clip]]:
+    """
+    The finished part to keep and the clips still to read. A source whose clip at the recorded place is not the one
+    recorded there is another source that looks alike (two streams of equal name, split and shard count): its build
+    starts over, with every file of the stopped one removed.
+    """
+    remaining = _clips_from_last(clips, done["read"], done["last"])
+    if not done["read"]:
+        return done, remaining
+    last = next(remaining, None)
+    if last is not None and list(last.key) == done["last"] and _clip_digest(last) == done.get("last_digest"):
+        return done, remaining
+    logger.warning(
+        f"The stopped build in {os.fspath(building)} read another source (its last recorded clip differs from this "
+        "source's): starting over."
+    )
+    return _finished_part(building, None), _clips_from_last(clips, 0, None)
 
 
 def _build(
@@ -392,7 +429,7 @@ def _build(
         "min_frames": min_frames,
         "shard_size": shard_size,
     }
-    done = _finished_part(output_dir, identity)
+    done, remaining = _resumed_clips(clips, output_dir, _finished_part(output_dir, identity))
     writer = _ShardWriter(output_dir, shard_size, [(output_dir / name, rows) for name, rows in done["shards"]])
     counts, read = done["counts"], done["read"]
     if read:
@@ -401,9 +438,7 @@ def _build(
             f"{len(writer.shards)}, clips kept: {counts['kept']}, clips of the source read: {read})."
         )
     progress = logging.tqdm(total=clips.num_clips, initial=read, desc="Computing log-mels", unit="clip")
-    for clip, (outcome, result) in _computed_clips(
-        _clips_after(clips, read, done["last"]), extractor, min_samples, num_workers or 1
-    ):
+    for clip, (outcome, result) in _computed_clips(remaining, extractor, min_samples, num_workers or 1):
         read += 1
         if outcome == "ok":
             counts["kept"] += 1

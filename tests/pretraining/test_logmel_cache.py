@@ -188,7 +188,9 @@ def test_a_stopped_build_resumes_after_its_last_finished_shard(tmp_path, monkeyp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["audio", "logmels", "other", "reference"]
 
 
-def test_a_stopped_build_from_a_stream_resumes_without_reading_its_finished_source_shards(tmp_path, monkeypatch):
+def test_a_stopped_build_from_a_stream_resumes_without_reading_its_finished_source_shards(
+    tmp_path, monkeypatch, caplog
+):
     """3 source shards of 3 clips, cache shards of 2: stopped in the third cache shard, resumed in source shard 1."""
     paths = [
         os.fspath(_write(tmp_path / "audio" / f"{index}.wav", CROP + 800 * index, seed=index)) for index in range(9)
@@ -226,6 +228,26 @@ def test_a_stopped_build_from_a_stream_resumes_without_reading_its_finished_sour
     assert sorted(path.name for path in (tmp_path / "logmels").iterdir()) == names
     for name in names:
         assert (tmp_path / "logmels" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+    # Another stream of 3 shards (the same clips in reverse order) looks alike by name, split and shard count, but the
+    # clip at the recorded place differs: its build starts over and writes the other stream's cache.
+    other = datasets.Dataset.from_dict({"audio": paths[::-1]}).cast_column("audio", datasets.Audio())
+    other = other.to_iterable_dataset(num_shards=3)
+    preprocess_to_cache(other, tmp_path / "other_reference", shard_size=2)
+    stop_after = 5
+    computed.clear()
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(stream, tmp_path / "other", shard_size=2)
+    computed.clear()
+    stop_after = None
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
+        preprocess_to_cache(other, tmp_path / "other", shard_size=2)
+    assert "read another source" in caplog.text
+    assert computed == [Path(path).name for path in paths[::-1]]
+    names = sorted(path.name for path in (tmp_path / "other_reference").iterdir())
+    assert sorted(path.name for path in (tmp_path / "other").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "other" / name).read_bytes() == (tmp_path / "other_reference" / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
