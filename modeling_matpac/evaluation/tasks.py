@@ -14,6 +14,8 @@ import csv
 import json
 import logging
 import pickle
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -124,7 +126,9 @@ class ProbeData:
     """
     One task's clips. `targets` is `(N,)` class indices for single-label tasks or `(N, C)` multi-hot for multi-label
     ones; `label_mask` `(N, C)` marks the annotated (clip, class) pairs of partially labelled data (OpenMIC). Exactly
-    one of `split` (official train/valid/test) and `fold` (cross-validation fold number) is set.
+    one of `split` (official train/valid/test) and `fold` (cross-validation fold number) is set. `num_folds` is the
+    number of folds assigned at load (folds 1 to `num_folds`) where the loader draws them itself, so that a fold left
+    without clips after decoding does not go unnoticed.
     """
 
     task: str
@@ -136,6 +140,7 @@ class ProbeData:
     fold: np.ndarray | None = None
     label_mask: np.ndarray | None = None
     source: str = ""
+    num_folds: int | None = None
 
     @property
     def multi_label(self) -> bool:
@@ -175,10 +180,26 @@ def _warn_skipped(task: str, reason: str, names: list[str]) -> None:
         logger.warning("%s: skipped %d clip(s) %s: %s", task, len(names), reason, shown)
 
 
+def _refuse_repeated_ids(task: str, ids: Sequence[str], groups: Sequence[str | int], source: Path | str) -> None:
+    """A clip listed twice, in two splits or folds, could be trained on and tested on: the score would be wrong."""
+    repeated = [clip_id for clip_id, count in Counter(ids).items() if count > 1]
+    if repeated:
+        listed = {group for clip_id, group in zip(ids, groups) if clip_id == repeated[0]}
+        where = ", ".join(sorted(f"fold {group}" if isinstance(group, int) else group for group in listed))
+        raise ProbeDataError(
+            f"{task}: {len(repeated)} clip id(s) are listed more than once in {source}, e.g. {repeated[0]} "
+            f"(in {where}); each clip must be in one split or fold only."
+        )
+
+
 def build_probe_data(
     task: ProbeTask, classes: Sequence[str], entries: Sequence[Entry], *, by_fold: bool, source: Path
 ) -> ProbeData:
-    """Turns layout entries into a [`ProbeData`], skipping (with a warning) missing files and unknown labels."""
+    """
+    Turns layout entries into a [`ProbeData`], skipping (with a warning) missing files and unknown labels, and refusing
+    clips listed twice.
+    """
+    _refuse_repeated_ids(task.name, [entry.clip_id for entry in entries], [entry.group for entry in entries], source)
     index = {name: i for i, name in enumerate(classes)}
     kept, missing, unknown = [], [], []
     for entry in entries:
@@ -230,18 +251,54 @@ def _require(root: Path, task: ProbeTask, *relative: str) -> None:
         raise ProbeDataError(f"{task.title} not found in {root}: missing {', '.join(absent)}.\n{task.where_to_get()}")
 
 
+def _read_text(path: Path) -> str:
+    """The text of a metadata file; one that cannot be read or is not UTF-8 is a malformed layout, not a crash."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ProbeDataError(f"{path} cannot be read as UTF-8 text: {error}") from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise ProbeDataError(f"{path} is not valid JSON: {error}") from None
+
+
+def _read_csv_rows(path: Path, delimiter: str = ",") -> list[tuple[int, list[str]]]:
+    """The non-empty rows of a CSV with the line each ends on, for messages that point at a row."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            return [(reader.line_num, row) for row in reader if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ProbeDataError(f"{path} cannot be read as a UTF-8 CSV file: {error}") from None
+
+
 def _read_csv(path: Path, columns: Sequence[str], delimiter: str = ",") -> list[dict[str, str]]:
-    """The rows of a CSV with a header, which must name `columns`."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        missing = [column for column in columns if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ProbeDataError(f"{path} lacks the column(s) {missing}; its header is {reader.fieldnames}.")
-        return list(reader)
+    """The rows of a CSV with a header, which must name `columns`; every row must have a value for each of them."""
+    lines = _read_csv_rows(path, delimiter)
+    header = lines[0][1] if lines else []
+    missing = [column for column in columns if column not in header]
+    if missing:
+        raise ProbeDataError(f"{path} lacks the column(s) {missing}; its header is {header}.")
+    needed = max((position + 1 for position, name in enumerate(header) if name in columns), default=0)
+    for line, row in lines[1:]:
+        if len(row) < needed:
+            raise ProbeDataError(f"{path}, line {line}: {len(row)} field(s), expected at least {needed}.")
+    return [dict(zip(header, row)) for _, row in lines[1:]]
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _integer(path: Path, row: dict[str, str], column: str, clip_id: str) -> int:
+    try:
+        return int(row[column])
+    except ValueError:
+        raise ProbeDataError(f"{path}: {column} {row[column]!r} of {clip_id} is not an integer.") from None
 
 
 def _check_class_indices(task: ProbeTask, rows: list[dict[str, str]], index: str, name: str, path: Path) -> None:
@@ -266,28 +323,27 @@ def _check_class_indices(task: ProbeTask, rows: list[dict[str, str]], index: str
 def load_esc50(root: Path) -> ProbeData:
     task = TASKS["esc50"]
     _require(root, task, "meta/esc50.csv", "audio")
-    rows = _read_csv(root / "meta/esc50.csv", ("filename", "fold", "target", "category"))
-    _check_class_indices(task, rows, "target", "category", root / "meta/esc50.csv")
-    entries = [
-        Entry(row["filename"], root / "audio" / row["filename"], [row["category"]], int(row["fold"])) for row in rows
-    ]
+    path = root / "meta/esc50.csv"
+    rows = _read_csv(path, ("filename", "fold", "target", "category"))
+    _check_class_indices(task, rows, "target", "category", path)
+    entries = []
+    for row in rows:
+        name = row["filename"]
+        entries.append(Entry(name, root / "audio" / name, [row["category"]], _integer(path, row, "fold", name)))
     return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
 
 
 def load_us8k(root: Path) -> ProbeData:
     task = TASKS["us8k"]
     _require(root, task, "metadata/UrbanSound8K.csv", "audio")
-    rows = _read_csv(root / "metadata/UrbanSound8K.csv", ("slice_file_name", "fold", "classID", "class"))
-    _check_class_indices(task, rows, "classID", "class", root / "metadata/UrbanSound8K.csv")
-    entries = [
-        Entry(
-            row["slice_file_name"],
-            root / "audio" / f"fold{row['fold']}" / row["slice_file_name"],
-            [row["class"]],
-            int(row["fold"]),
-        )
-        for row in rows
-    ]
+    path = root / "metadata/UrbanSound8K.csv"
+    rows = _read_csv(path, ("slice_file_name", "fold", "classID", "class"))
+    _check_class_indices(task, rows, "classID", "class", path)
+    entries = []
+    for row in rows:
+        name = row["slice_file_name"]
+        fold = _integer(path, row, "fold", name)
+        entries.append(Entry(name, root / "audio" / f"fold{fold}" / name, [row["class"]], fold))
     return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
 
 
@@ -311,11 +367,15 @@ def load_nsynth(root: Path) -> ProbeData:
     _require(root, task, *(f"nsynth-{split}/examples.json" for split in SPLITS))
     entries = []
     for split in SPLITS:
-        examples = json.loads((root / f"nsynth-{split}/examples.json").read_text(encoding="utf-8"))
-        entries += [
-            Entry(key, root / f"nsynth-{split}/audio/{key}.wav", [example["instrument_family_str"]], split)
-            for key, example in examples.items()
-        ]
+        path = root / f"nsynth-{split}/examples.json"
+        examples = _read_json(path)
+        if not isinstance(examples, dict):
+            raise ProbeDataError(f"{path} must be a JSON object of notes, got a {type(examples).__name__}.")
+        for key, example in examples.items():
+            family = example.get("instrument_family_str") if isinstance(example, dict) else None
+            if not isinstance(family, str):
+                raise ProbeDataError(f"{path}: note {key!r} has no instrument_family_str string.")
+            entries.append(Entry(key, root / f"nsynth-{split}/audio/{key}.wav", [family], split))
     return build_probe_data(task, task.vocabulary, entries, by_fold=False, source=root)
 
 
@@ -325,9 +385,22 @@ def load_openmic(root: Path) -> ProbeData:
     _require(
         root, task, "openmic-2018.npz", "class-map.json", "partitions/split01_train.csv", "partitions/split01_test.csv"
     )
-    class_map = json.loads((root / "class-map.json").read_text(encoding="utf-8"))
+    class_map = _read_json(root / "class-map.json")
+    if not (
+        isinstance(class_map, dict)
+        and all(type(column) is int for column in class_map.values())
+        and sorted(class_map.values()) == list(range(len(class_map)))
+    ):
+        raise ProbeDataError(
+            f"{root / 'class-map.json'} must map each class name to its column of Y_true (0 to N - 1), got "
+            f"{str(class_map)[:100]}."
+        )
     classes = sorted(class_map, key=class_map.get)
-    with np.load(root / "openmic-2018.npz", allow_pickle=False) as npz:
+    try:
+        npz = np.load(root / "openmic-2018.npz", allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ProbeDataError(f"{root / 'openmic-2018.npz'} is not a readable .npz file: {error}") from None
+    with npz:
         absent = {"Y_true", "Y_mask", "sample_key"} - set(npz.files)
         if absent:
             raise ProbeDataError(f"openmic-2018.npz lacks {sorted(absent)}; it has {npz.files}.")
@@ -336,10 +409,12 @@ def load_openmic(root: Path) -> ProbeData:
         except ValueError as error:
             raise ProbeDataError(f"openmic-2018.npz: Y_true and Y_mask must be numeric arrays: {error}") from None
         keys = _load_strings(npz, "sample_key")
-    if y_true.shape != (len(keys), len(classes)):
-        raise ProbeDataError(
-            f"OpenMIC: Y_true has shape {y_true.shape}, expected ({len(keys)}, {len(classes)}) from class-map.json."
-        )
+    for name, array in (("Y_true", y_true), ("Y_mask", y_mask)):
+        if array.shape != (len(keys), len(classes)):
+            raise ProbeDataError(
+                f"{root / 'openmic-2018.npz'}: {name} has shape {array.shape}, expected ({len(keys)}, {len(classes)}) "
+                "from sample_key and class-map.json."
+            )
     row_of = {key: row for row, key in enumerate(keys)}
     entries, unlabelled = [], []
     for split in ("train", "test"):
@@ -430,18 +505,20 @@ def load_fsd50k(root: Path) -> ProbeData:
     task = TASKS["fsd50k"]
     truth = "FSD50K.ground_truth"
     _require(root, task, f"{truth}/dev.csv", f"{truth}/eval.csv", f"{truth}/vocabulary.csv")
-    with open(root / truth / "vocabulary.csv", newline="", encoding="utf-8") as handle:
-        classes = [row[1] for row in csv.reader(handle)]
-    dev_split = {"train": "train", "val": "valid"}
-    entries = [
-        Entry(
-            row["fname"],
-            root / "FSD50K.dev_audio" / f"{row['fname']}.wav",
-            row["labels"].split(","),
-            dev_split.get(row["split"], row["split"]),
-        )
-        for row in _read_csv(root / truth / "dev.csv", ("fname", "labels", "split"))
-    ] + [
+    vocabulary = root / truth / "vocabulary.csv"
+    classes = []
+    for line, row in _read_csv_rows(vocabulary):
+        if len(row) < 2:
+            raise ProbeDataError(f"{vocabulary}, line {line}: expected `index,name,mid`, got {','.join(row)!r}.")
+        classes.append(row[1])
+    dev, dev_split = root / truth / "dev.csv", {"train": "train", "val": "valid"}
+    entries = []
+    for row in _read_csv(dev, ("fname", "labels", "split")):
+        if row["split"] not in dev_split:
+            raise ProbeDataError(f"{dev}: split {row['split']!r} of {row['fname']} is neither train nor val.")
+        path = root / "FSD50K.dev_audio" / f"{row['fname']}.wav"
+        entries.append(Entry(row["fname"], path, row["labels"].split(","), dev_split[row["split"]]))
+    entries += [
         Entry(row["fname"], root / "FSD50K.eval_audio" / f"{row['fname']}.wav", row["labels"].split(","), "test")
         for row in _read_csv(root / truth / "eval.csv", ("fname", "labels"))
     ]
@@ -452,12 +529,22 @@ def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
     """
     `<class>/<clip>` or `{train,valid,test}/<class>/<clip>` (`validation` and `dev` are read as `valid`). Without
     split folders the clips get `num_folds` stratified cross-validation folds (fixed seed, so folds are reproducible).
+    A single class, or two folders for one split, is refused; a class that is never trained on before being tested is
+    named in a warning.
     """
     task = TASKS["audiofolder"]
     if not root.is_dir():
         raise ProbeDataError(f"{root} is not a directory.\n{task.where_to_get()}")
     split_names = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
-    split_dirs = {split_names[d.name]: d for d in root.iterdir() if d.is_dir() and d.name in split_names}
+    folders: dict[str, list[Path]] = {}
+    for directory in sorted(root.iterdir()):
+        if directory.is_dir() and directory.name in split_names:
+            folders.setdefault(split_names[directory.name], []).append(directory)
+    for split, directories in folders.items():
+        if len(directories) > 1:  # reading one would silently drop the other's clips
+            names = " and ".join(f"{directory.name}/" for directory in directories)
+            raise ProbeDataError(f"{root} has {names}, which are both the {split} split: keep one.")
+    split_dirs = {split: directories[0] for split, directories in folders.items()}
     if split_dirs and not {"train", "test"} <= split_dirs.keys():
         raise ProbeDataError(f"{root} has split folders {sorted(split_dirs)}: both train/ and test/ are needed.")
 
@@ -476,6 +563,9 @@ def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
         raise ProbeDataError(
             f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) in {root}/<class>/.\n{task.where_to_get()}"
         )
+    classes = sorted({entry.labels[0] for entry in entries})
+    if len(classes) < 2:  # every clip would be predicted right: a 100 % that measures nothing
+        raise ProbeDataError(f"{root}: all clips are of the class {classes[0]!r}; a probe needs 2 classes or more.")
     if not split_dirs:
         from sklearn.model_selection import StratifiedKFold
 
@@ -488,8 +578,19 @@ def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
         for fold, (_, test) in enumerate(folds, start=1):
             for row in test:
                 entries[row].group = fold
-    classes = sorted({entry.labels[0] for entry in entries})
-    return build_probe_data(task, classes, entries, by_fold=not split_dirs, source=root)
+    groups: dict[str, set[str | int]] = {}
+    for entry in entries:
+        groups.setdefault(entry.labels[0], set()).add(entry.group)
+    if split_dirs:
+        untrained = [name for name in classes if "test" in groups[name] and "train" not in groups[name]]
+        reason = "test clips but none in train/"
+    else:
+        untrained = [name for name in classes if len(groups[name]) == 1]
+        reason = "clips in one fold only, so none to train on when it is tested"
+    if untrained:  # the probe cannot predict these classes: a lower score that is no property of the model
+        logger.warning("audiofolder: class(es) %s have %s.", ", ".join(untrained), reason)
+    data = build_probe_data(task, classes, entries, by_fold=not split_dirs, source=root)
+    return data if split_dirs else replace(data, num_folds=num_folds)
 
 
 # Hub copies -------------------------------------------------------------------------------------------------------
@@ -541,6 +642,7 @@ def load_from_hub(task_name: str, dataset: str | None = None) -> ProbeData:
     groups = np.array(
         rows[spec.fold_column] if by_fold else [s for s, part in parts.items() for _ in range(len(part))]
     )
+    _refuse_repeated_ids(task_name, ids, groups.tolist(), f"hub:{repo}")
 
     classes = list(task.vocabulary) if task.vocabulary else sorted(set(names))
     index = {name: i for i, name in enumerate(classes)}
@@ -747,24 +849,39 @@ def check_clip_counts(data: ProbeData, allow_incomplete: bool = False) -> bool:
     Compares the clips of each split (or fold) with the complete dataset's, so that a partly extracted or partly
     readable copy cannot give a plausible score on a smaller test set. Raises [`ProbeDataError`] on a difference,
     or only warns with `allow_incomplete`; returns whether the counts are complete (`True` for a task without known
-    sizes).
+    sizes). Data that cannot be probed at all (no train or test clip, fewer than two folds with clips) is refused
+    either way; a fold drawn at load that lost all its clips is warned about.
     """
-    task = get_task(data.task)
-    if not task.expected_clips:
-        return True
-    found, expected = clip_counts(data), task.expected_clips
-    if found == expected:
-        return True
-    message = (
-        f"{task.title}: found {format_counts(found)} clips, the complete dataset has {format_counts(expected)}. "
-        "Missing files, labels outside the vocabulary and undecodable clips were skipped (see the warnings above)."
-    )
-    if task.known_issues:
-        message += f" Note: {task.known_issues}"
-    if not allow_incomplete:
-        raise ProbeDataError(f"{message} Pass --allow_incomplete to probe these clips anyway.")
-    logger.warning("%s Probing these clips anyway (--allow_incomplete).", message)
-    return False
+    task, found = get_task(data.task), clip_counts(data)
+    complete = not task.expected_clips or found == task.expected_clips
+    if not complete:
+        message = (
+            f"{task.title}: found {format_counts(found)} clips, the complete dataset has "
+            f"{format_counts(task.expected_clips)}. Missing files, labels outside the vocabulary and undecodable "
+            "clips were skipped (see the warnings above)."
+        )
+        if task.known_issues:
+            message += f" Note: {task.known_issues}"
+        if not allow_incomplete:
+            raise ProbeDataError(f"{message} Pass --allow_incomplete to probe these clips anyway.")
+        logger.warning("%s Probing these clips anyway (--allow_incomplete).", message)
+    if data.fold is not None and len(found) < 2:
+        raise ProbeDataError(f"{data.task}: clips in {format_counts(found)} only; cross-validation needs 2 folds.")
+    if data.split is not None and not {"train", "test"} <= found.keys():
+        raise ProbeDataError(f"{data.task}: found {format_counts(found)} clips; train and test clips are needed.")
+    empty = [fold for fold in range(1, (data.num_folds or 0) + 1) if fold not in found]
+    if empty:
+        # The folds are a random partition, not a published protocol: the other folds still test every clip left
+        # with a probe that never saw it, on fewer folds than asked.
+        logger.warning(
+            "%s: fold(s) %s of %d have no clip left (undecodable clips were skipped): cross-validating on the other "
+            "%d folds.",
+            data.task,
+            ", ".join(map(str, empty)),
+            data.num_folds,
+            data.num_folds - len(empty),
+        )
+    return complete and not empty
 
 
 def find_task_dir(name: str, data_root: str | Path) -> Path | None:

@@ -92,12 +92,12 @@ NSYNTH_FAKE = {"train": 4, "valid": 2, "test": 2}
 
 
 def make_nsynth(root: Path, families=("bass", "guitar", "organ")) -> Path:
-    """nsynth-{split}/examples.json + audio/<note_str>.wav."""
-    for split, count in NSYNTH_FAKE.items():
+    """nsynth-{split}/examples.json + audio/<note_str>.wav; as in the real data, no note is in two splits."""
+    for offset, (split, count) in enumerate(NSYNTH_FAKE.items()):
         examples = {}
         for index, family in enumerate(families):
             for number in range(count):
-                note = f"{family}_acoustic_{number:03d}-0{60 + number}-100"
+                note = f"{family}_acoustic_{10 * offset + number:03d}-0{60 + number}-100"
                 write_clip(root / f"nsynth-{split}/audio/{note}.wav", index, seed=number)
                 examples[note] = {"note_str": note, "instrument_family_str": family, "instrument_family": index}
         (root / f"nsynth-{split}/examples.json").write_text(json.dumps(examples))
@@ -319,13 +319,14 @@ def test_unknown_task_is_refused():
 def test_missing_files_and_unknown_labels_are_skipped_with_a_warning(tmp_path, caplog):
     root = make_task("fsd50k", tmp_path / "FSD50K")
     (root / "FSD50K.dev_audio/1002.wav").unlink()
+    write_clip(root / "FSD50K.eval_audio/5010.wav", 0)
     with open(root / "FSD50K.ground_truth/eval.csv", "a") as handle:
-        handle.write("5000,Yodel,\n")  # outside vocabulary.csv
+        handle.write("5010,Yodel,\n")  # outside vocabulary.csv
     caplog.set_level(logging.WARNING)
     data = load_task("fsd50k", root)
     assert "1002" not in data.ids and len(data) == 29
     assert "skipped 1 clip(s) whose audio file is missing" in caplog.text and "1002.wav" in caplog.text
-    assert "skipped 1 clip(s) with labels outside the task's vocabulary: 5000 (Yodel)" in caplog.text
+    assert "skipped 1 clip(s) with labels outside the task's vocabulary: 5010 (Yodel)" in caplog.text
 
 
 def test_gtzan_list_entry_outside_the_ten_genres_is_skipped(tmp_path, caplog):
@@ -489,3 +490,182 @@ def test_every_paper_task_states_its_complete_sizes():
         "mtt": 21_105,
         "fsd50k": 51_197,
     }
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as handle:
+        handle.write(text)
+
+
+def _replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _drop_family(path: Path) -> None:
+    examples = json.loads(path.read_text())
+    del examples[next(iter(examples))]["instrument_family_str"]
+    path.write_text(json.dumps(examples))
+
+
+def _shrink_y_mask(path: Path) -> None:
+    with np.load(path, allow_pickle=True) as npz:
+        arrays = dict(npz)
+    arrays["Y_mask"] = arrays["Y_mask"][:, :2]
+    np.savez(path, **arrays)
+
+
+MALFORMED = {
+    "nsynth examples.json not JSON": (
+        "nsynth",
+        lambda root: (root / "nsynth-valid/examples.json").write_text("{not json"),
+        r"nsynth-valid/examples.json is not valid JSON",
+    ),
+    "nsynth note without family": (
+        "nsynth",
+        lambda root: _drop_family(root / "nsynth-test/examples.json"),
+        r"nsynth-test/examples.json: note 'bass_acoustic_020-060-100' has no instrument_family_str",
+    ),
+    "openmic class map a list": (
+        "openmic",
+        lambda root: (root / "class-map.json").write_text('["guitar", "piano", "voice"]'),
+        r"class-map.json must map each class name to its column of Y_true",
+    ),
+    "openmic class map with a gap": (
+        "openmic",
+        lambda root: (root / "class-map.json").write_text('{"guitar": 0, "piano": 1, "voice": 3}'),
+        r"class-map.json must map each class name to its column of Y_true",
+    ),
+    "openmic npz not a zip": (
+        "openmic",
+        lambda root: (root / "openmic-2018.npz").write_bytes(b"PK\x03\x04 truncated"),
+        r"openmic-2018.npz is not a readable .npz file",
+    ),
+    "openmic Y_mask of another shape": (
+        "openmic",
+        lambda root: _shrink_y_mask(root / "openmic-2018.npz"),
+        r"Y_mask has shape \(24, 2\), expected \(24, 3\)",
+    ),
+    "fsd50k vocabulary short row": (
+        "fsd50k",
+        lambda root: _replace_in(root / "FSD50K.ground_truth/vocabulary.csv", "2,Speech,/m/0002", "7"),
+        r"vocabulary.csv, line 3: expected `index,name,mid`, got '7'",
+    ),
+    "fsd50k dev split unknown": (
+        "fsd50k",
+        lambda root: _replace_in(root / "FSD50K.ground_truth/dev.csv", "1000,Bark,,train", "1000,Bark,,tarin"),
+        r"dev.csv: split 'tarin' of 1000 is neither train nor val",
+    ),
+    "esc50 fold not a number": (
+        "esc50",
+        lambda root: _replace_in(root / "meta/esc50.csv", "1-1010-A-0.wav,1,", "1-1010-A-0.wav,one,"),
+        r"meta/esc50.csv: fold 'one' of 1-1010-A-0.wav is not an integer",
+    ),
+    "esc50 csv not UTF-8": (
+        "esc50",
+        lambda root: (root / "meta/esc50.csv").write_bytes((root / "meta/esc50.csv").read_bytes() + b"d\xf6g\n"),
+        r"meta/esc50.csv cannot be read as a UTF-8 CSV file",
+    ),
+    "us8k short row": (
+        "us8k",
+        lambda root: _append(root / "metadata/UrbanSound8K.csv", "999-0-0-0.wav,999,0.0\n"),
+        r"UrbanSound8K.csv, line 32: 3 field\(s\), expected at least 8",
+    ),
+    "gtzan split list not UTF-8": (
+        "gtzan",
+        lambda root: (root / "test_filtered.txt").write_bytes(b"blues/blues.\xff.wav\n"),
+        r"test_filtered.txt cannot be read as UTF-8 text",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_metadata_is_a_probe_data_error_naming_the_file(tmp_path, case):
+    """`run_probe.py --all` skips a task on ProbeDataError only: any other exception would end the whole run."""
+    task, damage, message = MALFORMED[case]
+    root = make_task(task, tmp_path / task)
+    damage(root)
+    with pytest.raises(ProbeDataError, match=message) as error:
+        load_task(task, root)
+    assert str(root) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_clips_listed_twice_are_refused(tmp_path):
+    """A test clip that is also a training clip would inflate the score without any sign of it."""
+    root = make_task("gtzan", tmp_path / "gtzan")
+    _append(root / "train_filtered.txt", (root / "test_filtered.txt").read_text())
+    with pytest.raises(
+        ProbeDataError,
+        match=r"gtzan: 6 clip id\(s\) are listed more than once .* e.g. blues/blues.00006.wav \(in test, train\)",
+    ):
+        load_task("gtzan", root)
+
+    root = make_task("esc50", tmp_path / "esc50")
+    _append(root / "meta/esc50.csv", "1-1010-A-0.wav,2,0,dog,False,1010,A\n")
+    with pytest.raises(ProbeDataError, match=r"esc50: 1 clip id\(s\) .* e.g. 1-1010-A-0.wav \(in fold 1, fold 2\)"):
+        load_task("esc50", root)
+
+
+def test_hub_copy_with_a_clip_twice_is_refused(tmp_path, monkeypatch):
+    import datasets
+    from datasets import Dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    audio = {"bytes": b"", "path": "1-0-A-0.wav"}
+    rows = {"filename": ["1-0-A-0.wav"] * 2, "fold": [1, 2], "category": ["dog"] * 2, "audio": [audio] * 2}
+    (tmp_path / "esc50/data").mkdir(parents=True)
+    Dataset.from_dict(rows).to_parquet(tmp_path / "esc50/data/train-00000.parquet")
+    with pytest.raises(ProbeDataError, match=r"esc50: 1 clip id\(s\) .*hub:.* e.g. 1-0-A-0.wav \(in fold 1, fold 2\)"):
+        load_task("esc50", hub_dataset=str(tmp_path / "esc50"))
+
+
+def test_audiofolder_with_two_folders_for_one_split_is_refused(tmp_path):
+    for split in ("train", "valid", "validation", "test"):
+        for label, name in enumerate(["cat", "dog"]):
+            write_clip(tmp_path / split / name / "a.wav", label)
+    with pytest.raises(ProbeDataError, match=r"has valid/ and validation/, which are both the valid split"):
+        load_task("audiofolder", tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class")  # sklearn's own note on the one-clip class
+def test_audiofolder_needs_two_classes_and_names_classes_it_cannot_train_on(tmp_path, caplog):
+    for number in range(6):
+        write_clip(tmp_path / "single" / "cat" / f"{number}.wav", 0, seed=number)
+    with pytest.raises(ProbeDataError, match=r"all clips are of the class 'cat'; a probe needs 2 classes or more"):
+        load_task("audiofolder", tmp_path / "single")
+
+    caplog.set_level(logging.WARNING)
+    for split, names in (("train", ["cat", "dog"]), ("test", ["cat", "dog", "owl", "pig"])):
+        for label, name in enumerate(names):
+            write_clip(tmp_path / "splits" / split / name / "a.wav", label)
+    data = load_task("audiofolder", tmp_path / "splits")
+    assert data.classes == ["cat", "dog", "owl", "pig"]
+    assert "audiofolder: class(es) owl, pig have test clips but none in train/." in caplog.text
+
+    caplog.clear()
+    for label, (name, count) in enumerate({"cat": 5, "dog": 5, "owl": 1}.items()):
+        for number in range(count):
+            write_clip(tmp_path / "folds" / name / f"{number}.wav", label, seed=number)
+    load_task("audiofolder", tmp_path / "folds")
+    assert "audiofolder: class(es) owl have clips in one fold only" in caplog.text and "dog" not in caplog.text
+
+
+def test_folds_and_splits_emptied_by_undecodable_clips(tmp_path, caplog):
+    """The decodable clips are checked again after encoding (run_probe.py): a fold that lost all its clips shows."""
+    for label, name in enumerate(["cat", "dog"]):
+        for number in range(5):
+            write_clip(tmp_path / name / f"{number}.wav", label, seed=number)
+    data = load_task("audiofolder", tmp_path)
+    assert data.num_folds == 5 and check_clip_counts(data) is True
+
+    caplog.set_level(logging.WARNING)
+    assert check_clip_counts(data.select(np.flatnonzero(data.fold != 3))) is False
+    assert "audiofolder: fold(s) 3 of 5 have no clip left" in caplog.text
+    assert "cross-validating on the other 4 folds" in caplog.text
+    with pytest.raises(ProbeDataError, match=r"audiofolder: clips in fold 2: 2 only; cross-validation needs 2 folds"):
+        check_clip_counts(data.select(np.flatnonzero(data.fold == 2)))
+
+    gtzan = load_task("gtzan", make_task("gtzan", tmp_path / "gtzan"))
+    with pytest.raises(ProbeDataError, match=r"gtzan: found train: 12 / valid: 6 clips; train and test clips are"):
+        check_clip_counts(gtzan.select(np.flatnonzero(gtzan.split != "test")), allow_incomplete=True)
