@@ -18,6 +18,7 @@ after each task (the tasks still to probe listed as pending): a run that fails o
 """
 
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from transformers import HfArgumentParser
 
 from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
-from modeling_matpac.evaluation.probe import ProbeSettings, evaluate, save_classifier
+from modeling_matpac.evaluation.probe import ProbeSettings, check_classifier_encoder, evaluate, save_classifier
 from modeling_matpac.evaluation.report import TaskResult, results_markdown, task_result, write_results
 from modeling_matpac.evaluation.tasks import (
     PAPER_TASKS,
@@ -109,6 +110,16 @@ def load_data(name: str, data_args: DataArguments):
     return load_task(name, data_args.data_dir, data_args.hub_dataset)
 
 
+def check_writable_folder(flag: str, folder: Path) -> None:
+    """`folder`, or the nearest of its parents that exists, must be a folder this process can write to."""
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        reason = "is a file" if existing == folder else f"is inside {existing}, a file"
+        raise ValueError(f"{flag} {str(folder)!r} {reason}, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(folder)!r}: {existing} is not writable.")
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSettings) -> list[TaskResult]:
     if data_args.all == (data_args.dataset is not None):
         raise ValueError("Pass either --dataset NAME or --all.")
@@ -120,8 +131,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         "--save_head": data_args.save_head,
     }
     for flag, folder in folders.items():  # checked first: the heads and the results are written after the work
-        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            raise ValueError(f"{flag} {folder!r} is a file, not a folder.")
+        if folder is not None:
+            check_writable_folder(flag, Path(folder))
     layer = parse_layer(model_args.layer)
     if data_args.save_head and layer != "last":
         raise ValueError("--save_head puts the probe on pooler_output (the last layer): leave --layer at 'last'.")
@@ -134,6 +145,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         num_workers=model_args.dataloader_num_workers,
     )
     settings.device = str(extractor.device)
+    if data_args.save_head:
+        check_classifier_encoder(extractor.model)
     if extractor.device.type == "cpu" and keep_freed_memory_mapped():
         logger.info("On CPU: malloc keeps freed memory for the next batches (modeling_matpac/cpu_memory.py).")
     cache_dir = data_args.cache_dir or str(Path(data_args.output_dir) / "embeddings")
@@ -149,27 +162,28 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
             if len(embeddings.positions) < len(data):  # undecodable clips were dropped while encoding
                 check_clip_counts(data.select(embeddings.positions), data_args.allow_incomplete)
             data = data.select(embeddings.positions)
+            outcome = evaluate(data, embeddings.values, settings)
         except ProbeDataError as error:
             if not data_args.all:
                 raise
             skipped[name] = str(error).splitlines()[0]
             logger.warning("%s: skipped, %s", name, skipped[name])
             continue
-        outcome = evaluate(data, embeddings.values, settings)
         results.append(task_result(data, outcome, embeddings, paper=get_task(name).paper_score))
+        # Written before the head is saved and after each task: what is done stays if a later step fails or stops.
+        pending = tasks[index + 1 :]
+        write_results(results, data_args.output_dir, run_settings, skipped, pending)
+        if pending:
+            logger.info("%s: results so far written to %s (%d tasks to go)", name, data_args.output_dir, len(pending))
         if data_args.save_head:
             directory = Path(data_args.save_head) / name if data_args.all else Path(data_args.save_head)
             save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, directory)
             logger.info("%s: saved the probe as an audio classifier in %s", name, directory)
-        if index + 1 < len(tasks):  # what is done stays written if a later task fails or the run is stopped
-            pending = tasks[index + 1 :]
-            write_results(results, data_args.output_dir, run_settings, skipped, pending)
-            logger.info("%s: results so far written to %s (%d tasks to go)", name, data_args.output_dir, len(pending))
     if not results:
         raise ProbeDataError(f"No task data found (data_dir={data_args.data_dir}).")
+    json_path, markdown_path = write_results(results, data_args.output_dir, run_settings, skipped)
 
     print(results_markdown(results, skipped))
-    json_path, markdown_path = write_results(results, data_args.output_dir, run_settings, skipped)
     logger.info("Results written to %s and %s", json_path, markdown_path)
     return results
 

@@ -15,16 +15,18 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoModel
 
 from ..audio import AudioDecodeError, resample
-from .tasks import ProbeData
+from .tasks import ProbeData, ProbeDataError
 
 
 logger = logging.getLogger(__name__)
@@ -36,8 +38,8 @@ ALL_LAYERS = "all"
 EXTRACTION_BLOCK_CLIPS = 10_000
 
 
-class NoDecodableClipsError(ValueError):
-    """None of the clips given to the extractor could be decoded."""
+class NoDecodableClipsError(ProbeDataError):
+    """None of the clips given to the extractor could be decoded: a task's data problem, which `--all` skips."""
 
 
 def parse_layer(layer: str | int | None) -> str | int:
@@ -160,10 +162,11 @@ class EmbeddingExtractor:
         try:
             self._feature_extractor = AutoFeatureExtractor.from_pretrained(self.model_name_or_path)
             model = AutoModel.from_pretrained(self.model_name_or_path, dtype=torch.float32)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, foreign, truncated files
             raise ValueError(
-                f"Cannot load the model {self.model_name_or_path!r} ({error}). Pass --model_name_or_path with a saved "
-                "or converted MATPAC directory (the default one is made by `python run_pretraining.py`)."
+                f"Cannot load the model {self.model_name_or_path!r} ({str(error).strip().splitlines()[0]}). Pass "
+                "--model_name_or_path with a saved or converted MATPAC directory (the default one is made by `python "
+                "run_pretraining.py`)."
             ) from error
         if self.layer != LAST_LAYER and model.config.model_type != "matpac":
             raise ValueError(
@@ -224,7 +227,14 @@ class EmbeddingExtractor:
             raise NoDecodableClipsError(f"{data.task}: none of the {len(data)} clips could be decoded.")
         positions = np.array(positions)
         restore = np.argsort(positions)
-        return torch.cat(embeddings).numpy()[restore], positions[restore]
+        values, positions = torch.cat(embeddings).numpy()[restore], positions[restore]
+        broken = ~np.isfinite(values).all(axis=1)
+        if broken.any():  # a diverged checkpoint: refused before anything is cached or probed
+            raise ValueError(
+                f"{data.task}: the model gives non-finite embeddings for {broken.sum()} of {len(values)} clips (the "
+                f"first: {data.ids[positions[broken][0]]}); is its checkpoint diverged?"
+            )
+        return values, positions
 
 
 @dataclass
@@ -237,14 +247,34 @@ class Embeddings:
     cached: bool
 
 
-def _read_cache(path: Path, key: str) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """`(values, positions, seconds)` stored at `path` for `key`, or None."""
+def _read_cache(path: Path, key: str, num_clips: int) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """
+    `(values, positions, seconds)` stored at `path` for `key`, or None. A file that cannot be read, or whose positions
+    are not increasing clip positions below `num_clips`, one per embedding, is not used (with a warning): its clips
+    are encoded again.
+    """
     if not path.is_file():
         return None
-    with np.load(path) as cached:
-        if str(cached["key"]) != key:
-            return None
-        return cached["values"], cached["positions"], float(cached["seconds"])
+    try:
+        with np.load(path) as cached:
+            if str(cached["key"]) != key:
+                return None
+            values, positions, seconds = cached["values"], cached["positions"], float(cached["seconds"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        logger.warning("Unreadable embedding cache %s (%s): encoding its clips again.", path, error)
+        return None
+    consistent = (
+        values.ndim == 2
+        and positions.ndim == 1
+        and len(values) == len(positions)
+        and np.issubdtype(positions.dtype, np.integer)
+        and bool(np.all(np.diff(positions) > 0))
+        and (len(positions) == 0 or (positions[0] >= 0 and positions[-1] < num_clips))
+    )
+    if not consistent:
+        logger.warning("Inconsistent embedding cache %s (values and clip positions disagree): encoding again.", path)
+        return None
+    return values, positions, seconds
 
 
 def _write_cache(path: Path, key: str, values: np.ndarray, positions: np.ndarray, seconds: float) -> None:
@@ -261,7 +291,7 @@ def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: s
     """
     key = extractor.cache_key(data)
     path = Path(cache_dir) / f"{data.task}-{key[:20]}.npz"
-    cached = _read_cache(path, key)
+    cached = _read_cache(path, key, len(data))
     if cached is not None:
         logger.info("%s: using cached embeddings %s", data.task, path)
         return Embeddings(*cached, cached=True)
@@ -270,12 +300,12 @@ def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: s
     block_paths = [path.with_name(f"{path.stem}.block{k}.npz") for k in range(num_blocks)] if num_blocks > 1 else []
     blocks = []
     for k in range(num_blocks):
-        block = _read_cache(block_paths[k], key) if block_paths else None
+        start = k * EXTRACTION_BLOCK_CLIPS
+        block = _read_cache(block_paths[k], key, len(data)) if block_paths else None
         if block is not None:
             logger.info("%s: block %d of %d read from %s", data.task, k + 1, num_blocks, block_paths[k])
             blocks.append(block)
             continue
-        start = k * EXTRACTION_BLOCK_CLIPS
         subset = data.select(np.arange(start, min(start + EXTRACTION_BLOCK_CLIPS, len(data)))) if block_paths else data
         begin = time.perf_counter()
         try:

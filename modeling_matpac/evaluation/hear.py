@@ -11,6 +11,7 @@ step per 160 ms); the scene embedding is their mean, the paper's clip embedding.
 from __future__ import annotations
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..feature_extraction_matpac import MatpacFeatureExtractor
@@ -52,10 +53,10 @@ def load_model(model_file_path: str = "", **kwargs) -> MatpacHearModel:
     try:
         model = MatpacModel.from_pretrained(model_file_path, dtype=torch.float32, **kwargs)
         feature_extractor = MatpacFeatureExtractor.from_pretrained(model_file_path)
-    except OSError as error:  # transformers' message for a missing folder is about Hub repo ids
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, foreign or truncated files
         raise ValueError(
-            f"Cannot load a MATPAC model from {model_file_path!r} ({error}): pass a directory saved with "
-            "`save_pretrained` or written by the converter, or a Hub model id."
+            f"Cannot load a MATPAC model from {model_file_path!r} ({str(error).strip().splitlines()[0]}): pass a "
+            "directory saved with `save_pretrained` or written by the converter, or a Hub model id."
         ) from error
     return MatpacHearModel(model, feature_extractor)
 

@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from .tasks import ProbeData
+from .tasks import ProbeData, ProbeDataError
 
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,10 @@ class ProbeSettings:
         for name in ("batch_size", "max_epochs", "patience", "num_runs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate:g}.")
-        if self.seed < 0:
-            raise ValueError(f"seed must be at least 0, got {self.seed}.")
+        if not 0 < self.learning_rate <= torch.finfo(torch.float32).max:  # the probe trains in float32
+            raise ValueError(f"learning_rate must be positive and finite, got {self.learning_rate:g}.")
+        if not 0 <= self.seed <= 2**32 - self.num_runs:  # the runs' seeds go to numpy and scikit-learn
+            raise ValueError(f"seed must be between 0 and 2**32 - num_runs, got {self.seed}.")
         if not 0 < self.valid_fraction < 1:
             raise ValueError(f"valid_fraction must be between 0 and 1, got {self.valid_fraction:g}.")
         if self.device is not None:
@@ -92,7 +92,13 @@ def _carve_validation(positions: np.ndarray, data: ProbeData, fraction: float, s
         train, valid = train_test_split(positions, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as error:  # a class with a single clip, or fewer validation clips than classes
         logger.debug("%s: validation set drawn without stratification (%s)", data.task, error)
-        train, valid = train_test_split(positions, test_size=fraction, random_state=seed)
+        try:
+            train, valid = train_test_split(positions, test_size=fraction, random_state=seed)
+        except ValueError:
+            raise ProbeDataError(
+                f"{data.task}: {len(positions)} training clips cannot give up a validation share of {fraction:g} and "
+                "keep clips to train on."
+            ) from None
     return np.sort(train), np.sort(valid)
 
 
@@ -107,7 +113,7 @@ def make_splits(data: ProbeData, seed: int, valid_fraction: float = 0.1) -> list
         return splits
     train, valid, test = (everything[data.split == name] for name in ("train", "valid", "test"))
     if len(train) == 0 or len(test) == 0:
-        raise ValueError(
+        raise ProbeDataError(
             f"{data.task}: the data has {len(train)} training and {len(test)} test clips; both are needed."
         )
     if len(valid) == 0:
@@ -191,6 +197,11 @@ def train_probe(
             best_state = {name: value.detach().clone() for name, value in layer.state_dict().items()}
         elif epoch - best_epoch >= settings.patience:
             break
+    if best_state is None:
+        raise ValueError(
+            f"The probe's validation loss was never finite ({valid_losses[0]}): lower --learning_rate, or check the "
+            "embeddings."
+        )
     return LinearProbe(
         mean=scaler.mean_,
         scale=scaler.scale_,
@@ -218,7 +229,7 @@ def mean_average_precision(targets: np.ndarray, scores: np.ndarray, mask: np.nda
         if targets[mask[:, c], c].sum() > 0
     ]
     if not per_class:
-        raise ValueError("No class has a positive test clip: mAP is undefined.")
+        raise ProbeDataError("No class has a positive test clip: mAP is undefined.")
     return float(np.mean(per_class))
 
 
@@ -282,6 +293,12 @@ def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -
     return ProbeOutcome(run_scores, fold_scores, best_epochs, first_probe, time.perf_counter() - start)
 
 
+def check_classifier_encoder(model) -> None:
+    """Only a MATPAC encoder can carry the probe as a `MatpacForAudioClassification`: checked before any work."""
+    if model.config.model_type != "matpac":
+        raise ValueError(f"--save_head needs a MATPAC encoder, got a {model.config.model_type!r} model.")
+
+
 def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[str], output_dir: str | Path) -> Path:
     """
     Saves `model` (a `MatpacModel`) with `probe` on top as a `MatpacForAudioClassification` directory, loadable by
@@ -290,8 +307,7 @@ def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[
     """
     from ..modeling_matpac import MatpacForAudioClassification
 
-    if model.config.model_type != "matpac":
-        raise ValueError(f"--save_head needs a MATPAC encoder, got a {model.config.model_type!r} model.")
+    check_classifier_encoder(model)
     config = copy.deepcopy(model.config)
     config.id2label = dict(enumerate(classes))
     config.label2id = {name: index for index, name in enumerate(classes)}

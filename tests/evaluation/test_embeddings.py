@@ -1,5 +1,6 @@
 """Embedding extraction and its cache, with a tiny random MATPAC encoder."""
 
+import json
 import logging
 
 import numpy as np
@@ -222,3 +223,63 @@ def test_any_automodel_with_a_pooler_output(tmp_path, us8k):
     np.testing.assert_allclose(embeddings[1], expected[0].numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="--layer all needs a MATPAC model"):
         EmbeddingExtractor(str(tmp_path), layer="all")(clips)
+
+
+def test_an_unreadable_or_inconsistent_cache_is_encoded_again(tiny_model, us8k, tmp_path, forward_calls, caplog):
+    """A truncated file, an empty one and positions that disagree with the values are misses, with a warning."""
+    extractor = EmbeddingExtractor(tiny_model, batch_size=8)
+    reference = load_or_extract(us8k, extractor, tmp_path)
+    (path,) = tmp_path.glob("us8k-*.npz")
+    key = extractor.cache_key(us8k)
+    damaged = {
+        "truncated": lambda: path.write_bytes(path.read_bytes()[:2000]),
+        "empty": lambda: path.write_bytes(b""),
+        "reversed positions": lambda: np.savez(
+            path, key=key, values=reference.values, positions=reference.positions[::-1], seconds=1.0
+        ),
+        "positions past the clips": lambda: np.savez(
+            path, key=key, values=reference.values, positions=reference.positions + 1, seconds=1.0
+        ),
+        "fewer values": lambda: np.savez(
+            path, key=key, values=reference.values[:-1], positions=reference.positions, seconds=1.0
+        ),
+    }
+    caplog.set_level(logging.WARNING)
+    for name, damage in damaged.items():
+        damage()
+        calls = len(forward_calls)
+        again = load_or_extract(us8k, extractor, tmp_path)
+        assert not again.cached and len(forward_calls) == calls + 4, name
+        np.testing.assert_array_equal(again.values, reference.values)
+        np.testing.assert_array_equal(again.positions, np.arange(30))
+    assert caplog.text.count("Unreadable embedding cache") == 2
+    assert caplog.text.count("Inconsistent embedding cache") == 3
+    assert load_or_extract(us8k, extractor, tmp_path).cached
+
+
+def test_non_finite_embeddings_are_refused_before_the_cache(us8k, tmp_path):
+    """A diverged checkpoint (NaN weights) fails with one clear message, and nothing is cached."""
+    model_dir = save_tiny_matpac(tmp_path / "diverged")
+    model = MatpacModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.encoder.layers[0].attention.out_proj.weight.fill_(float("nan"))
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="non-finite embeddings for 30 of 30 clips .*diverged"):
+        load_or_extract(us8k, EmbeddingExtractor(model_dir, batch_size=8), tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.npz"))
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "another architecture"])
+def test_a_model_that_cannot_load_gives_one_clear_line(us8k, tiny_model, tmp_path, damage):
+    import shutil
+
+    model_dir = shutil.copytree(tiny_model, tmp_path / "model")
+    if damage == "truncated weights":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # the encoder's weights under a config with other sizes
+        config = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": 64, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match="Cannot load the model") as error:
+        EmbeddingExtractor(str(model_dir))(us8k)
+    assert "\n" not in str(error.value)

@@ -20,7 +20,7 @@ from modeling_matpac.evaluation.probe import (
     train_probe,
 )
 from modeling_matpac.evaluation.report import results_markdown, task_result, write_results
-from modeling_matpac.evaluation.tasks import AudioFiles, ProbeData
+from modeling_matpac.evaluation.tasks import AudioFiles, ProbeData, ProbeDataError
 
 
 def fake_data(targets, fold=None, split=None, label_mask=None, classes=None) -> ProbeData:
@@ -108,8 +108,11 @@ def test_official_split_is_used_and_a_missing_validation_set_is_carved_from_trai
     (carved,) = make_splits(fake_data(targets, split=split), seed=0, valid_fraction=0.25)
     assert len(carved.valid) == 4 and set(carved.valid) < set(range(16))
     assert sorted(np.concatenate([carved.train, carved.valid])) == list(range(16))
-    with pytest.raises(ValueError, match="0 test clips"):
+    with pytest.raises(ProbeDataError, match="0 test clips"):
         make_splits(fake_data(targets, split=np.array(["train"] * 20)), seed=0)
+    # Before: scikit-learn's message about an empty train set, with its traceback.
+    with pytest.raises(ProbeDataError, match="fake: 2 training clips cannot give up a validation share of 0.9"):
+        make_splits(fake_data([0, 1, 0, 1], split=np.array(["train"] * 2 + ["test"] * 2)), seed=0, valid_fraction=0.9)
 
 
 def noisy_problem(seed: int = 0):
@@ -134,6 +137,14 @@ def test_early_stopping_keeps_the_best_epoch():
     np.testing.assert_array_equal(
         train_probe(x_train, y_train, x_valid, y_valid, 2, capped, seed=1).weight, probe.weight
     )
+
+
+def test_a_probe_whose_validation_loss_is_never_finite_fails_clearly():
+    """Before: `TypeError: 'NoneType' object is not subscriptable`, as no epoch had a best state."""
+    x_train, y_train, x_valid, y_valid = noisy_problem()
+    x_valid[0, 0] = 1e300  # finite in float64, infinite in the probe's float32
+    with pytest.raises(ValueError, match="validation loss was never finite \\(nan\\): lower --learning_rate"):
+        train_probe(x_train, y_train, x_valid, y_valid, 2, ProbeSettings(max_epochs=3), seed=1)
 
 
 def test_probe_standardises_with_training_statistics_and_folds_them_into_the_layer():

@@ -240,13 +240,55 @@ def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data
         # Before: tracebacks, for --save_head only after the whole probe had run, with its results unwritten.
         (["--dataset", "esc50", "--save_head", "{empty}/a-file"], "--save_head '.*a-file' is a file, not a folder."),
         (["--dataset", "esc50", "--cache_dir", "{empty}/a-file"], "--cache_dir '.*a-file' is a file, not a folder."),
+        (
+            ["--dataset", "esc50", "--output_dir", "{empty}/a-file/results"],
+            "--output_dir '.*a-file/results' is inside .*a-file, a file, not a folder.",
+        ),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):
     (tmp_path / "a-file").write_text("")
     args = [arg.replace("{empty}", str(tmp_path)) for arg in args]
     with pytest.raises(SystemExit, match=message):
-        run_probe.main([*args, "--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path)])
+        run_probe.main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path), *args])
+
+
+def test_all_skips_a_task_whose_clips_do_not_decode_and_probes_the_others(tiny_model, tmp_path, caplog):
+    """A task folder in which no clip decodes is that task's data problem: skipped, like a missing folder."""
+    esc50 = make_task("esc50", tmp_path / "data" / "ESC-50-master")
+    for clip in (esc50 / "audio").iterdir():
+        clip.write_bytes(b"not audio")
+    make_task("us8k", tmp_path / "data" / "UrbanSound8K")
+    args = ["--all", "--data_dir", str(tmp_path / "data"), "--model_name_or_path", tiny_model]
+    results = run_probe.main([*args, "--output_dir", str(tmp_path / "out"), *FAST])
+    assert [r.task for r in results] == ["us8k"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["skipped"]["esc50"].startswith("esc50: none of the") and saved["pending"] == []
+    assert [row["task"] for row in saved["results"]] == ["us8k"]
+
+
+def test_save_head_is_checked_before_the_work_and_the_results_come_first(tiny_model, data_root, tmp_path, monkeypatch):
+    """A model that cannot carry the head fails before encoding; a head that fails to save keeps the results."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
+
+    ast = tmp_path / "ast"
+    ASTModel(
+        ASTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(ast)
+    ASTFeatureExtractor().save_pretrained(ast)
+    args = ["--dataset", "nsynth", "--data_dir", str(data_root / "nsynth"), "--save_head", str(tmp_path / "head")]
+    with pytest.raises(SystemExit, match="--save_head needs a MATPAC encoder, got a 'audio-spectrogram-transformer'"):
+        run_probe.main([*args, "--model_name_or_path", str(ast), "--output_dir", str(tmp_path / "ast-out"), *FAST])
+    assert not (tmp_path / "ast-out").exists()
+
+    def failing_save(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(run_probe, "save_classifier", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        run_probe.main([*args, "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"), *FAST])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["task"] for row in saved["results"]] == ["nsynth"] and len(saved["results"][0]["runs"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -262,7 +304,12 @@ def test_bad_input_exits_with_a_clear_message(args, message, tmp_path):
         (["--dataset", "esc50", "--batch_size", "0"], "batch_size must be at least 1, got 0."),
         (["--dataset", "esc50", "--max_epochs", "0"], "max_epochs must be at least 1, got 0."),
         (["--dataset", "esc50", "--num_runs", "0"], "num_runs must be at least 1, got 0."),
-        (["--dataset", "esc50", "--learning_rate", "0"], "learning_rate must be positive, got 0."),
+        (["--dataset", "esc50", "--learning_rate", "0"], "learning_rate must be positive and finite, got 0."),
+        (["--dataset", "esc50", "--learning_rate", "inf"], "learning_rate must be positive and finite, got inf."),
+        (
+            ["--dataset", "esc50", "--seed", "99999999999"],
+            "seed must be between 0 and 2**32 - num_runs, got 99999999999.",
+        ),
         (["--dataset", "esc50", "--valid_fraction", "1"], "valid_fraction must be between 0 and 1, got 1."),
         (["--dataset", "esc50", "--device", "gpu"], "device 'gpu' is not a torch device"),
         (["--dataset", "esc50", "--extraction_batch_size", "0"], "extraction_batch_size must be at least 1, got 0."),
