@@ -189,13 +189,17 @@ class EmbeddingExtractor:
         return self._feature_extractor
 
     def cache_key(self, data: ProbeData) -> str:
-        """Hash of everything the embeddings depend on: model files, layer, task, data source and clip list."""
+        """
+        Hash of everything the embeddings depend on: model files, layer, task, data source, clip list and the clips'
+        content (files' sizes and times, a dataset's fingerprint), so that changed or repaired audio is encoded again.
+        """
         description = {
             **_model_fingerprint(self.model_name_or_path),
             "layer": self.layer,
             "task": data.task,
             "source": data.source,
             "clips": hashlib.sha256("\n".join(data.ids).encode()).hexdigest(),
+            "audio": data.audio.signature(),
         }
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 

@@ -11,8 +11,10 @@ skipped with a warning; a missing or malformed layout raises [`ProbeDataError`] 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 import pickle
 import zipfile
 from collections import Counter
@@ -87,6 +89,17 @@ class AudioFiles:
     def duration(self, index: int) -> float:
         return audio_duration(self.paths[index])
 
+    def signature(self) -> str:
+        """What the clips' content depends on: each file's path, size and modification time (a repaired file too)."""
+        digest = hashlib.sha256()
+        for path in self.paths:
+            try:
+                status = os.stat(path)
+                digest.update(f"{path}\t{status.st_size}\t{status.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{path}\tmissing\n".encode())
+        return digest.hexdigest()
+
     def subset(self, indices: np.ndarray) -> AudioFiles:
         return AudioFiles([self.paths[i] for i in indices])
 
@@ -116,6 +129,12 @@ class HubAudio:
 
     def duration(self, index: int) -> float:
         return audio_duration(self._encoded(index)[0])
+
+    def signature(self) -> str:
+        """What the clips' content depends on: the dataset's fingerprint (its files and revision) and the rows used."""
+        digest = hashlib.sha256(str(getattr(self.dataset, "_fingerprint", None)).encode())
+        digest.update(np.ascontiguousarray(self.rows, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def subset(self, indices: np.ndarray) -> HubAudio:
         return HubAudio(self.dataset, self.column, self.rows[np.asarray(indices)])

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -175,6 +176,30 @@ def test_retrained_model_invalidates_the_cache(tmp_path, us8k):
     key = EmbeddingExtractor(model_dir).cache_key(us8k)
     save_tiny_matpac(model_dir, seed=1)
     assert EmbeddingExtractor(model_dir).cache_key(us8k) != key
+
+
+def test_changed_or_repaired_audio_invalidates_the_cache(tiny_model, tmp_path):
+    """Before: the key held the clip ids only, so a rerun after the audio changed reused the old embeddings."""
+    import datasets
+
+    from modeling_matpac.evaluation.tasks import HubAudio
+
+    root = make_task("esc50", tmp_path / "esc50")
+    extractor = EmbeddingExtractor(tiny_model)
+    key = extractor.cache_key(load_task("esc50", root))
+    clip = root / "audio/2-1021-A-1.wav"
+    write_clip(clip, 30)  # another sound under the same name
+    assert extractor.cache_key(load_task("esc50", root)) != key
+
+    # A Hub copy whose rows were reordered: the same ids (row positions), another dataset fingerprint.
+    def hub_data(names):
+        table = datasets.Dataset.from_dict({"audio": [str(root / "audio" / name) for name in names]})
+        data = load_task("esc50", root).select(np.arange(len(names)))
+        return replace(data, audio=HubAudio(table.cast_column("audio", datasets.Audio())), ids=["row 0", "row 1"])
+
+    names = ["2-1021-A-1.wav", "1-100038-A-14.wav"]
+    assert extractor.cache_key(hub_data(names)) == extractor.cache_key(hub_data(names))
+    assert extractor.cache_key(hub_data(names)) != extractor.cache_key(hub_data(names[::-1]))
 
 
 def test_corrupt_and_too_short_clips_are_skipped(tiny_model, tmp_path, caplog):
