@@ -125,6 +125,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         raise ValueError("Pass either --dataset NAME or --all.")
     if data_args.all and data_args.hub_dataset:
         raise ValueError("--hub_dataset names one task's data: use it with --dataset, not --all.")
+    if data_args.data_dir and data_args.hub_dataset:
+        raise ValueError("--data_dir and --hub_dataset both name the task's data: pass one of them.")
     folders = {
         "--output_dir": data_args.output_dir,
         "--cache_dir": data_args.cache_dir,

@@ -71,6 +71,8 @@ class ProbeSettings:
                 raise ValueError(
                     f"device {self.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')."
                 ) from None
+            if device.type == "meta":
+                raise ValueError("device 'meta' holds no data: probe on 'cpu' or 'cuda'.")
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device {self.device!r}, but no CUDA device is available.")
 

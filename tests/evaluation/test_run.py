@@ -237,6 +237,7 @@ def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data
         ),
         (["--dataset", "esc50", "--layer", "top"], "--layer must be 'last', 'all' or a block number"),
         (["--all", "--hub_dataset", "x"], "use it with --dataset, not --all"),
+        (["--dataset", "gtzan", "--hub_dataset", "x", "--data_dir", "{empty}"], "pass one of them"),
         # Before: tracebacks, for --save_head only after the whole probe had run, with its results unwritten.
         (["--dataset", "esc50", "--save_head", "{empty}/a-file"], "--save_head '.*a-file' is a file, not a folder."),
         (["--dataset", "esc50", "--cache_dir", "{empty}/a-file"], "--cache_dir '.*a-file' is a file, not a folder."),
@@ -312,6 +313,7 @@ def test_save_head_is_checked_before_the_work_and_the_results_come_first(tiny_mo
         ),
         (["--dataset", "esc50", "--valid_fraction", "1"], "valid_fraction must be between 0 and 1, got 1."),
         (["--dataset", "esc50", "--device", "gpu"], "device 'gpu' is not a torch device"),
+        (["--dataset", "esc50", "--device", "meta"], "device 'meta' holds no data"),
         (["--dataset", "esc50", "--extraction_batch_size", "0"], "extraction_batch_size must be at least 1, got 0."),
     ],
 )
