@@ -204,6 +204,13 @@ def infer_config(
         if required not in state_dict:
             raise ValueError(f"The checkpoint has no {required!r}: it is not a MATPAC encoder state dict.")
     hidden_size = state_dict["cls_token"].shape[-1]
+    if num_attention_heads is None and hidden_size != 768:
+        logger.warning(
+            "The encoder is %d wide, not ViT-B's 768: its head count cannot be read from the weights, %d heads of 64 "
+            "are assumed (pass --num_attention_heads if it was trained with others).",
+            hidden_size,
+            max(hidden_size // 64, 1),
+        )
     patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
     num_mel_bins = overrides.pop("num_mel_bins", MatpacConfig().num_mel_bins)
     num_positions = state_dict["pos_embed"].shape[1] - 1
@@ -219,6 +226,13 @@ def infer_config(
     )
     if "decoder.decoder_embed.weight" in state_dict:
         predictor_hidden_size = state_dict["decoder.decoder_embed.weight"].shape[0]
+        if predictor_num_attention_heads is None and predictor_hidden_size != 512:
+            logger.warning(
+                "The predictor is %d wide, not the paper's 512: %d heads of 32 are assumed (pass "
+                "--predictor_num_attention_heads if it was trained with others).",
+                predictor_hidden_size,
+                max(predictor_hidden_size // 32, 1),
+            )
         kwargs.update(
             predictor_hidden_size=predictor_hidden_size,
             predictor_num_hidden_layers=_count_blocks(state_dict, "decoder.decoder_blocks."),
@@ -379,16 +393,21 @@ def convert_checkpoint(
     kind: str | None = None,
     probe_head: str | Path | None = None,
     task: str | None = None,
+    overwrite: bool = False,
 ) -> MatpacPreTrainedModel:
     """
     Converts a checkpoint file (with `probe_head`, an encoder and a probe head for `task`) and saves model, config,
-    feature extractor and model card in `output_dir`. The kind is read from the keys; `kind` only confirms it. A
-    training state becomes a `MatpacForPreTraining` and the AudioSet classifier a `MatpacForAudioClassification`
-    unless `encoder_only`; encoder weights always become a `MatpacModel`.
+    feature extractor and model card in `output_dir`, which must be empty unless `overwrite`. The kind is read from
+    the keys; `kind` only confirms it. A training state becomes a `MatpacForPreTraining` and the AudioSet classifier a
+    `MatpacForAudioClassification` unless `encoder_only`; encoder weights always become a `MatpacModel`.
     """
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {str(output_dir)!r} is a file, not a folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--output_dir {str(output_dir)!r} is not empty: pass --overwrite_output_dir to replace what is there."
+        )
     original = load_original_state_dict(checkpoint)
     try:
         detected = detect_kind(original)
@@ -471,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=PROBE_TASKS, help="The task of --probe_head, which names its outputs.")
     parser.add_argument("--num_attention_heads", type=int, help="Encoder heads (default: hidden size / 64).")
     parser.add_argument("--predictor_num_attention_heads", type=int, help="Predictor heads (default: width / 32).")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Write into an --output_dir that is not empty."
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -483,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
             kind=args.kind,
             probe_head=args.probe_head,
             task=args.task,
+            overwrite=args.overwrite_output_dir,
         )
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))

@@ -42,6 +42,29 @@ def test_cli_converts_the_inference_checkpoint(tmp_path):
     extractor = AutoFeatureExtractor.from_pretrained(output)
     assert (extractor.mean, extractor.std, extractor.sampling_rate) == (-7.056, 4.193, 16000)
 
+    # Before: a second conversion into the same folder replaced the model and its card without a word.
+    weights = (output / "model.safetensors").read_bytes()
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "converted' is not empty: pass --overwrite_output_dir" in again.stderr.splitlines()[-1]
+    assert (output / "model.safetensors").read_bytes() == weights
+    subprocess.run(command + ["--overwrite_output_dir"], check=True, capture_output=True)
+    assert (output / "model.safetensors").read_bytes() == weights
+
+
+def test_a_head_count_that_cannot_be_read_from_the_weights_is_named(tmp_path, caplog):
+    """The fixture's 64-wide encoder converted without --num_attention_heads gets 1 head of 64: said, not silent."""
+    with caplog.at_level("WARNING", logger="modeling_matpac.convert"):
+        model = convert_checkpoint(FIXTURES / "pretraining_init_state.pt", tmp_path / "default")
+    assert model.config.num_attention_heads == 1
+    assert "The encoder is 64 wide, not ViT-B's 768: its head count cannot be read" in caplog.text
+    assert "1 heads of 64 are assumed (pass --num_attention_heads" in caplog.text
+    assert f"The predictor is {model.config.predictor_hidden_size} wide, not the paper's 512" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_matpac.convert"):
+        convert_checkpoint(FIXTURES / "pretraining_init_state.pt", tmp_path / "given", **FIXTURE_HEADS)
+    assert "wide, not" not in caplog.text
+
 
 def test_safetensors_and_pt_checkpoints_convert_identically(tmp_path):
     from_pt = convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "pt", **FIXTURE_HEADS)
@@ -117,7 +140,15 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="only encoder weights"):
         convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "out", encoder_only=False)
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_matpac.convert", "--checkpoint", str(corrupt), "--output_dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "modeling_matpac.convert",
+            "--checkpoint",
+            str(corrupt),
+            "--output_dir",
+            str(tmp_path / "new"),
+        ],
         capture_output=True,
         text=True,
     )
