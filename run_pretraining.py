@@ -30,12 +30,14 @@ import logging
 import math
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -53,7 +55,7 @@ from modeling_matpac.pretraining import (
     preprocess_to_cache,
 )
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
-from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS
+from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, ScheduleRecord
 
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,17 @@ class ModelArguments:
     teacher_temperature_warmup_steps: int | None = field(
         default=None, metadata={"help": "The warm-up in optimizer steps; wins over the epochs."}
     )
+
+    def __post_init__(self):
+        if not 0 <= self.teacher_temperature_warmup_epochs < math.inf:
+            raise ValueError(
+                "--teacher_temperature_warmup_epochs must be at least 0 and finite, got "
+                f"{self.teacher_temperature_warmup_epochs:g}."
+            )
+        if self.teacher_temperature_warmup_steps is not None and self.teacher_temperature_warmup_steps < 0:
+            raise ValueError(
+                f"--teacher_temperature_warmup_steps must be at least 0, got {self.teacher_temperature_warmup_steps}."
+            )
 
 
 @dataclass
@@ -246,6 +259,31 @@ def build_config(model_args: ModelArguments) -> MatpacConfig:
     return MatpacConfig(**{**config.to_diff_dict(), **typed}) if typed else config
 
 
+def _not_loadable(model_args: ModelArguments, error: Exception | str) -> ValueError:
+    return ValueError(
+        f"--model_name_or_path {model_args.model_name_or_path!r} is not a model folder or a Hub model that can be "
+        f"loaded: {str(error).strip().splitlines()[0]}"
+    )
+
+
+def _check_model_folder(model_args: ModelArguments) -> None:
+    """A local folder without config.json would load as a default ViT-B config, not as the model it is meant to be."""
+    folder = Path(model_args.model_name_or_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise _not_loadable(model_args, "the folder has no config.json")
+
+
+def load_config(model_args: ModelArguments) -> MatpacConfig:
+    """The config of the model to train: from --model_name_or_path, else a fresh one with --config_overrides."""
+    if model_args.model_name_or_path is None:
+        return build_config(model_args)
+    _check_model_folder(model_args)
+    try:
+        return MatpacConfig.from_pretrained(model_args.model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise _not_loadable(model_args, error) from None
+
+
 def load_model(model_args: ModelArguments) -> MatpacForPreTraining:
     if model_args.model_name_or_path is None:
         return MatpacForPreTraining(build_config(model_args))
@@ -254,13 +292,11 @@ def load_model(model_args: ModelArguments) -> MatpacForPreTraining:
     overrides = {}
     if model_args.predictor_num_hypotheses is not None:
         overrides["predictor_num_hypotheses"] = model_args.predictor_num_hypotheses
+    _check_model_folder(model_args)
     try:
         return MatpacForPreTraining.from_pretrained(model_args.model_name_or_path, dtype=torch.float32, **overrides)
-    except OSError as error:
-        raise ValueError(
-            f"--model_name_or_path {model_args.model_name_or_path!r} is not a model folder or a Hub model that can be "
-            f"loaded: {str(error).strip().splitlines()[0]}"
-        ) from None
+    except (OSError, SafetensorError) as error:
+        raise _not_loadable(model_args, error) from None
 
 
 def resolve_schedules(
@@ -407,8 +443,13 @@ def check_training_arguments(training_args: MatpacTrainingArguments) -> None:
             f"--max_steps must be a positive number of steps, or -1 to train for --num_train_epochs; got "
             f"{training_args.max_steps}."
         )
-    if training_args.max_steps == -1 and training_args.num_train_epochs <= 0:
-        raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs:g}.")
+    if training_args.max_steps == -1 and not 0 < training_args.num_train_epochs < math.inf:
+        raise ValueError(f"--num_train_epochs must be positive and finite, got {training_args.num_train_epochs:g}.")
+    if not 0 <= training_args.warmup_epochs < math.inf:
+        raise ValueError(f"--warmup_epochs must be at least 0 and finite, got {training_args.warmup_epochs:g}.")
+    # NaN passes the Trainer's `max_grad_norm > 0` test as false: clipping would be silently off.
+    if not 0 <= training_args.max_grad_norm < math.inf:
+        raise ValueError(f"--max_grad_norm must be at least 0 (0: no clipping), got {training_args.max_grad_norm:g}.")
     # The Trainer gives the decay to AdamW per parameter group, where torch does not check its sign.
     if training_args.weight_decay < 0:
         raise ValueError(f"--weight_decay must be at least 0, got {training_args.weight_decay:g}.")
@@ -432,9 +473,13 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if not state.is_file():
         return "it has no trainer_state.json (the run was stopped while saving it)"
     try:
-        json.loads(state.read_text())
+        recorded = json.loads(state.read_text())
     except ValueError:
         return "its trainer_state.json is empty or truncated (the run was stopped while saving it)"
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("global_step"), int):
+        return "its trainer_state.json records no global_step"
+    if not (checkpoint / "config.json").is_file():
+        return "it has no config.json"
     if not any((checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
         return "it has no model weights"
     missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (checkpoint / name).is_file()]
@@ -443,6 +488,26 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             f"it has no {' or '.join(missing)} (a final model folder, or a checkpoint saved with --save_only_model), "
             "so resuming would restart AdamW's moments and the learning-rate schedule"
         )
+    return _unreadable_file(checkpoint)
+
+
+def _unreadable_file(checkpoint: Path) -> str | None:
+    """
+    A damaged file of a checkpoint, read as far as it can be without loading it: the header of the safetensors
+    weights, and the archive index of the torch files (written last, so a truncated file has none).
+    """
+    for weights in checkpoint.glob("*.safetensors"):
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"its {weights.name} is damaged ({str(error).strip().splitlines()[0]})"
+    for name in [OPTIMIZER_NAME, SCHEDULER_NAME, *(path.name for path in checkpoint.glob("rng_state*.pth"))]:
+        try:
+            with zipfile.ZipFile(checkpoint / name):
+                pass
+        except (OSError, zipfile.BadZipFile):
+            return f"its {name} is damaged or truncated"
     return None
 
 
@@ -501,6 +566,37 @@ def check_resumed_config(config: MatpacConfig, checkpoint: str) -> None:
         )
 
 
+def check_resumed_schedule(training_args: MatpacTrainingArguments, checkpoint: str) -> None:
+    """
+    A resumed run follows the schedules of this command: the learning rate and the EMA decays are functions of the
+    step and of the run's length, so another --max_steps (or epochs over a source that changed size), warm-up or
+    learning rate bends them at the resumed step. Allowed (it is how a run is extended), but said, since the Trainer
+    says nothing.
+    """
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    recorded = {"max_steps": state.get("max_steps")}
+    recorded |= state.get("stateful_callbacks", {}).get(ScheduleRecord.__name__, {}).get("args", {})
+    current = {"max_steps": training_args.max_steps, **ScheduleRecord.settings_of(training_args)}
+    differences = [
+        f"{name} {recorded[name]!r} (now {current[name]!r})"
+        for name in current
+        if recorded.get(name) is not None and recorded[name] != current[name]
+    ]
+    if differences:
+        logger.warning(
+            "This run resumes at step %d of a run with another schedule: %s. The learning rate and the teachers' EMA "
+            "decays follow this command's schedule from that step on; the run is not the one an uninterrupted run of "
+            "either schedule would give.",
+            state["global_step"],
+            ", ".join(differences),
+        )
+    if training_args.ignore_data_skip:
+        logger.warning(
+            "--ignore_data_skip: the data starts over from the first batch, and the counts of skipped clips restart "
+            "at 0 for this part of the run."
+        )
+
+
 def check_output_dir(training_args: MatpacTrainingArguments) -> None:
     """
     A new run needs an --output_dir without another run's files (whose checkpoints it would mix with, or rotate away
@@ -537,6 +633,11 @@ def check_data_arguments(data_args: DataArguments) -> None:
         raise ValueError(f"--dataset_size must be a positive number of clips, got {data_args.dataset_size}.")
     if data_args.train_cache is None:
         return
+    sources = [
+        flag for flag in DATA_SOURCE_FLAGS if getattr(data_args, flag.removeprefix("--")) and flag != "--train_cache"
+    ]
+    if sources:
+        raise ValueError(f"--train_cache is the data to train on: leave out {' and '.join(sources)}.")
     if data_args.preprocess_to is not None:
         raise ValueError(
             "--preprocess_to builds a log-mel cache from an audio source and --train_cache trains from one: run them "
@@ -584,10 +685,7 @@ def build_logmel_cache(
     if training_args.process_index != 0:
         logger.info("Process %d leaves building the log-mel cache to the main process.", training_args.process_index)
         return
-    if model_args.model_name_or_path is not None:
-        config = MatpacConfig.from_pretrained(model_args.model_name_or_path)
-    else:
-        config = build_config(model_args)
+    config = load_config(model_args)
     metadata = preprocess_to_cache(
         source,
         data_args.preprocess_to,
@@ -670,6 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     resolve_schedules(model_args, training_args, config, dataset_size)
     if training_args.resume_from_checkpoint is not None:
         check_resumed_config(config, training_args.resume_from_checkpoint)
+        check_resumed_schedule(training_args, training_args.resume_from_checkpoint)
     log_recipe(training_args, config, dataset_size, training_args.device.type, check_paper=not builtin)
     logger.info(
         "Pre-training a %s encoder of %s parameters.",
@@ -685,7 +784,12 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=feature_extractor,
         weight_decay_set=training_args.weight_decay_set,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except (OSError, SafetensorError) as error:  # e.g. the disk filled while a checkpoint was saved
+        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
+        raise OSError(f"{str(error).strip().splitlines()[-1]} ({where}).") from error
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -705,7 +809,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError, NoUsableClipError,
-            NonFiniteTrainingError) as error:  # fmt: skip
+    except (ValueError, OSError, SafetensorError, NoUsableClipError, NonFiniteTrainingError) as error:
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
         sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")

@@ -80,6 +80,32 @@ class _GlobalBatchRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks[name] = self.state()
 
 
+class ScheduleRecord(TrainerCallback, ExportableState):
+    """
+    Keeps the learning-rate schedule's settings in each checkpoint's trainer state (the run's length is there
+    already), so that a resumed run can be checked to continue the same schedule: the Trainer would follow the new
+    flags from the resumed step on.
+    """
+
+    def __init__(self, **settings):
+        self.settings = settings  # set when training begins
+
+    @staticmethod
+    def settings_of(args) -> dict:
+        return {
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+        }
+
+    def state(self) -> dict:
+        return {"args": self.settings, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.settings = self.settings_of(args)
+        state.stateful_callbacks[type(self).__name__] = self.state()
+
+
 class MatpacTrainer(Trainer):
     """
     Trains [`MatpacForPreTraining`] with the standard `Trainer` loop. Per optimizer step, after the backward of the
@@ -115,6 +141,7 @@ class MatpacTrainer(Trainer):
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
         self.add_callback(_GlobalBatchRecord())
+        self.add_callback(ScheduleRecord())
 
     def reset_accumulators(self, global_step: int) -> None:
         """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""

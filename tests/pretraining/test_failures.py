@@ -314,6 +314,60 @@ def test_a_resume_with_another_global_batch_says_so(tmp_path, caplog):
     )
     state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["stateful_callbacks"]["_GlobalBatchRecord"]["args"] == {"size": 4}
+    # Before: another length, warm-up or learning rate bent the schedules at the resumed step without a word.
+    assert "resumes at step 2 of a run with another schedule: max_steps 2 (now 3)." in caplog.text
+    schedule = {"learning_rate": 0.001, "lr_scheduler_type": "cosine", "warmup_steps": 60}  # the built-in recipe's
+    assert state["stateful_callbacks"]["ScheduleRecord"]["args"] == schedule
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_main(
+            output_dir, "--max_steps", "4", "--resume_from_checkpoint", "last", "--gradient_accumulation_steps", "2",
+            "--learning_rate", "1e-4", "--warmup_steps", "1",
+        )  # fmt: skip
+    assert (
+        "resumes at step 3 of a run with another schedule: max_steps 3 (now 4), learning_rate 0.001 (now 0.0001), "
+        "warmup_steps 60.0 (now 1.0)." in caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda c: (c / "model.safetensors").write_bytes(b"junk"), "its model.safetensors is damaged"),
+        (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:-50]), "its optimizer.pt is"),
+        (lambda c: (c / "scheduler.pt").write_bytes(b"junk"), "its scheduler.pt is damaged or truncated"),
+        (lambda c: (c / "rng_state.pth").write_bytes(b"junk"), "its rng_state.pth is damaged or truncated"),
+        (lambda c: (c / "trainer_state.json").write_text("{}"), "its trainer_state.json records no global_step"),
+        (lambda c: (c / "config.json").unlink(), "it has no config.json"),
+    ],
+)
+def test_a_checkpoint_with_a_damaged_file_is_refused_and_skipped(tmp_path, caplog, damage, problem):
+    """Before: SafetensorError, PytorchStreamReader, KeyError or TypeError tracebacks, or a default config compared."""
+    output_dir = tmp_path / "run"
+    run_main(output_dir, "--max_steps", "2")
+    damage(output_dir / "checkpoint-2")
+    with pytest.raises(ValueError, match=f"checkpoint-2' is not a complete checkpoint: {problem}"):
+        run_main(output_dir, "--max_steps", "2", "--resume_from_checkpoint", str(output_dir / "checkpoint-2"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_pretraining.resolve_resume(
+            run_pretraining.MatpacTrainingArguments(str(output_dir), resume_from_checkpoint="last")
+        )
+    assert f"Skipping the incomplete checkpoint {output_dir / 'checkpoint-2'}: {problem}" in caplog.text
+
+
+def test_a_failed_checkpoint_save_ends_in_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch):
+    """Before: a disk that filled while a checkpoint was saved ended in a SafetensorError or OSError traceback."""
+    save = MatpacTrainer._save_checkpoint
+
+    def filling_disk(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise OSError(28, "No space left on device")
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(MatpacTrainer, "_save_checkpoint", filling_disk)
+    with pytest.raises(OSError, match=r"No space left on device \(the last checkpoint is .*checkpoint-1\)\.$"):
+        run_main(tmp_path / "run", "--max_steps", "3")
 
 
 def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_is_named(tmp_path):
@@ -354,7 +408,23 @@ def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_i
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
         # The Trainer read both as "train for the epochs": 1,800 steps of the built-in corpus, or a confusing error.
         (["--max_steps", "0"], "--max_steps must be a positive number of steps, or -1 to train for --num_train_"),
-        (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs must be positive, got 0."),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs must be positive and finite, got 0."),
+        (
+            ["--max_steps", "-1", "--num_train_epochs", "inf"],
+            "--num_train_epochs must be positive and finite, got inf",
+        ),
+        (["--warmup_epochs", "-1"], "--warmup_epochs must be at least 0 and finite, got -1."),
+        (["--max_grad_norm", "nan"], r"--max_grad_norm must be at least 0 \(0: no clipping\), got nan."),
+        (["--teacher_temperature_warmup_epochs", "nan"], "--teacher_temperature_warmup_epochs must be at least 0"),
+        (["--train_cache", "{tmp}/out", "--train_dir", "{tmp}/short"], "--train_cache is the data to train on: leave"),
+        (
+            ["--model_name_or_path", "{tmp}/short"],
+            "--model_name_or_path '.*short' is not a model .*has no config.json",
+        ),
+        (
+            ["--model_name_or_path", "{tmp}/no-model", "--preprocess_to", "{tmp}/cache"],
+            "--model_name_or_path '.*no-model' is not a model folder",
+        ),
         (["--weight_decay", "-0.05"], "--weight_decay must be at least 0, got -0.05."),  # AdamW took it per group
         (["--config_overrides", "hidden_size=32,oops"], r"name=value items .*got \['oops'\]"),
         (["--model_name_or_path", "{tmp}/no-model"], "--model_name_or_path '.*no-model' is not a model folder"),
