@@ -54,6 +54,9 @@ RESAMPLING_MIN_ROWS = 32
 # (see `_resampling_ratio`). Kernels are cached, at most `_KERNEL_CACHE_SIZE` of them.
 RESAMPLING_MAX_KERNEL_VALUES = 2**20
 _KERNEL_CACHE_SIZE = 8
+# A close ratio is used only within one cent of pitch of the exact one; rate pairs with none are refused (to 16 kHz:
+# 1 and 2 Hz, and rates far above any audio's, whose filter cannot fit even for a whole ratio).
+RESAMPLING_MAX_RATE_ERROR = 2 ** (1 / 1200) - 1
 # Floating point samples are nominally in [-1, 1]; beyond this magnitude (60 dB above full scale) a clip is taken as
 # corrupt rather than loud: its log-mels would overflow float32 long before 1e18.
 MAX_ABS_SAMPLE = 1e3
@@ -88,6 +91,10 @@ def _resampling_ratio(orig_sr: int, new_sr: int) -> tuple[int, int]:
     383,999 Hz) use instead the closest fraction whose kernel fits: the clip is then read as if sampled at
     `new_sr * orig / new` Hz, within 0.05% of its rate for every integer rate from 1 kHz to 384 kHz (at most 1 cent
     of pitch), and a warning says so.
+
+    Raises:
+        `ValueError`: no fraction whose kernel fits is within `RESAMPLING_MAX_RATE_ERROR` of the exact ratio (1 Hz
+        to 16 kHz, or 1 GHz to 16 kHz, whose kernel does not fit even for the whole ratio 62,500 : 1).
     """
     gcd = math.gcd(orig_sr, new_sr)
     orig, new = orig_sr // gcd, new_sr // gcd
@@ -97,19 +104,24 @@ def _resampling_ratio(orig_sr: int, new_sr: int) -> tuple[int, int]:
     # new * (2 * width + new * ratio) values, with the width of the exact ratio: solve for the largest `new`.
     width, ratio = _kernel_width(orig, new), orig / new
     max_new = int((math.sqrt(width**2 + ratio * RESAMPLING_MAX_KERNEL_VALUES) - width) / ratio)
-    while True:
-        approximation = exact.limit_denominator(max(max_new, 1))
+    for limit in range(max(max_new, 1), 0, -1):
+        approximation = exact.limit_denominator(limit)
+        if abs(approximation / exact - 1) > RESAMPLING_MAX_RATE_ERROR:
+            break  # the closest fraction of a smaller denominator is no closer
         approx_orig, approx_new = approximation.numerator, approximation.denominator
-        if approx_orig > 0 and _kernel_values(approx_orig, approx_new) <= RESAMPLING_MAX_KERNEL_VALUES:
-            break
-        max_new -= 1
-    effective_sr = new_sr * approx_orig / approx_new
-    logger.warning(
-        f"Resampling {orig_sr} Hz to {new_sr} Hz exactly would need a {new:,} x {2 * width + orig:,} filter: the "
-        f"audio is resampled as if sampled at {effective_sr:.6g} Hz ({100 * abs(effective_sr / orig_sr - 1):.2g}% "
-        "off) instead."
+        if _kernel_values(approx_orig, approx_new) <= RESAMPLING_MAX_KERNEL_VALUES:
+            effective_sr = new_sr * approx_orig / approx_new
+            logger.warning(
+                f"Resampling {orig_sr} Hz to {new_sr} Hz exactly would need a {new:,} x {2 * width + orig:,} filter: "
+                f"the audio is resampled as if sampled at {effective_sr:.6g} Hz "
+                f"({100 * abs(effective_sr / orig_sr - 1):.2g}% off) instead."
+            )
+            return approx_orig, approx_new
+    raise ValueError(
+        f"Cannot resample {orig_sr} Hz audio to {new_sr} Hz: its exact filter would need {new:,} x "
+        f"{2 * width + orig:,} values, and no rate ratio within 1 cent of pitch has one of at most "
+        f"{RESAMPLING_MAX_KERNEL_VALUES:,}."
     )
-    return approx_orig, approx_new
 
 
 def _resampled_length(n_samples: int, orig_sr: int, new_sr: int) -> int:
@@ -170,7 +182,8 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     rolloff 0.9476, beta 14.77): the rate ratio is reduced by its gcd and all rows are filtered by one strided
     `conv1d`. Zero padding on the right does not change the first `ceil(n * new_sr / orig_sr)` outputs (up to float
     rounding), so the clips of a zero-padded batch can be resampled together. Rate pairs whose exact filter would be
-    huge use a close ratio instead, see `_resampling_ratio`: memory stays bounded for any pair.
+    huge use a close ratio instead, see `_resampling_ratio`: memory stays bounded for any pair, and a pair with no
+    close ratio (1 Hz to 16 kHz) raises a `ValueError`.
     """
     orig_sr = _check_sampling_rate(orig_sr, "orig_sr")
     new_sr = _check_sampling_rate(new_sr, "new_sr")
@@ -211,9 +224,17 @@ def _open_sound_file(audio: bytes | str | os.PathLike) -> "sf.SoundFile":
     else:
         raise TypeError(f"Expected audio as bytes or a file path, got {type(audio).__name__}.")
     try:
-        return sf.SoundFile(file)
+        sound_file = sf.SoundFile(file)
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
         raise AudioDecodeError(f"soundfile cannot open the audio: {error}") from error
+    # Every clip is resampled to 16 kHz: a header rate that cannot be (1 Hz, 1 GHz) makes the file unusable, skipped
+    # like a corrupt one rather than failing a whole run.
+    try:
+        _resampling_ratio(_check_sampling_rate(sound_file.samplerate, "samplerate"), SAMPLING_RATE)
+    except ValueError as error:
+        sound_file.close()
+        raise AudioDecodeError(f"unusable sampling rate in its header: {error}") from error
+    return sound_file
 
 
 def _check_samples(samples: np.ndarray) -> None:

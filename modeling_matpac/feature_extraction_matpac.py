@@ -23,16 +23,17 @@ This file is copied next to saved checkpoints as remote code, so it imports noth
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import fields
 
 import numpy as np
 import torch
 from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.utils import TensorType, logging
+from transformers.utils import PaddingStrategy, TensorType, logging
 
 from .audio import MAX_ABS_SAMPLE, _check_sampling_rate, _resampled_length, resample
-from .configuration_matpac import FRONT_END_FIELDS, MatpacConfig
+from .configuration_matpac import FIELD_RULES, FRONT_END_FIELDS, MatpacConfig
 
 
 logger = logging.get_logger(__name__)
@@ -41,6 +42,9 @@ logger = logging.get_logger(__name__)
 _DEFAULTS = {FRONT_END_FIELDS[f.name]: f.default for f in fields(MatpacConfig) if f.name in FRONT_END_FIELDS}
 # A 2-D clip is multichannel along its axis of at most this size (channels-first or channels-last).
 MAX_CHANNELS = 8
+# The settings checked at construction: whole numbers, and finite numbers.
+_INTEGER_SETTINGS = ("feature_size", "sampling_rate", "n_fft", "hop_length")
+_REAL_SETTINGS = ("padding_value", "f_min", "f_max", "log_offset", "mean", "std")
 
 # Integer PCM sample formats -> (offset, scale) mapping them to floats in [-1, 1).
 _PCM_OFFSET_AND_SCALE = {
@@ -234,9 +238,39 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         self.log_offset = log_offset
         self.mean = mean
         self.std = std
+        self._check_settings()
         # `to_dict` leaves out exactly these two tensor attributes; they are rebuilt from the settings above.
         self.mel_filters = mel_filter_bank(n_fft // 2 + 1, feature_size, sampling_rate, f_min, f_max)
         self.window = torch.hann_window(n_fft)
+
+    def _check_settings(self) -> None:
+        """
+        The rules `MatpacConfig` sets on the front-end fields, and finite numbers: a bad setting fails here, not as NaN
+        features (`std=0`) or a torch error at the first call (`hop_length=0`).
+        """
+        for name in _INTEGER_SETTINGS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"`{name}` must be an integer, got {value!r}.")
+        for name in _REAL_SETTINGS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        for field, name in FRONT_END_FIELDS.items():
+            if field in FIELD_RULES and not FIELD_RULES[field][0](getattr(self, name)):
+                raise ValueError(f"`{name}` must be {FIELD_RULES[field][1]}, got {getattr(self, name)}.")
+        if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
+            raise ValueError(
+                f"The mel range must satisfy 0 <= f_min < f_max <= sampling_rate / 2, got f_min={self.f_min}, "
+                f"f_max={self.f_max}, sampling_rate={self.sampling_rate}."
+            )
+        if self.hop_length > self.n_fft:
+            raise ValueError(f"`hop_length` ({self.hop_length}) must not exceed `n_fft` ({self.n_fft}).")
+        if self.padding_side != "right":
+            raise ValueError(
+                f"`padding_side` must be 'right', got {self.padding_side!r}: the model takes padding at the end of a "
+                "clip, so that a clip gets the same embeddings alone or in a batch."
+            )
 
     @classmethod
     def from_model_config(cls, config) -> "MatpacFeatureExtractor":
@@ -263,6 +297,9 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         return_tensors: str | TensorType | None = None,
         return_attention_mask: bool | None = None,
         device: str | torch.device | None = None,
+        padding: bool | str | PaddingStrategy = True,
+        max_length: int | None = None,
+        truncation: bool = False,
     ) -> BatchFeature:
         """
         Featurize one clip or a batch of clips.
@@ -289,6 +326,11 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
             device (`str` or `torch.device`, *optional*):
                 Device to compute on (and to return `"pt"` tensors on). Defaults to the device of torch input, else
                 the CPU.
+            padding (`bool`, `str` or [`~utils.PaddingStrategy`], *optional*, defaults to `True`):
+                `True` or `"longest"`: the clips of a batch are padded to the longest. `False` or `"do_not_pad"`: each
+                clip keeps its own frames, for `return_tensors=None` (to featurize clips with `datasets.map` and pad
+                them in the collator, see `pad`). `"max_length"`, `max_length` and `truncation` are refused: the model
+                takes clips of any length; crop the audio, or pad and cut frames with `pad`.
 
         Returns:
             [`BatchFeature`] with `input_values` `(batch, feature_size, n_frames)` float32, `n_frames` being the
@@ -302,6 +344,14 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
             )
             sampling_rate = self.sampling_rate
         sampling_rate = _check_sampling_rate(sampling_rate)
+        if isinstance(padding, bool):
+            padding = PaddingStrategy.LONGEST if padding else PaddingStrategy.DO_NOT_PAD
+        padding = PaddingStrategy(padding)
+        if padding == PaddingStrategy.MAX_LENGTH or max_length is not None or truncation:
+            raise ValueError(
+                "`padding='max_length'`, `max_length` and `truncation` are not supported: the model takes clips of "
+                "any length; crop the audio, or pad and cut frames with `feature_extractor.pad(..., max_length=...)`."
+            )
         if return_tensors is not None:
             return_tensors = TensorType(return_tensors)
             if return_tensors not in (TensorType.PYTORCH, TensorType.NUMPY):
@@ -328,9 +378,16 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         if sampling_rate != self.sampling_rate:
             waveforms = resample(waveforms, sampling_rate, self.sampling_rate)
             lengths = [_resampled_length(length, sampling_rate, self.sampling_rate) for length in lengths]
+        frames = [1 + (length - self.n_fft) // self.hop_length for length in lengths]
+        unpadded = padding == PaddingStrategy.DO_NOT_PAD
+        if unpadded and return_tensors is not None and len(set(frames)) > 1:
+            raise ValueError(
+                f"`padding=False` leaves clips of {min(frames)} to {max(frames)} frames, which cannot be stacked into "
+                "one array: pass `return_tensors=None` for one array per clip, or pad."
+            )
         input_values = self.normalized_log_mel(waveforms)
 
-        n_frames = torch.tensor([1 + (length - self.n_fft) // self.hop_length for length in lengths], device=device)
+        n_frames = torch.tensor(frames, device=device)
         attention_mask = torch.arange(input_values.shape[-1], device=device)[None, :] < n_frames[:, None]
         input_values = input_values.masked_fill(~attention_mask[:, None, :], self.padding_value)
 
@@ -340,8 +397,62 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         if return_tensors != TensorType.PYTORCH:
             outputs = {name: value.cpu().numpy() for name, value in outputs.items()}
             if return_tensors is None:
-                outputs = {name: list(value) for name, value in outputs.items()}
+                outputs = {
+                    name: [row[..., :count] if unpadded else row for row, count in zip(value, frames)]
+                    for name, value in outputs.items()
+                }
         return BatchFeature(outputs, tensor_type=return_tensors)
+
+    def pad(
+        self,
+        processed_features: BatchFeature | Mapping | list[Mapping],
+        padding: bool | str | PaddingStrategy = True,
+        max_length: int | None = None,
+        truncation: bool = False,
+        pad_to_multiple_of: int | None = None,
+        return_attention_mask: bool | None = None,
+        return_tensors: str | TensorType | None = None,
+    ) -> BatchFeature:
+        """
+        Pad featurized clips into a batch, as `__call__` pads a batch of those clips: frames past a clip's end are set
+        to `padding_value` and masked out by an int32 `attention_mask`. This is the collate step of
+        `DataCollatorWithPadding(feature_extractor)` after featurizing clips one by one (with `datasets.map`, say).
+
+        Takes what [`~SequenceFeatureExtractor.pad`] takes, with each clip's `input_values` `(feature_size, frames)`
+        (an array, a tensor or nested lists); `max_length` and `pad_to_multiple_of` count frames. The base class pads
+        the first axis, so the clips go through it transposed.
+        """
+        if isinstance(processed_features, (list, tuple)) and processed_features:
+            processed_features = {key: [clip[key] for clip in processed_features] for key in processed_features[0]}
+        features, name = dict(processed_features), self.model_input_names[0]
+        if name not in features or len(features[name]) == 0:
+            raise ValueError(f"`pad` needs featurized clips with `{name}`, got {list(features)}.")
+        features[name] = [self._frames_first(index, clip) for index, clip in enumerate(features[name])]
+        if not (self.return_attention_mask if return_attention_mask is None else return_attention_mask):
+            features.pop("attention_mask", None)
+        padded = super().pad(
+            features, padding, max_length, truncation, pad_to_multiple_of, return_attention_mask, return_tensors
+        )
+        values = padded[name]
+        if isinstance(values, torch.Tensor):
+            padded[name] = values.transpose(1, 2).contiguous()
+        else:
+            padded[name] = np.ascontiguousarray(values.transpose(0, 2, 1))
+        if "attention_mask" in padded:
+            mask = padded["attention_mask"]
+            padded["attention_mask"] = mask.int() if isinstance(mask, torch.Tensor) else mask.astype(np.int32)
+        return padded
+
+    def _frames_first(self, index: int, clip: np.ndarray | torch.Tensor | list) -> np.ndarray | torch.Tensor:
+        """A clip's `(feature_size, frames)` input values as `(frames, feature_size)`, as the base class pads."""
+        if not isinstance(clip, torch.Tensor):
+            clip = np.asarray(clip, dtype=np.float32)
+        if clip.ndim != 2 or clip.shape[0] != self.feature_size:
+            raise ValueError(
+                f"`pad` expects each clip's input values as (feature_size={self.feature_size}, frames), got shape "
+                f"{tuple(clip.shape)} for clip {index}."
+            )
+        return clip.mT if isinstance(clip, torch.Tensor) else clip.T
 
     @staticmethod
     def _to_mono_batch(

@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import json
 import logging
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -413,3 +415,235 @@ def test_the_config_is_the_single_source_of_the_front_end():
     features = extractor(waveform, sampling_rate=16000, return_tensors="pt")["input_values"]
     assert features.shape == (2, 128, 1 + (16000 - 400) // 320)
     assert torch.equal(features, extractor.normalized_log_mel(waveform))
+
+
+# --- rates the resampler cannot follow -------------------------------------------------------------------------
+
+UNRESAMPLABLE_SCRIPT = """
+import json, sys
+import numpy as np, soundfile as sf, torch
+from modeling_matpac.audio import audio_duration, decode_mono_16k, decode_mono_16k_crop, read_mono, resample
+from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor
+from modeling_matpac.pretraining import MatpacPretrainingDataset
+
+def outcome(call):
+    try:
+        return repr(call())
+    except ValueError as error:
+        return f"{type(error).__name__}: {error}"
+
+directory = sys.argv[1]
+one_hz, one_ghz, good = (f"{directory}/{name}.wav" for name in ("1hz", "1ghz", "good"))
+sf.write(one_hz, np.zeros(100, np.float32), 1)
+sf.write(one_ghz, np.zeros(16000, np.float32), 10**9)
+sf.write(good, 0.1 * np.random.default_rng(0).standard_normal(7 * 16000), 16000)
+fe = MatpacFeatureExtractor()
+results = {
+    "fe 1 Hz": outcome(lambda: fe(np.zeros(4, np.float32), sampling_rate=1)),
+    "fe 1 GHz": outcome(lambda: fe(np.zeros(16000, np.float32), sampling_rate=10**9)),
+    "resample 2 Hz": outcome(lambda: resample(torch.zeros(100), 2, 16000)),
+    "resample 3 Hz": outcome(lambda: resample(torch.zeros(100), 3, 16000).shape),
+    "decode 1 Hz": outcome(lambda: decode_mono_16k(one_hz)),
+    "crop 1 GHz": outcome(lambda: decode_mono_16k_crop(one_ghz, 400, np.random.default_rng(0))),
+    "read 1 Hz": outcome(lambda: read_mono(one_hz)),
+    "duration 1 Hz": outcome(lambda: audio_duration(one_hz)),
+}
+dataset = MatpacPretrainingDataset([one_hz, one_ghz, good], shuffle=False, infinite=False)
+results["dataset"] = [(example["clip_id"][-8:], example["num_skipped_corrupt"]) for example in dataset]
+print(json.dumps(results))
+"""
+
+
+def test_rates_the_resampler_cannot_follow_raise_instead_of_hanging(tmp_path):
+    """Before: `_resampling_ratio` looped forever (1 Hz and 1 GHz to 16 kHz), so a file header froze a worker."""
+    result = subprocess.run(
+        [sys.executable, "-c", UNRESAMPLABLE_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout.splitlines()[-1])
+    cannot = "Cannot resample {} Hz audio to 16000 Hz: its exact filter would need {} values"
+    assert results["fe 1 Hz"] == "ValueError: " + cannot.format(1, "16,000 x 137") + (
+        ", and no rate ratio within 1 cent of pitch has one of at most 1,048,576."
+    )
+    assert results["fe 1 GHz"].startswith("ValueError: " + cannot.format(1000000000, "1 x 8,504,938"))
+    # 2 Hz has filters that fit, but none closer than 4.5%: refused too; 3 Hz is read as 3.00019 Hz (1 : 5333)
+    assert results["resample 2 Hz"].startswith("ValueError: " + cannot.format(2, "8,000 x 137"))
+    assert results["resample 3 Hz"] == "torch.Size([533300])"
+    # decoding raises `AudioDecodeError`, which the readers catch to skip and count the clip
+    header = "AudioDecodeError: unusable sampling rate in its header: "
+    assert results["decode 1 Hz"] == header + results["fe 1 Hz"].removeprefix("ValueError: ")
+    assert results["crop 1 GHz"].startswith(header + cannot.format(1000000000, "1 x 8,504,938"))
+    assert results["read 1 Hz"].startswith("AudioDecodeError: cannot decode " + str(tmp_path / "1hz.wav"))
+    assert results["duration 1 Hz"] == "0.0"
+    assert results["dataset"] == [["good.wav", 2]]
+
+
+@pytest.mark.parametrize(
+    "rate, ratio", [(16001, (1, 1)), (22050, (441, 320)), (44100, (441, 160)), (383999, (24, 1)), (3, (1, 5333))]
+)
+def test_rates_the_resampler_follows_resample_as_before(rate, ratio):
+    """The exact ratio where its filter fits, else the closest fraction that fits (pinned): the same numbers."""
+    from modeling_matpac.audio import _resampling_ratio, _sinc_resample_kernel
+
+    assert _resampling_ratio(rate, 16000) == ratio
+    waveform = torch.randn(2, max(rate, 4000), generator=torch.Generator().manual_seed(rate))
+    orig, new = ratio
+    kernel, width = _sinc_resample_kernel(orig, new, waveform.device, waveform.dtype)
+    padded = torch.nn.functional.pad(waveform[:, None], (width, width + orig))
+    plain = torch.nn.functional.conv1d(padded, kernel, stride=orig).transpose(1, 2).reshape(2, -1)
+    expected = plain[:, : -(-waveform.shape[-1] * new // orig)]
+    torch.testing.assert_close(resample(waveform, rate, 16000), expected, atol=1e-6, rtol=0)
+    if rate > 1000:
+        fe = MatpacFeatureExtractor()
+        features = fe(waveform, sampling_rate=rate, return_tensors="pt")["input_values"]
+        torch.testing.assert_close(features, fe.normalized_log_mel(expected), atol=1e-4, rtol=0)
+
+
+# --- settings checked at construction --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"std": 0.0}, r"`std` must be positive"),
+        ({"std": -4.0}, r"`std` must be positive"),
+        ({"std": math.inf}, r"`std` must be a finite number, got inf"),
+        ({"mean": math.nan}, r"`mean` must be a finite number, got nan"),
+        ({"padding_value": None}, r"`padding_value` must be a finite number, got None"),
+        ({"hop_length": 0}, r"`hop_length` must be positive, got 0"),
+        ({"n_fft": 0}, r"`n_fft` must be positive, got 0"),
+        ({"feature_size": 0}, r"`feature_size` must be positive, got 0"),
+        ({"sampling_rate": -16000}, r"`sampling_rate` must be positive"),
+        ({"n_fft": 400.5}, r"`n_fft` must be an integer, got 400.5"),
+        ({"feature_size": True}, r"`feature_size` must be an integer, got True"),
+        ({"sampling_rate": 8000}, r"f_max <= sampling_rate / 2, got f_min=50.0, f_max=8000.0, sampling_rate=8000"),
+        ({"f_min": 9000.0}, r"0 <= f_min < f_max"),
+        ({"f_min": -1.0}, r"0 <= f_min < f_max"),
+        ({"hop_length": 401}, r"`hop_length` \(401\) must not exceed `n_fft` \(400\)"),
+        ({"padding_side": "left"}, r"`padding_side` must be 'right', got 'left'"),
+    ],
+)
+def test_bad_settings_raise_at_construction(settings, match):
+    """Before: accepted, then NaN features (`std=0`), ignored (`padding_side`) or a torch error at the first call."""
+    with pytest.raises(ValueError, match=match):
+        MatpacFeatureExtractor(**settings)
+
+
+def test_a_saved_extractor_with_bad_settings_fails_to_load(tmp_path):
+    MatpacFeatureExtractor().save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "std": 0.0}))
+    with pytest.raises(ValueError, match="`std` must be positive"):
+        MatpacFeatureExtractor.from_pretrained(tmp_path)
+
+
+def test_valid_settings_at_8_khz_give_finite_features():
+    fe = MatpacFeatureExtractor(sampling_rate=8000, f_max=4000.0, n_fft=200, hop_length=80, feature_size=64)
+    waveform = 0.1 * torch.randn(8000, generator=torch.Generator().manual_seed(0))
+    features = fe(waveform, sampling_rate=8000, return_tensors="pt")["input_values"]
+    assert features.shape == (1, 64, 1 + (8000 - 200) // 80) and torch.isfinite(features).all()
+
+
+# --- padding: featurize clip by clip, pad in the collator ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uneven_clips(ref) -> list[torch.Tensor]:
+    """Three clips of different lengths (16,000, 9,000 and 4,000 samples: 98, 54 and 23 frames)."""
+    waveform = ref["mix_10s.wav"]
+    return [waveform[:16000], waveform[20000:29000], waveform[40000:44000]]
+
+
+def test_pad_equals_featurizing_the_clips_together(uneven_clips):
+    """Before: `pad` read the 80 mel bins as the length and could not stack clips of different lengths."""
+    fe = MatpacFeatureExtractor(padding_value=-1.5)
+    together = fe(uneven_clips, sampling_rate=16000, return_tensors="pt")
+    assert together["attention_mask"].sum(dim=1).tolist() == [98, 54, 23]
+    one_by_one = [fe(clip, sampling_rate=16000) for clip in uneven_clips]
+    as_numpy = [{name: value[0] for name, value in features.items()} for features in one_by_one]
+    as_torch = [{name: torch.from_numpy(value) for name, value in item.items()} for item in as_numpy]
+    as_lists = [{name: value.tolist() for name, value in item.items()} for item in as_numpy]  # as `datasets` rows
+    without_mask = [{"input_values": item["input_values"]} for item in as_numpy]
+    for form, items in {"numpy": as_numpy, "torch": as_torch, "lists": as_lists, "no mask": without_mask}.items():
+        padded = fe.pad(items, return_tensors="pt")
+        assert padded["input_values"].dtype == torch.float32 and padded["attention_mask"].dtype == torch.int32, form
+        assert torch.equal(padded["input_values"], together["input_values"]), form
+        assert torch.equal(padded["attention_mask"], together["attention_mask"]), form
+    assert torch.all(together["input_values"][2, :, 23:] == -1.5)
+    as_np = fe.pad(as_numpy)  # numpy items give numpy arrays
+    assert as_np["input_values"].dtype == np.float32 and as_np["attention_mask"].dtype == np.int32
+    assert np.array_equal(as_np["input_values"], together["input_values"].numpy())
+    assert list(fe.pad(as_numpy, return_attention_mask=False).keys()) == ["input_values"]
+
+
+def test_pad_lengths_count_frames(uneven_clips):
+    fe = MatpacFeatureExtractor()
+    together = fe(uneven_clips, sampling_rate=16000, return_tensors="pt")
+    items = [{name: value[0] for name, value in fe(clip, sampling_rate=16000).items()} for clip in uneven_clips]
+    to_120 = fe.pad(items, padding="max_length", max_length=120, return_tensors="pt")
+    assert to_120["input_values"].shape == (3, 80, 120)
+    assert to_120["attention_mask"].sum(dim=1).tolist() == [98, 54, 23]
+    assert torch.equal(to_120["input_values"][..., :98], together["input_values"])
+    assert torch.all(to_120["input_values"][..., 98:] == 0.0)
+    cut = fe.pad(items, max_length=40, truncation=True, return_tensors="pt")
+    assert torch.equal(cut["input_values"], together["input_values"][..., :40])
+    assert cut["attention_mask"].sum(dim=1).tolist() == [40, 40, 23]
+    to_multiple = fe.pad(items, pad_to_multiple_of=16, return_tensors="pt")
+    assert to_multiple["input_values"].shape == (3, 80, 112)
+    assert torch.equal(to_multiple["input_values"][..., :98], together["input_values"])
+
+
+def test_datasets_map_then_a_padding_collator_batches_clips(uneven_clips):
+    """The transformers flow: featurize with `datasets.map`, batch with `DataCollatorWithPadding` in the Trainer."""
+    import datasets
+    from transformers import DataCollatorWithPadding
+
+    fe = MatpacFeatureExtractor()
+    rows = datasets.Dataset.from_dict({"audio": [clip.tolist() for clip in uneven_clips], "label": [2, 0, 1]})
+    featurized = rows.map(
+        lambda batch: fe(batch["audio"], sampling_rate=16000, padding=False),
+        batched=True,
+        remove_columns=["audio"],
+    )
+    assert [len(row["attention_mask"]) for row in featurized] == [98, 54, 23]  # each clip's own frames
+    batch = DataCollatorWithPadding(fe)(list(featurized))
+    together = fe(uneven_clips, sampling_rate=16000, return_tensors="pt")
+    assert batch["labels"].tolist() == [2, 0, 1]
+    assert torch.equal(batch["input_values"], together["input_values"])
+    assert torch.equal(batch["attention_mask"], together["attention_mask"])
+
+
+def test_call_padding_arguments(uneven_clips):
+    """Before: `padding`, `max_length` and `truncation` raised a `TypeError` (unexpected keyword argument)."""
+    fe = MatpacFeatureExtractor()
+    default = fe(uneven_clips, sampling_rate=16000, return_tensors="pt")
+    for padding in (True, "longest"):
+        padded = fe(uneven_clips, sampling_rate=16000, return_tensors="pt", padding=padding)
+        assert torch.equal(padded["input_values"], default["input_values"])
+        assert torch.equal(padded["attention_mask"], default["attention_mask"])
+    for padding in (False, "do_not_pad"):
+        unpadded = fe(uneven_clips, sampling_rate=16000, padding=padding)
+        for index, (clip, length) in enumerate(zip(uneven_clips, [98, 54, 23])):
+            alone = fe(clip, sampling_rate=16000)
+            assert unpadded["input_values"][index].shape == (80, length)
+            assert np.array_equal(unpadded["input_values"][index], alone["input_values"][0])
+            assert unpadded["attention_mask"][index].tolist() == [1] * length
+    with pytest.raises(ValueError, match=r"`padding=False` leaves clips of 23 to 98 frames, which cannot be stacked"):
+        fe(uneven_clips, sampling_rate=16000, padding=False, return_tensors="pt")
+    same_length = fe([uneven_clips[1], uneven_clips[1]], sampling_rate=16000, padding=False, return_tensors="np")
+    assert same_length["input_values"].shape == (2, 80, 54)
+    refused = r"`padding='max_length'`, `max_length` and `truncation` are not supported: the model takes clips of any"
+    for arguments in ({"padding": "max_length", "max_length": 100}, {"max_length": 100}, {"truncation": True}):
+        with pytest.raises(ValueError, match=refused):
+            fe(uneven_clips, sampling_rate=16000, **arguments)
+    with pytest.raises(ValueError, match="not a valid PaddingStrategy"):
+        fe(uneven_clips, sampling_rate=16000, padding="shortest")
+
+
+def test_pad_refuses_what_is_not_featurized_clips(fe):
+    with pytest.raises(ValueError, match=r"as \(feature_size=80, frames\), got shape \(16000,\) for clip 0"):
+        fe.pad([{"input_values": np.zeros(16000, np.float32)}])
+    with pytest.raises(ValueError, match=r"got shape \(64, 10\) for clip 1"):
+        fe.pad([{"input_values": np.zeros((80, 10))}, {"input_values": np.zeros((64, 10))}])
+    with pytest.raises(ValueError, match=r"`pad` needs featurized clips with `input_values`, got \['audio'\]"):
+        fe.pad([{"audio": np.zeros(10)}])
