@@ -1,7 +1,11 @@
 """MATPAC model configuration."""
 
+import math
+
+import numpy as np
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
 
 CENTER_MODES = ("probabilities", "logits")
@@ -13,16 +17,36 @@ AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_matpac.MatpacForPreTraining",
     "AutoModelForAudioClassification": "modeling_matpac.MatpacForAudioClassification",
 }
-_POSITIVE_FIELDS = (
-    "sampling_rate num_mel_bins n_fft hop_length patch_size num_frames hidden_size num_hidden_layers "
-    "num_attention_heads intermediate_size predictor_hidden_size predictor_num_hidden_layers "
-    "predictor_num_attention_heads predictor_intermediate_size predictor_num_hypotheses head_hidden_size "
-    "head_bottleneck_size head_num_layers head_num_prototypes lms_std student_temperature teacher_temperature "
-    "teacher_temperature_warmup ema_anneal_end_step mcl_temperature_start mcl_temperature_end"
+_POSITIVE_INTEGERS = (
+    "sampling_rate num_mel_bins n_fft hop_length patch_size num_frames num_hidden_layers num_attention_heads "
+    "intermediate_size predictor_num_hidden_layers predictor_num_attention_heads predictor_intermediate_size "
+    "predictor_num_hypotheses head_hidden_size head_bottleneck_size head_num_layers head_num_prototypes "
+    "ema_anneal_end_step"
 ).split()
-# The constraints on one field alone: checked at construction, on assignment and on save. name -> (test, requirement)
+_POSITIVE_FLOATS = (
+    "lms_std layer_norm_eps student_temperature teacher_temperature teacher_temperature_warmup mcl_temperature_start "
+    "mcl_temperature_end"
+).split()
+# `log_offset` is added to float32 mel powers: below float32's smallest normal number it may round to 0, and the log
+# of digital silence is -inf.
+_FLOAT32 = np.finfo(np.float32)
+# The constraints on one field alone: checked at construction, on assignment, on save and when a model is built.
+# name -> (test, requirement)
 FIELD_RULES = {
-    **{name: (lambda value: value > 0, "positive") for name in _POSITIVE_FIELDS},
+    **{name: (lambda value: value > 0, "positive") for name in _POSITIVE_INTEGERS},
+    # The sin-cos position embedding splits the width into four parts.
+    **{
+        name: (lambda value: value > 0 and value % 4 == 0, "positive and divisible by 4 (sin-cos positions)")
+        for name in ("hidden_size", "predictor_hidden_size")
+    },
+    **{name: (lambda value: 0 < value < math.inf, "positive and finite") for name in _POSITIVE_FLOATS},
+    "log_offset": (
+        lambda value: _FLOAT32.tiny <= value <= _FLOAT32.max,
+        f"a positive, finite float32 in [{float(_FLOAT32.tiny)}, {float(_FLOAT32.max)}]",
+    ),
+    "lms_mean": (math.isfinite, "finite"),
+    "initializer_range": (lambda value: 0 <= value < math.inf, ">= 0 and finite"),
+    "hidden_act": (lambda value: value in ACT2FN, "an activation name of transformers' `ACT2FN`"),
     "mask_ratio": (lambda value: 0 < value < 1, "in (0, 1)"),
     "loss_pred_weight": (lambda value: 0 <= value <= 1, "in [0, 1]"),
     "center_momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
@@ -212,7 +236,8 @@ class MatpacConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
-        # A plain ValueError at construction; `@strict` runs the `validate_*` methods again (and on save).
+        # A plain ValueError at construction; `@strict` runs the `validate_*` methods again (and on save), and every
+        # MATPAC model runs this one when it is built.
         self.validate_architecture()
 
     def __setattr__(self, name, value):

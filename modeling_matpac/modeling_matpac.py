@@ -120,6 +120,8 @@ class MatpacPatchEmbeddings(nn.Module):
         self.projection = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        # In the projection's dtype, as ViT does: the feature extractor gives float32 to models of any dtype.
+        input_values = input_values.to(self.projection.weight.dtype)
         return self.projection(input_values.unsqueeze(1)).flatten(2).transpose(1, 2)
 
 
@@ -570,6 +572,12 @@ class MatpacPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {"hidden_states": MatpacLayer, "attentions": MatpacAttention}
     _input_embed_layer = "patch_embeddings"
     accepts_loss_kwargs = False
+
+    def __init__(self, config: MatpacConfig):
+        # A config changed after construction (by assignment or by `from_pretrained(..., key=value)`, which check
+        # each field alone) is refused here with the error of its construction, not by a crash in a later forward.
+        config.validate_architecture()
+        super().__init__(config)
 
     # Kept because transformers' loader recreates every loaded parameter with requires_grad=True: re-freeze.
     @classmethod

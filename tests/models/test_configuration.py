@@ -1,7 +1,12 @@
-import pytest
-from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+import math
 
-from modeling_matpac import MatpacConfig
+import pytest
+import torch
+from conftest import tiny_config_kwargs
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers.activations import ACT2FN
+
+from modeling_matpac import MatpacConfig, MatpacModel
 from modeling_matpac.configuration_matpac import AUTO_MAP
 
 
@@ -67,6 +72,59 @@ def test_save_load_round_trip(tmp_path):
 def test_invalid_configs_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MatpacConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # Widths the sin-cos position embedding cannot split in four (the model raised when it was built).
+        ({"hidden_size": 34, "num_attention_heads": 2}, "`hidden_size` must be positive and divisible by 4"),
+        ({"predictor_hidden_size": 18, "predictor_num_attention_heads": 2}, "`predictor_hidden_size` must be"),
+        # Digital silence gave a log of 0 (a NaN pooler_output); 1e-50 is 0 in float32.
+        ({"log_offset": 0.0}, r"`log_offset` must be a positive, finite float32 in \[1.17.*\], got 0.0\."),
+        ({"log_offset": -1.0}, "`log_offset` must be a positive, finite float32"),
+        ({"log_offset": 1e-50}, "`log_offset` must be a positive, finite float32"),
+        ({"log_offset": math.inf}, "`log_offset` must be a positive, finite float32"),
+        ({"lms_std": math.inf}, r"`lms_std` must be positive and finite, got inf\."),
+        ({"lms_std": 0.0}, r"`lms_std` must be positive and finite, got 0.0\."),
+        ({"lms_std": -4.0}, "`lms_std` must be positive and finite"),
+        ({"lms_mean": math.nan}, r"`lms_mean` must be finite, got nan\."),
+        ({"lms_mean": -math.inf}, "`lms_mean` must be finite"),
+        # "normal expects std >= 0.0" when the model was built.
+        ({"initializer_range": -1.0}, r"`initializer_range` must be >= 0 and finite, got -1.0\."),
+        ({"initializer_range": math.nan}, "`initializer_range` must be >= 0 and finite"),
+        ({"layer_norm_eps": 0.0}, r"`layer_norm_eps` must be positive and finite, got 0.0\."),
+        ({"layer_norm_eps": -1e-6}, "`layer_norm_eps` must be positive and finite"),
+        # A bare KeyError when the model was built.
+        ({"hidden_act": "bogus"}, r"`hidden_act` must be an activation name of transformers' `ACT2FN`, got 'bogus'\."),
+        # Infinite temperatures: `mcl_temperature_start=inf` made `mcl_first_hard_step` a math domain error.
+        ({"mcl_temperature_start": math.inf}, "`mcl_temperature_start` must be positive and finite, got inf"),
+        ({"mcl_temperature_end": math.inf}, "`mcl_temperature_end` must be positive and finite"),
+        ({"student_temperature": math.inf}, "`student_temperature` must be positive and finite"),
+        ({"teacher_temperature_warmup": math.nan}, "`teacher_temperature_warmup` must be positive and finite"),
+    ],
+)
+def test_fields_that_crash_or_give_nan_later_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MatpacConfig(**tiny_config_kwargs(**kwargs))
+
+
+@pytest.mark.parametrize("hidden_act", sorted(ACT2FN))
+def test_every_transformers_activation_is_accepted_and_runs(hidden_act):
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs(hidden_act=hidden_act))).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 80, 32)).pooler_output).all()
+
+
+def test_new_field_rules_apply_on_assignment_too():
+    config = MatpacConfig()
+    with pytest.raises(
+        ValueError, match=r"`hidden_size` must be positive and divisible by 4 \(sin-cos positions\), got 34"
+    ):
+        config.hidden_size = 34
+    with pytest.raises(ValueError, match="`log_offset` must be a positive, finite float32"):
+        config.log_offset = 0.0
+    assert (config.hidden_size, config.log_offset) == (768, MatpacConfig().log_offset)
 
 
 def test_assignment_is_validated_field_by_field():

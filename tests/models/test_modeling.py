@@ -2,9 +2,15 @@ import pytest
 import torch
 from conftest import FIXTURE_HEADS, FIXTURES, tiny_config_kwargs
 from safetensors.torch import load_file
-from transformers import pipeline
+from transformers import AutoModel, AutoModelForPreTraining, pipeline
 
-from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForAudioClassification, MatpacModel
+from modeling_matpac import (
+    MatpacConfig,
+    MatpacFeatureExtractor,
+    MatpacForAudioClassification,
+    MatpacForPreTraining,
+    MatpacModel,
+)
 from modeling_matpac.convert import convert_state_dict, infer_config, load_original_state_dict
 from modeling_matpac.modeling_matpac import get_2d_sincos_position_embeddings
 
@@ -194,3 +200,64 @@ def test_audio_classification_pipeline_on_a_saved_directory(tmp_path, tiny_confi
     top = max(predictions, key=lambda prediction: prediction["score"])
     assert abs(top["score"] - probabilities.max().item()) < 1e-5
     assert labels[int(probabilities.argmax())] == top["label"]
+
+
+def construction_error(**kwargs) -> str:
+    """The message of the ValueError that `MatpacConfig(**kwargs)` raises."""
+    with pytest.raises(ValueError) as error:
+        MatpacConfig(**kwargs)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("model_class", [MatpacModel, MatpacForPreTraining, MatpacForAudioClassification])
+def test_model_refuses_a_config_made_inconsistent_by_assignment(model_class):
+    """Each field is valid alone; the model raised in its first forward (heads) or trained on 0 patches (mask)."""
+    for name, value in (("num_attention_heads", 5), ("mask_ratio", 0.999)):
+        config = MatpacConfig(**tiny_config_kwargs())
+        setattr(config, name, value)
+        with pytest.raises(ValueError) as error:
+            model_class(config)
+        assert str(error.value) == construction_error(**tiny_config_kwargs(**{name: value}))
+
+
+@pytest.mark.parametrize(
+    "auto_class, override, message",
+    [
+        (AutoModelForPreTraining, {"mask_ratio": 0.999}, "`mask_ratio` 0.999 leaves 0 of 190 patches visible"),
+        (
+            AutoModel,
+            {"num_attention_heads": 5},
+            r"`hidden_size` \(32\) must be divisible by `num_attention_heads`",
+        ),
+    ],
+)
+def test_from_pretrained_refuses_overrides_that_break_the_config(tmp_path, auto_class, override, message):
+    MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message) as error:
+        auto_class.from_pretrained(tmp_path, **override)
+    assert str(error.value) == construction_error(**tiny_config_kwargs(**override))
+    loaded = auto_class.from_pretrained(tmp_path).config  # without the override it loads
+    assert (loaded.num_attention_heads, loaded.mask_ratio) == (2, 0.7)
+
+
+def test_bfloat16_model_takes_the_feature_extractors_float32(tmp_path):
+    """`dtype=torch.bfloat16` raised "Input type (float) and bias type (c10::BFloat16) should be the same"."""
+    torch.manual_seed(0)
+    MatpacModel(MatpacConfig(**tiny_config_kwargs())).save_pretrained(tmp_path)
+    float32_model = AutoModel.from_pretrained(tmp_path).eval()
+    bfloat16_model = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    waveform = (torch.randn(40000, generator=torch.Generator().manual_seed(0)) * 0.1).numpy()
+    features = MatpacFeatureExtractor()([waveform, waveform[:20000]], sampling_rate=16000, return_tensors="pt")
+    values, mask = features["input_values"], features["attention_mask"]
+    assert values.dtype == torch.float32
+    with torch.no_grad():
+        pooled = bfloat16_model(values, attention_mask=mask).pooler_output
+        from_bfloat16 = bfloat16_model(values.bfloat16(), attention_mask=mask).pooler_output
+        from_float64 = bfloat16_model(values.double(), attention_mask=mask).pooler_output
+        reference = float32_model(values, attention_mask=mask).pooler_output
+        assert torch.equal(float32_model(values.double(), attention_mask=mask).pooler_output, reference)
+    assert pooled.dtype == torch.bfloat16
+    assert torch.equal(pooled, from_bfloat16) and torch.equal(pooled, from_float64)
+    # bf16 rounds to 8 significant bits (relative 2^-9): through two blocks the pooled values (up to 2.2 here) are
+    # within 1e-2 of float32's.
+    torch.testing.assert_close(pooled.float(), reference, atol=3e-2, rtol=0)
