@@ -84,6 +84,17 @@ FRONT_END_FIELDS = {
 }
 
 
+def check_front_end_ranges(sampling_rate: int, n_fft: int, hop_length: int, f_min: float, f_max: float) -> None:
+    """The front end's rules across fields, for the config and the feature extractor alike."""
+    if not 0 <= f_min < f_max <= sampling_rate / 2:
+        raise ValueError(
+            f"The mel range must satisfy 0 <= f_min < f_max <= sampling_rate / 2, got f_min={f_min}, f_max={f_max}, "
+            f"sampling_rate={sampling_rate}."
+        )
+    if hop_length > n_fft:
+        raise ValueError(f"`hop_length` ({hop_length}) must not exceed `n_fft` ({n_fft}).")
+
+
 @strict
 class MatpacConfig(PreTrainedConfig):
     r"""
@@ -290,13 +301,7 @@ class MatpacConfig(PreTrainedConfig):
                 f"`mask_ratio` {self.mask_ratio} leaves {self.num_visible_patches} of {self.num_patches} patches "
                 "visible: the student and the teacher each need at least one patch."
             )
-        if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
-            raise ValueError(
-                f"The mel range must satisfy 0 <= f_min < f_max <= sampling_rate / 2, got f_min={self.f_min}, "
-                f"f_max={self.f_max}, sampling_rate={self.sampling_rate}."
-            )
-        if self.hop_length > self.n_fft:
-            raise ValueError(f"`hop_length` ({self.hop_length}) must not exceed `n_fft` ({self.n_fft}).")
+        check_front_end_ranges(self.sampling_rate, self.n_fft, self.hop_length, self.f_min, self.f_max)
 
 
 __all__ = ["AUTO_MAP", "FIELD_RULES", "FRONT_END_FIELDS", "MatpacConfig"]

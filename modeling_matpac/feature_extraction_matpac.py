@@ -33,7 +33,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import PaddingStrategy, TensorType, logging
 
 from .audio import MAX_ABS_SAMPLE, _check_sampling_rate, _resampled_length, resample
-from .configuration_matpac import FIELD_RULES, FRONT_END_FIELDS, MatpacConfig
+from .configuration_matpac import FIELD_RULES, FRONT_END_FIELDS, MatpacConfig, check_front_end_ranges
 
 
 logger = logging.get_logger(__name__)
@@ -259,13 +259,7 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         for field, name in FRONT_END_FIELDS.items():
             if field in FIELD_RULES and not FIELD_RULES[field][0](getattr(self, name)):
                 raise ValueError(f"`{name}` must be {FIELD_RULES[field][1]}, got {getattr(self, name)}.")
-        if not 0 <= self.f_min < self.f_max <= self.sampling_rate / 2:
-            raise ValueError(
-                f"The mel range must satisfy 0 <= f_min < f_max <= sampling_rate / 2, got f_min={self.f_min}, "
-                f"f_max={self.f_max}, sampling_rate={self.sampling_rate}."
-            )
-        if self.hop_length > self.n_fft:
-            raise ValueError(f"`hop_length` ({self.hop_length}) must not exceed `n_fft` ({self.n_fft}).")
+        check_front_end_ranges(self.sampling_rate, self.n_fft, self.hop_length, self.f_min, self.f_max)
         if self.padding_side != "right":
             raise ValueError(
                 f"`padding_side` must be 'right', got {self.padding_side!r}: the model takes padding at the end of a "
