@@ -60,6 +60,9 @@ RESAMPLING_MAX_RATE_ERROR = 2 ** (1 / 1200) - 1
 # Floating point samples are nominally in [-1, 1]; beyond this magnitude (60 dB above full scale) a clip is taken as
 # corrupt rather than loud: its log-mels would overflow float32 long before 1e18.
 MAX_ABS_SAMPLE = 1e3
+# The file subtypes that store float samples as they are, and the frames `check_all_samples` reads at a time.
+_FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+_CHECK_BLOCK_FRAMES = 2**18
 
 
 def _check_sampling_rate(sampling_rate: float, name: str = "sampling_rate") -> int:
@@ -261,6 +264,20 @@ def _read_samples(sound_file: "sf.SoundFile", frames: int = -1) -> np.ndarray:
         raise AudioDecodeError("the audio has no samples")
     _check_samples(samples)
     return np.ascontiguousarray(samples.T)
+
+
+def check_all_samples(audio: bytes | str | os.PathLike | dict) -> None:
+    """
+    Reads a float file whole, a block at a time, and raises `AudioDecodeError` on NaN, infinite or absurdly large
+    samples anywhere in it: a reader of crops would meet them in some epochs only. Only float files can hold such
+    samples (integer PCM, FLAC included, and lossy codecs decode into [-1, 1]): any other file costs an open.
+    """
+    with _open_sound_file(_audio_payload(audio)) as sound_file:
+        if sound_file.subtype not in _FLOAT_SUBTYPES:
+            return
+        remaining = sound_file.frames
+        while remaining > 0:
+            remaining -= _read_samples(sound_file, min(remaining, _CHECK_BLOCK_FRAMES)).shape[-1]
 
 
 def decode_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:

@@ -16,9 +16,10 @@
 Every clip is decoded with `soundfile` (no FFmpeg, torchcodec or torchaudio), averaged to mono, resampled to 16 kHz and
 cropped at random to 6.08 s (`400 + 607 * 160 = 97,520` samples, exactly 608 frames), once per clip and epoch; only
 the frames of the crop are read from files that can seek. Clips shorter than the crop are skipped (the authors keep
-only clips of at least 6.08 s); undecodable clips, and clips whose samples or log-mel crop are not finite or absurdly
-large, are skipped with a warning. Neither stops a run: both are counted, see below. `logmel_cache` decodes a source
-once instead and trains on crops of the stored log-mels, with the same contract.
+only clips of at least 6.08 s); undecodable clips (a null audio cell too), and clips whose samples (anywhere, not only
+in the crop) or log-mel crop are not finite or absurdly large, are skipped with a warning. Neither stops a run: both
+are counted, see below. `logmel_cache` decodes a source once instead and trains on crops of the stored log-mels, with
+the same contract.
 
 Determinism. The order of an epoch depends on `(seed, epoch)` and a clip's crop on `(seed, epoch, clip)` only, never on
 the number of processes or DataLoader workers (which only decide how clips are grouped into batches), so a run resumed
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from ..audio import AUDIO_EXTENSIONS, SAMPLING_RATE, AudioDecodeError, decode_mono_16k_crop
+from ..audio import AUDIO_EXTENSIONS, SAMPLING_RATE, AudioDecodeError, check_all_samples, decode_mono_16k_crop
 from ..feature_extraction_matpac import MatpacFeatureExtractor
 
 
@@ -235,7 +236,14 @@ def _undecoded(
 class _Clip:
     key: tuple[int, ...]  # where the clip sits in its source; seeds its crops
     clip_id: str
-    value: object  # bytes, a path, or a datasets audio value {"bytes", "path"}
+    value: object  # bytes, a path, a datasets audio value {"bytes", "path"}, or None (a null cell of a dataset)
+
+
+def _audio_value(value: object) -> object:
+    """The clip's audio to decode; a null audio cell is undecodable, like a row with neither bytes nor a path."""
+    if value is None:
+        raise AudioDecodeError("the row's audio cell is null")
+    return value
 
 
 class _IndexedClips:
@@ -324,14 +332,18 @@ class _StreamedClips:
 def _open_clips(
     source: AudioSource, audio_column: str | None, shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER_SIZE
 ) -> _IndexedClips | _StreamedClips:
-    """The clips of an audio source, in the order of the source."""
+    """
+    The clips of an audio source, in the order of the source. Files are named by their absolute, normalised paths: the
+    same files have the same clip ids (and a log-mel cache build the same identity) however they were spelled and from
+    whatever working directory.
+    """
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         dataset, column = _undecoded(source, audio_column)
         if isinstance(dataset, datasets.IterableDataset):
             return _StreamedClips(dataset, column, shuffle_buffer_size)
         return _IndexedClips(dataset, column)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
-        return _IndexedClips(list(source))
+        return _IndexedClips([os.path.abspath(path) for path in source])
     raise TypeError(
         "Expected `source` as a list of audio file paths, a `datasets.Dataset` or a `datasets.IterableDataset`, got "
         f"{type(source).__name__}."
@@ -343,8 +355,8 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
     Normalised log-mel crops `(80, num_frames)` for MATPAC pre-training: one random crop per clip and epoch.
 
     Yields dicts with `input_values` (float32 `(80, num_frames)`), `num_skipped_short` and `num_skipped_corrupt` (clips
-    skipped since this consumer's previous example) and `clip_id` (a file path, a row index, or `"shard/row"`). See
-    the module docstring for how epochs are split among processes and DataLoader workers.
+    skipped since this consumer's previous example) and `clip_id` (an absolute file path, a row index, or
+    `"shard/row"`). See the module docstring for how epochs are split among processes and DataLoader workers.
 
     Args:
         source (list of paths, `datasets.Dataset` or `datasets.IterableDataset`):
@@ -433,9 +445,11 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
     def _crop(self, clip: _Clip, epoch: int) -> torch.Tensor | None:
         """The normalised log-mel of the clip's crop for `epoch`, or `None` if the clip is shorter than a crop."""
         rng = np.random.default_rng([self.seed, epoch, *clip.key])
-        crop = decode_mono_16k_crop(clip.value, self.crop_length, rng)
+        crop = decode_mono_16k_crop(_audio_value(clip.value), self.crop_length, rng)
         if crop is None:
             return None
+        # Bad samples anywhere skip the clip in every epoch (as the log-mel cache does), not when a crop meets them.
+        check_all_samples(clip.value)
         return self.feature_extractor.normalized_log_mel(crop[None])[0]
 
     def __iter__(self) -> Iterator[dict]:

@@ -64,7 +64,15 @@ from transformers.utils import logging
 from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
-from .data import AudioSource, MatpacPretrainingDataset, _Clip, _IndexedClips, _open_clips, _StreamedClips
+from .data import (
+    AudioSource,
+    MatpacPretrainingDataset,
+    _audio_value,
+    _Clip,
+    _IndexedClips,
+    _open_clips,
+    _StreamedClips,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -102,7 +110,7 @@ def _normalised_log_mel(waveform: torch.Tensor, extractor: MatpacFeatureExtracto
 def _compute(value: object, extractor: MatpacFeatureExtractor, min_samples: int) -> tuple[str, object]:
     """One clip -> `("ok", float16 log-mel)`, `("short", None)` or `("corrupt", reason)`."""
     try:
-        waveform = decode_mono_16k(value, min_samples=min_samples)
+        waveform = decode_mono_16k(_audio_value(value), min_samples=min_samples)
     except AudioDecodeError as error:
         return "corrupt", str(error)
     if waveform is None:
@@ -313,8 +321,9 @@ def preprocess_to_cache(
 
 def _source_identity(clips: _IndexedClips | _StreamedClips) -> str:
     """
-    A hash of what identifies the source's clips and their order: the file list, a dataset's fingerprint, or a stream's
-    name, config, split and shards. A stopped build resumes only from the same identity.
+    A hash of what identifies the source's clips and their order: the file list (absolute paths, as `_open_clips` gives
+    them, so that the same files spelled otherwise are the same source), a dataset's fingerprint, or a stream's name,
+    config, split and shards. A stopped build resumes only from the same identity.
     """
     if isinstance(clips, _IndexedClips) and clips.column is None:
         parts = ["files", *(os.fspath(item) for item in clips.items)]
@@ -326,14 +335,47 @@ def _source_identity(clips: _IndexedClips | _StreamedClips) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
 
 
+def _why_not_resumed(building: Path, done: dict, identity: dict) -> str | None:
+    """Why the stopped build `done` in `building` cannot go on as the build of `identity`; `None` when it can."""
+    recorded = done.get("identity") or {}
+    if recorded.get("source") != identity["source"]:
+        return "it read another source"
+    settings = [
+        f"{name} {recorded.get(name)!r} then, {identity.get(name)!r} now"
+        for name in sorted(recorded.keys() | identity.keys())
+        if name != "source" and recorded.get(name) != identity.get(name)
+    ]
+    if settings:
+        return f"it had other settings ({'; '.join(settings)})"
+    missing = [name for name, _ in done["shards"] if not (building / name).is_file()]
+    if missing:
+        return f"its shard files {missing} are missing"
+    return None
+
+
+def _drop_finished_part(building: Path, done: dict, reason: str) -> None:
+    """Says what of a stopped build is thrown away and why: hours of work may go."""
+    logger.warning(
+        f"Dropping the stopped build in {os.fspath(building)} because {reason}: its finished shards are deleted "
+        f"(shards done: {len(done['shards'])}, clips kept: {done['counts']['kept']}, clips of the source read: "
+        f"{done['read']}). Starting over."
+    )
+
+
 def _finished_part(building: Path, identity: dict | None) -> dict:
     """
     What a stopped build of the same `identity` finished in `building` (its shards, counts and source clips read),
-    with every other file removed; an empty start when there is none (always for `identity=None`).
+    with every other file removed; an empty start when there is none (always for `identity=None`, with no warning:
+    the caller gives the reason). A stopped build of another identity is dropped with a warning.
     """
     progress_path = building / PROGRESS_FILE
-    done = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-    if done.get("identity") != identity or not all((building / name).is_file() for name, _ in done["shards"]):
+    done = json.loads(progress_path.read_text()) if progress_path.is_file() else None
+    if done is not None and identity is not None:
+        reason = _why_not_resumed(building, done, identity)
+        if reason is not None:
+            _drop_finished_part(building, done, reason)
+            done = None
+    if done is None or identity is None:
         done = {"shards": [], "counts": {"kept": 0, "short": 0, "corrupt": 0, "frames": 0}, "read": 0, "last": None}
     keep = {name for name, _ in done["shards"]} | ({PROGRESS_FILE} if done["read"] else set())
     for path in building.iterdir():
@@ -371,8 +413,8 @@ def _clip_digest(clip: _Clip) -> str:
     """A hash of what the clip is: its bytes where the source holds them, else its path."""
     value = clip.value
     if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path") or ""
-    data = value if isinstance(value, bytes) else os.fspath(value).encode()
+        value = value.get("bytes") or value.get("path")
+    data = value if isinstance(value, bytes) else os.fspath(value or "").encode()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -401,9 +443,8 @@ def _resumed_clips(clips: _IndexedClips | _StreamedClips, building: Path, done: 
     last = next(remaining, None)
     if last is not None and list(last.key) == done["last"] and _clip_digest(last) == done.get("last_digest"):
         return done, remaining
-    logger.warning(
-        f"The stopped build in {os.fspath(building)} read another source (its last recorded clip differs from this "
-        "source's): starting over."
+    _drop_finished_part(
+        building, done, "it read another source (its last recorded clip differs from this source's clip there)"
     )
     return _finished_part(building, None), _clips_from_last(clips, 0, None)
 
@@ -536,6 +577,24 @@ class LogMelCache:
                 f"{os.fspath(path)} is not the metadata of a version {CACHE_FORMAT_VERSION} {CACHE_FORMAT}: found "
                 f"format {metadata.get('format')!r} version {metadata.get('format_version')!r}. Rebuild the cache."
             )
+        missing = [key for key in ("front_end", "min_frames", "num_clips", "shards") if key not in metadata]
+        if missing:
+            raise ValueError(f"{os.fspath(path)} lacks {', '.join(missing)}: rebuild the cache.")
+        shards = metadata["shards"]
+        if not isinstance(shards, list) or not all(
+            isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("num_clips"), int)
+            for shard in shards
+        ):
+            raise ValueError(f"{os.fspath(path)} does not list its shards as {{file, num_clips}}: rebuild the cache.")
+        # Checked against the sum of the shards' counts here, and each count against its shard's rows when the shard
+        # is first read (`_table`): Arrow stream files have no footer, so counting their rows means reading every
+        # record batch of every shard, thousands of files for a large corpus.
+        total = sum(shard["num_clips"] for shard in shards)
+        if metadata["num_clips"] != total:
+            raise ValueError(
+                f"{os.fspath(path)} says num_clips={metadata['num_clips']!r}, but its {len(shards)} shards hold "
+                f"{total} clips: it was modified. Rebuild the cache."
+            )
         return metadata
 
     def __len__(self) -> int:
@@ -662,7 +721,7 @@ class MatpacLogMelCacheDataset(MatpacPretrainingDataset):
     @property
     def description(self) -> str:
         """What the cache was computed from, for logs and model cards."""
-        source = self.cache.metadata["description"] or "audio"
+        source = self.cache.metadata.get("description") or "audio"
         return f"{source}, log-mels cached in {os.fspath(self.cache.directory)}"
 
     def _crop(self, clip: _Clip, epoch: int) -> torch.Tensor | None:

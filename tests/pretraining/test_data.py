@@ -34,6 +34,7 @@ from modeling_matpac.pretraining import (
     load_audio_source,
 )
 from modeling_matpac.pretraining.data import SKIP_COUNTERS, SkippedClips
+from modeling_matpac.pretraining.logmel_cache import preprocess_to_cache
 
 
 CROP = 97_520  # 400 + 607 * 160 samples: exactly 608 frames
@@ -238,6 +239,54 @@ def test_corrupt_and_empty_files_are_skipped_with_a_warning(tmp_path, caplog):
     assert len(warnings) == 3  # once per clip, not once per epoch
     for name, reason in [("b_random_bytes", "cannot open"), ("c_empty", "empty"), ("d_nan", "NaN")]:
         assert any(name in message and reason in message for message in warnings), (name, warnings)
+
+
+def test_clips_with_bad_samples_outside_the_crop_are_skipped_in_every_epoch(tmp_path, caplog):
+    """Float files with a NaN, an infinite or an absurd sample that few crops of the clip cover."""
+    files = [tmp_path / "a_nan_first.wav", tmp_path / "b_inf_last.wav", tmp_path / "c_loud_first.wav"]
+    for path, (where, value) in zip(files, [(0, np.nan), (-1, np.inf), (0, 1e6)], strict=True):
+        samples = _signal(3 * CROP)[:, 0]
+        samples[where] = value
+        sf.write(path, samples, 16000, subtype="FLOAT")
+    files.append(_write(tmp_path / "d_valid.wav", 3 * CROP, seed=1, subtype="FLOAT"))
+
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.data"):
+        stream = iter(MatpacPretrainingDataset(files, shuffle=False))
+        examples = [next(stream) for _ in range(8)]  # one per epoch
+    assert [Path(example["clip_id"]).name for example in examples] == ["d_valid.wav"] * 8
+    assert [example["num_skipped_corrupt"] for example in examples] == [3] * 8
+    assert sorted(caplog.messages) == [
+        f"Skipping undecodable audio clip {files[0]}: the audio has NaN or infinite samples",
+        f"Skipping undecodable audio clip {files[1]}: the audio has NaN or infinite samples",
+        f"Skipping undecodable audio clip {files[2]}: the audio has samples of magnitude 1e+06, beyond 1000 (float "
+        "audio is in [-1, 1])",
+    ]
+    metadata = preprocess_to_cache(files, tmp_path / "cache")  # the cache skips the same clips
+    assert (metadata["num_clips"], metadata["num_skipped_corrupt"]) == (1, 3)
+
+
+def test_a_null_audio_cell_is_skipped_and_counted_as_undecodable(tmp_path, caplog):
+    import datasets
+
+    rows = [{"bytes": _wav_bytes(CROP + 100 * row, seed=row), "path": f"{row}.wav"} for row in range(4)]
+    rows[2] = None
+    source = datasets.Dataset.from_dict({"audio": rows}).cast_column("audio", datasets.Audio(decode=False))
+    stream = source.to_iterable_dataset(num_shards=2)  # rows (0, 1) and (2, 3)
+    for clips, null_id, kept_ids in [(source, "2", ["0", "1", "3"]), (stream, "1/0", ["0/0", "0/1", "1/1"])]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.data"):
+            examples = list(MatpacPretrainingDataset(clips, shuffle=False, infinite=False))
+        assert [example["clip_id"] for example in examples] == kept_ids
+        assert [example["num_skipped_corrupt"] for example in examples] == [0, 0, 1]
+        assert caplog.messages == [f"Skipping undecodable audio clip {null_id}: the row's audio cell is null"]
+
+
+def test_files_are_named_by_their_absolute_paths_however_they_are_spelled(tmp_path, monkeypatch):
+    _write(tmp_path / "audio" / "clip.wav", CROP)
+    monkeypatch.chdir(tmp_path / "audio")
+    for spelled in ["clip.wav", "./clip.wav", "../audio/clip.wav", tmp_path / "audio" / "clip.wav"]:
+        examples = list(MatpacPretrainingDataset([spelled], infinite=False))
+        assert [example["clip_id"] for example in examples] == [str(tmp_path / "audio" / "clip.wav")]
 
 
 def test_batches_hold_model_inputs_and_skip_counts_go_beside_them():

@@ -3,6 +3,8 @@
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -242,12 +244,89 @@ def test_a_stopped_build_from_a_stream_resumes_without_reading_its_finished_sour
     stop_after = None
     with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
         preprocess_to_cache(other, tmp_path / "other", shard_size=2)
-    assert "read another source" in caplog.text
+    assert "because it read another source (its last recorded clip differs" in caplog.text
+    assert "(shards done: 2, clips kept: 4, clips of the source read: 4)" in caplog.text
     assert computed == [Path(path).name for path in paths[::-1]]
     names = sorted(path.name for path in (tmp_path / "other_reference").iterdir())
     assert sorted(path.name for path in (tmp_path / "other").iterdir()) == names
     for name in names:
         assert (tmp_path / "other" / name).read_bytes() == (tmp_path / "other_reference" / name).read_bytes(), name
+
+
+def _stopping_compute(monkeypatch) -> tuple[list[str], list[int | None]]:
+    """`_compute` records the names of the clips it computes and stops the build before the `stop[0]`-th one."""
+    computed, stop = [], [None]
+    compute = logmel_cache._compute
+
+    def stopping_compute(value, *args):
+        if len(computed) == stop[0]:
+            raise KeyboardInterrupt
+        computed.append(Path(value).name)
+        return compute(value, *args)
+
+    monkeypatch.setattr(logmel_cache, "_compute", stopping_compute)
+    return computed, stop
+
+
+def test_a_stopped_build_resumes_whatever_the_spelling_of_its_source_folder(tmp_path, monkeypatch, caplog):
+    """Stopped with a relative folder, resumed from another directory, then with an absolute path: the same bytes."""
+    for index in range(5):
+        _write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index)
+    preprocess_to_cache(list_audio_files(tmp_path / "audio"), tmp_path / "reference", shard_size=2)
+    computed, stop = _stopping_compute(monkeypatch)
+
+    monkeypatch.chdir(tmp_path)
+    stop[0] = 3  # the first shard (clips 0 and 1) is finished
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(list_audio_files("audio"), "logmels", shard_size=2)
+    monkeypatch.chdir(tmp_path / "audio")
+    computed.clear()
+    stop[0] = 2  # resumed after clip 1: the second shard (clips 2 and 3) is finished
+    with caplog.at_level(logging.INFO, logger="modeling_matpac.pretraining.logmel_cache"):
+        with pytest.raises(KeyboardInterrupt):
+            preprocess_to_cache(list_audio_files("."), "../logmels", shard_size=2)
+        assert computed == ["2.wav", "3.wav"]
+        computed.clear()
+        stop[0] = None
+        metadata = preprocess_to_cache(list_audio_files(tmp_path / "audio"), tmp_path / "logmels", shard_size=2)
+    assert computed == ["4.wav"] and metadata["num_clips"] == 5
+    assert caplog.text.count("Resuming the stopped build") == 2 and "Dropping" not in caplog.text
+
+    clip_ids = [LogMelCache(tmp_path / "logmels")[index][0] for index in range(5)]
+    assert clip_ids == [str(tmp_path / "audio" / f"{index}.wav") for index in range(5)]
+    names = sorted(path.name for path in (tmp_path / "reference").iterdir())
+    assert sorted(path.name for path in (tmp_path / "logmels").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "logmels" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_a_stopped_build_of_another_source_or_settings_is_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
+    files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(5)]
+    computed, stop = _stopping_compute(monkeypatch)
+
+    for changed, reason in [
+        ({"source": files[:4]}, "it read another source"),
+        ({"shard_size": 3}, "it had other settings (shard_size 2 then, 3 now)"),
+        ({"min_frames": 600}, "it had other settings (min_frames 608 then, 600 now)"),
+    ]:
+        output, building = tmp_path / "logmels", tmp_path / ".logmels.building"
+        shutil.rmtree(output, ignore_errors=True)
+        computed.clear()
+        stop[0] = 3  # the first shard (clips 0 and 1) is finished
+        with pytest.raises(KeyboardInterrupt):
+            preprocess_to_cache(files, output, shard_size=2)
+        computed.clear()
+        stop[0] = None
+        caplog.clear()
+        arguments = {"source": files, "shard_size": 2, **changed}
+        with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
+            metadata = preprocess_to_cache(output_dir=output, **arguments)
+        assert caplog.messages == [
+            f"Dropping the stopped build in {building} because {reason}: its finished shards are deleted (shards "
+            "done: 1, clips kept: 2, clips of the source read: 2). Starting over."
+        ]
+        assert computed == [path.name for path in arguments["source"]]
+        assert metadata["num_clips"] == len(arguments["source"]) and not building.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,6 +370,28 @@ def test_short_and_corrupt_clips_are_skipped_and_counted(tmp_path, caplog, extra
         preprocess_to_cache(files[:1], tmp_path / "nothing")
 
 
+def test_a_null_audio_cell_is_skipped_and_counted_as_undecodable(tmp_path, caplog):
+    def wav(num_samples: int, seed: int) -> bytes:
+        path = _write(tmp_path / f"{seed}.wav", num_samples, seed=seed)
+        return path.read_bytes()
+
+    rows = [{"bytes": wav(CROP + 100 * row, row), "path": f"{row}.wav"} for row in range(4)]
+    rows[2] = None
+    source = datasets.Dataset.from_dict({"audio": rows}).cast_column("audio", datasets.Audio(decode=False))
+    stream = source.to_iterable_dataset(num_shards=2)  # rows (0, 1) and (2, 3)
+    for name, clips, num_workers, null_id, kept_ids in [
+        ("rows", source, 2, "2", ["0", "1", "3"]),
+        ("stream", stream, None, "1/0", ["0/0", "0/1", "1/1"]),
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
+            metadata = preprocess_to_cache(clips, tmp_path / name, num_workers=num_workers)
+        assert (metadata["num_clips"], metadata["num_skipped_short"], metadata["num_skipped_corrupt"]) == (3, 0, 1)
+        assert caplog.messages == [f"Skipping undecodable audio clip {null_id}: the row's audio cell is null"]
+        cache = LogMelCache(tmp_path / name)
+        assert [cache[index][0] for index in range(3)] == kept_ids
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Bad caches and directories
 
@@ -319,6 +420,31 @@ def test_a_cache_is_refused_with_another_front_end_or_when_incomplete(corpus, ca
         preprocess_to_cache(corpus, tmp_path / "other", overwrite=True)
     with pytest.raises(ValueError, match="log-mel cache .*--train_cache"):
         list_audio_files(cache_dir)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"num_clips": 4}, "says num_clips=4, but its 2 shards hold 3 clips: it was modified"),
+        ({"num_clips": 2}, "says num_clips=2, but its 2 shards hold 3 clips: it was modified"),
+        ({"shards": None}, "lacks shards: rebuild the cache"),
+        ({"num_clips": None, "front_end": None}, "lacks front_end, num_clips: rebuild the cache"),
+        ({"shards": [{"file": "logmels-00000-of-00002.arrow"}]}, "does not list its shards as {file, num_clips}"),
+    ],
+)
+def test_a_cache_whose_metadata_disagrees_with_its_shards_is_refused_when_opened(cache_dir, tmp_path, edit, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(cache_dir, broken)
+    metadata = json.loads((broken / "metadata.json").read_text())
+    for key, value in edit.items():
+        if value is None:
+            del metadata[key]
+        else:
+            metadata[key] = value
+    (broken / "metadata.json").write_text(json.dumps(metadata))
+    for open_cache in (LogMelCache, MatpacLogMelCacheDataset):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{broken / 'metadata.json'} {message}")):
+            open_cache(broken)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
