@@ -25,6 +25,7 @@ import io
 import math
 import numbers
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from functools import lru_cache
 
@@ -327,6 +328,37 @@ def decode_mono_16k(audio: bytes | str | os.PathLike | dict, min_samples: int = 
     if waveform.shape[-1] < min_samples:  # the header over-stated the length
         return None
     return waveform
+
+
+def decode_mono_16k_windows(
+    audio: bytes | str | os.PathLike | dict, step: int, overlap: int, min_samples: int = 0, whole_below: int = 0
+) -> Iterator[torch.Tensor] | None:
+    """
+    The clip mono at 16 kHz as consecutive windows, samples `[k * step, k * step + step + overlap)` for k = 0, 1, ...
+    while `k * step + overlap` is below its length (the last ones cut at its end); `None` if it has fewer than
+    `min_samples` samples at 16 kHz. A clip of `whole_below` samples or more, in a file that can seek, is read window
+    by window, so that its memory does not grow with its length, each window equal to the same samples of
+    `decode_mono_16k(audio)` up to float rounding; any other clip is decoded whole and sliced.
+
+    Raises:
+        `AudioDecodeError`: as `decode_mono_16k`, when the clip is opened or while its windows are read.
+    """
+    with _open_sound_file(_audio_payload(audio)) as sound_file:
+        length, seekable = _length_at_16k(sound_file.frames, sound_file.samplerate), sound_file.seekable()
+    if length < min_samples:
+        return None
+    if length < whole_below or not seekable:
+        waveform = decode_mono_16k(audio, min_samples)
+        if waveform is None:
+            return None
+        return (waveform[first : first + step + overlap] for first in range(0, len(waveform) - overlap, step))
+
+    def windows() -> Iterator[torch.Tensor]:
+        with _open_sound_file(_audio_payload(audio)) as sound_file:
+            for first in range(0, length - overlap, step):
+                yield _read_mono_16k_window(sound_file, first, min(step + overlap, length - first))
+
+    return windows()
 
 
 _warned_unseekable: set[str] = set()

@@ -61,7 +61,7 @@ import pyarrow as pa
 import torch
 from transformers.utils import logging
 
-from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k
+from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k_windows
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
 from .data import (
@@ -85,6 +85,9 @@ SHARD_PREFIX = "logmels-"
 SHARD_SCHEMA = pa.schema([("clip_id", pa.string()), ("num_frames", pa.int32()), ("log_mel", pa.binary())])
 # Frames computed at once: bounds the framed copies of long clips (a frame's log-mel only depends on its samples).
 _FRAMES_PER_BLOCK = 8192
+# Clips of this many samples at 16 kHz or more (about 9 minutes) are decoded block by block rather than whole: an
+# hour-long recording would otherwise take gigabytes at its own rate and channels.
+_WINDOWED_CLIP_SAMPLES = 2**23
 # A record batch is written once it holds this many clips or bytes (binary arrays have 32-bit offsets).
 _ROWS_PER_BATCH = 64
 _BYTES_PER_BATCH = 64 * 2**20
@@ -95,27 +98,35 @@ def front_end_settings(feature_extractor: MatpacFeatureExtractor) -> dict[str, i
     return {name: getattr(feature_extractor, name) for name in FRONT_END_FIELDS.values()}
 
 
-def _normalised_log_mel(waveform: torch.Tensor, extractor: MatpacFeatureExtractor) -> np.ndarray:
-    """The float16 normalised log-mel `(num_mel_bins, frames)` of a whole mono 16 kHz waveform."""
-    n_fft, hop_length = extractor.n_fft, extractor.hop_length
-    num_frames = 1 + (waveform.shape[-1] - n_fft) // hop_length
-    blocks = []
-    for first in range(0, num_frames, _FRAMES_PER_BLOCK):
-        count = min(_FRAMES_PER_BLOCK, num_frames - first)
-        samples = waveform[first * hop_length : first * hop_length + extractor.num_samples(count)]
-        blocks.append(extractor.normalized_log_mel(samples).to(torch.float16))
+def _normalised_log_mel(windows: Iterator[torch.Tensor], extractor: MatpacFeatureExtractor) -> np.ndarray:
+    """
+    The float16 normalised log-mel `(num_mel_bins, frames)` of a mono 16 kHz clip given as windows of
+    `_FRAMES_PER_BLOCK` frames' samples (see `_compute`); a window too short for a frame holds none of the clip's.
+    """
+    blocks = [
+        extractor.normalized_log_mel(samples).to(torch.float16)
+        for samples in windows
+        if samples.shape[-1] >= extractor.n_fft
+    ]
     return torch.cat(blocks, dim=-1).numpy()
 
 
 def _compute(value: object, extractor: MatpacFeatureExtractor, min_samples: int) -> tuple[str, object]:
     """One clip -> `("ok", float16 log-mel)`, `("short", None)` or `("corrupt", reason)`."""
+    hop_length = extractor.hop_length
     try:
-        waveform = decode_mono_16k(_audio_value(value), min_samples=min_samples)
+        windows = decode_mono_16k_windows(
+            _audio_value(value),
+            step=_FRAMES_PER_BLOCK * hop_length,
+            overlap=extractor.n_fft - hop_length,
+            min_samples=min_samples,
+            whole_below=_WINDOWED_CLIP_SAMPLES,
+        )
+        if windows is None:
+            return "short", None
+        log_mel = _normalised_log_mel(windows, extractor)
     except AudioDecodeError as error:
         return "corrupt", str(error)
-    if waveform is None:
-        return "short", None
-    log_mel = _normalised_log_mel(waveform, extractor)
     if not np.isfinite(log_mel).all():
         return "corrupt", "its log-mel has NaN or infinite values"
     return "ok", log_mel

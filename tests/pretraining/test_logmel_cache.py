@@ -106,6 +106,34 @@ def test_long_clips_are_computed_in_blocks_of_frames(corpus, cache_dir, tmp_path
         np.testing.assert_allclose(blocks.astype(np.float32), whole.astype(np.float32), atol=1e-3, rtol=0)
 
 
+def test_long_clips_are_decoded_window_by_window(corpus, cache_dir, tmp_path, monkeypatch):
+    """
+    Before, each clip was decoded whole: a 20-minute 48 kHz stereo file took 1.55 GB. Above the threshold (lowered
+    here), a clip is read a block of frames at a time, with the same log-mels up to float rounding.
+    """
+    from modeling_matpac import audio
+
+    reads, read_window = [], audio._read_mono_16k_window
+
+    def counting_read(sound_file, start, num_samples):
+        reads.append((start, num_samples))
+        return read_window(sound_file, start, num_samples)
+
+    monkeypatch.setattr(audio, "_read_mono_16k_window", counting_read)
+    monkeypatch.setattr(logmel_cache, "_FRAMES_PER_BLOCK", 100)
+    monkeypatch.setattr(logmel_cache, "_WINDOWED_CLIP_SAMPLES", 100_000)
+    preprocess_to_cache(corpus, tmp_path / "windows")
+    # The 16 kHz clip (112,000 samples) and the 44.1 kHz one (108,844 at 16 kHz) are read in windows of 100 frames
+    # (16,000 samples) plus the 240 of the last frame; the 22.05 kHz one (116,100) too: all three are long here.
+    lengths = [112_000, 108_844, 116_100]
+    expected = [(first, min(16_240, length - first)) for length in lengths for first in range(0, length - 240, 16_000)]
+    assert sorted(reads) == sorted(expected)
+    for index in range(len(corpus)):
+        windows, whole = LogMelCache(tmp_path / "windows")[index][1], LogMelCache(cache_dir)[index][1]
+        assert windows.shape == whole.shape
+        np.testing.assert_allclose(windows.astype(np.float32), whole.astype(np.float32), atol=1e-3, rtol=0)
+
+
 def test_crops_depend_only_on_seed_epoch_and_clip(cache_dir):
     def epoch_crops(seed: int, epoch: int) -> dict[str, torch.Tensor]:
         dataset = MatpacLogMelCacheDataset(cache_dir, seed=seed, infinite=False)
