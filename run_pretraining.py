@@ -55,7 +55,7 @@ from modeling_matpac.pretraining import (
     preprocess_to_cache,
 )
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
-from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, ScheduleRecord
+from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS
 
 
 logger = logging.getLogger(__name__)
@@ -566,37 +566,6 @@ def check_resumed_config(config: MatpacConfig, checkpoint: str) -> None:
         )
 
 
-def check_resumed_schedule(training_args: MatpacTrainingArguments, checkpoint: str) -> None:
-    """
-    A resumed run follows the schedules of this command: the learning rate and the EMA decays are functions of the
-    step and of the run's length, so another --max_steps (or epochs over a source that changed size), warm-up or
-    learning rate bends them at the resumed step. Allowed (it is how a run is extended), but said, since the Trainer
-    says nothing.
-    """
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    recorded = {"max_steps": state.get("max_steps")}
-    recorded |= state.get("stateful_callbacks", {}).get(ScheduleRecord.__name__, {}).get("args", {})
-    current = {"max_steps": training_args.max_steps, **ScheduleRecord.settings_of(training_args)}
-    differences = [
-        f"{name} {recorded[name]!r} (now {current[name]!r})"
-        for name in current
-        if recorded.get(name) is not None and recorded[name] != current[name]
-    ]
-    if differences:
-        logger.warning(
-            "This run resumes at step %d of a run with another schedule: %s. The learning rate and the teachers' EMA "
-            "decays follow this command's schedule from that step on; the run is not the one an uninterrupted run of "
-            "either schedule would give.",
-            state["global_step"],
-            ", ".join(differences),
-        )
-    if training_args.ignore_data_skip:
-        logger.warning(
-            "--ignore_data_skip: the data starts over from the first batch, and the counts of skipped clips restart "
-            "at 0 for this part of the run."
-        )
-
-
 def check_output_dir(training_args: MatpacTrainingArguments) -> None:
     """
     A new run needs an --output_dir without another run's files (whose checkpoints it would mix with, or rotate away
@@ -768,7 +737,11 @@ def main(argv: list[str] | None = None) -> None:
     resolve_schedules(model_args, training_args, config, dataset_size)
     if training_args.resume_from_checkpoint is not None:
         check_resumed_config(config, training_args.resume_from_checkpoint)
-        check_resumed_schedule(training_args, training_args.resume_from_checkpoint)
+        if training_args.ignore_data_skip:
+            logger.warning(
+                "--ignore_data_skip: the data starts over from the first batch, and the counts of skipped clips "
+                "restart at 0 for this part of the run."
+            )
     log_recipe(training_args, config, dataset_size, training_args.device.type, check_paper=not builtin)
     logger.info(
         "Pre-training a %s encoder of %s parameters.",

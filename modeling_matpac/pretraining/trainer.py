@@ -80,30 +80,43 @@ class _GlobalBatchRecord(TrainerCallback, ExportableState):
         state.stateful_callbacks[name] = self.state()
 
 
-class ScheduleRecord(TrainerCallback, ExportableState):
+class _ScheduleRecord(TrainerCallback, ExportableState):
     """
-    Keeps the learning-rate schedule's settings in each checkpoint's trainer state (the run's length is there
-    already), so that a resumed run can be checked to continue the same schedule: the Trainer would follow the new
-    flags from the resumed step on.
+    Keeps the run's length and learning-rate schedule in each checkpoint's trainer state, and warns when a run resumes
+    with another: the learning rate and the EMA decays are functions of the step and of the run's length, so they bend
+    at the resumed step (how a run is extended), which the Trainer does not mention.
     """
 
     def __init__(self, **settings):
         self.settings = settings  # set when training begins
 
-    @staticmethod
-    def settings_of(args) -> dict:
-        return {
-            "learning_rate": args.learning_rate,
-            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "warmup_steps": args.warmup_steps,
-        }
-
     def state(self) -> dict:
         return {"args": self.settings, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.settings = self.settings_of(args)
-        state.stateful_callbacks[type(self).__name__] = self.state()
+        self.settings = {
+            "max_steps": state.max_steps,
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "warmup_steps": args.warmup_steps,
+        }
+        # A resumed state holds the checkpoint's record, or none (a checkpoint from before this record).
+        name = type(self).__name__
+        recorded = state.stateful_callbacks.get(name, {}).get("args", {})
+        differences = [
+            f"{key} {recorded[key]!r} (now {value!r})"
+            for key, value in self.settings.items()
+            if recorded.get(key) is not None and recorded[key] != value
+        ]
+        if differences:
+            logger.warning(
+                "This run resumes at step %d of a run with another schedule: %s. The learning rate and the teachers' "
+                "EMA decays follow this run's schedule from that step on; the run is not the one an uninterrupted run "
+                "of either schedule would give.",
+                state.global_step,
+                ", ".join(differences),
+            )
+        state.stateful_callbacks[name] = self.state()
 
 
 class MatpacTrainer(Trainer):
@@ -141,7 +154,7 @@ class MatpacTrainer(Trainer):
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
         self.add_callback(_GlobalBatchRecord())
-        self.add_callback(ScheduleRecord())
+        self.add_callback(_ScheduleRecord())
 
     def reset_accumulators(self, global_step: int) -> None:
         """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""

@@ -316,8 +316,8 @@ def test_a_resume_with_another_global_batch_says_so(tmp_path, caplog):
     assert state["stateful_callbacks"]["_GlobalBatchRecord"]["args"] == {"size": 4}
     # Before: another length, warm-up or learning rate bent the schedules at the resumed step without a word.
     assert "resumes at step 2 of a run with another schedule: max_steps 2 (now 3)." in caplog.text
-    schedule = {"learning_rate": 0.001, "lr_scheduler_type": "cosine", "warmup_steps": 60}  # the built-in recipe's
-    assert state["stateful_callbacks"]["ScheduleRecord"]["args"] == schedule
+    schedule = {"max_steps": 3, "learning_rate": 0.001, "lr_scheduler_type": "cosine", "warmup_steps": 60}  # built-in
+    assert state["stateful_callbacks"]["_ScheduleRecord"]["args"] == schedule
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         run_main(
