@@ -190,6 +190,28 @@ def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+# The published model's widths, head widths and flags, by part: the weights do not tell the head count.
+_PUBLISHED_HEADS = {
+    "encoder": (768, 64, "ViT-B's 768", "num_attention_heads"),
+    "predictor": (512, 32, "the paper's 512", "predictor_num_attention_heads"),
+}
+
+
+def _head_count(part: str, given: int | None, width: int) -> int:
+    """`given`, else heads as wide as the published model's; for another width, the assumed count is said."""
+    if given is not None:
+        return given
+    published_width, head_width, published, flag = _PUBLISHED_HEADS[part]
+    count = max(width // head_width, 1)
+    if width != published_width:
+        logger.warning(
+            "The %s is %d wide, not %s: its head count cannot be read from the weights, %d heads of %d are assumed "
+            "(pass --%s if it was trained with others).",
+            part, width, published, count, head_width, flag,
+        )  # fmt: skip
+    return count
+
+
 def infer_config(
     state_dict: Mapping[str, torch.Tensor],
     num_attention_heads: int | None = None,
@@ -204,13 +226,6 @@ def infer_config(
         if required not in state_dict:
             raise ValueError(f"The checkpoint has no {required!r}: it is not a MATPAC encoder state dict.")
     hidden_size = state_dict["cls_token"].shape[-1]
-    if num_attention_heads is None and hidden_size != 768:
-        logger.warning(
-            "The encoder is %d wide, not ViT-B's 768: its head count cannot be read from the weights, %d heads of 64 "
-            "are assumed (pass --num_attention_heads if it was trained with others).",
-            hidden_size,
-            max(hidden_size // 64, 1),
-        )
     patch_size = state_dict["patch_embed.proj.weight"].shape[-1]
     num_mel_bins = overrides.pop("num_mel_bins", MatpacConfig().num_mel_bins)
     num_positions = state_dict["pos_embed"].shape[1] - 1
@@ -220,26 +235,17 @@ def infer_config(
         num_frames=num_positions // (num_mel_bins // patch_size) * patch_size,
         hidden_size=hidden_size,
         num_hidden_layers=_count_blocks(state_dict, "student_encoder.blocks."),
-        num_attention_heads=max(hidden_size // 64, 1) if num_attention_heads is None else num_attention_heads,
+        num_attention_heads=_head_count("encoder", num_attention_heads, hidden_size),
         intermediate_size=state_dict["student_encoder.blocks.0.mlp.fc1.weight"].shape[0],
         qkv_bias="student_encoder.blocks.0.attn.qkv.bias" in state_dict,
     )
     if "decoder.decoder_embed.weight" in state_dict:
         predictor_hidden_size = state_dict["decoder.decoder_embed.weight"].shape[0]
-        if predictor_num_attention_heads is None and predictor_hidden_size != 512:
-            logger.warning(
-                "The predictor is %d wide, not the paper's 512: %d heads of 32 are assumed (pass "
-                "--predictor_num_attention_heads if it was trained with others).",
-                predictor_hidden_size,
-                max(predictor_hidden_size // 32, 1),
-            )
         kwargs.update(
             predictor_hidden_size=predictor_hidden_size,
             predictor_num_hidden_layers=_count_blocks(state_dict, "decoder.decoder_blocks."),
-            predictor_num_attention_heads=(
-                max(predictor_hidden_size // 32, 1)
-                if predictor_num_attention_heads is None
-                else predictor_num_attention_heads
+            predictor_num_attention_heads=_head_count(
+                "predictor", predictor_num_attention_heads, predictor_hidden_size
             ),
             predictor_intermediate_size=state_dict["decoder.decoder_blocks.0.mlp.fc1.weight"].shape[0],
         )
