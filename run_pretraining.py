@@ -779,9 +779,22 @@ def main(argv: list[str] | None = None) -> None:
     trainer.accelerator.end_training()
 
 
+def lost_peer(error: RuntimeError) -> bool:
+    """Whether `error` is a collective that failed because another process of a distributed run stopped."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return isinstance(error, torch.distributed.DistError) or "closed by peer" in str(error)
+
+
 if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError, SafetensorError, NoUsableClipError, NonFiniteTrainingError) as error:
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
         sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        # The process that stopped printed the reason; this one's collective only saw the connection close.
+        rank = torch.distributed.get_rank()
+        sys.exit(f"run_pretraining.py: error: process {rank} stopped because another process of the run stopped.")

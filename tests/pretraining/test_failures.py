@@ -494,3 +494,26 @@ def test_the_script_tears_its_process_group_down(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "process group left: False" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_when_one_process_stops_the_others_say_so_in_one_line(tmp_path):
+    """Before: the process left waiting in a collective printed gloo's 'Connection closed by peer' traceback."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    sf.write(corpus / "a.wav", 0.1 * rng.standard_normal(8 * 16000).astype(np.float32), 16000)
+    sf.write(corpus / "b.wav", 0.1 * rng.standard_normal(2 * 16000).astype(np.float32), 16000)  # under a crop
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    command += [str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path / "out"), "--train_dir", str(corpus)]
+    command += ["--config_overrides", TINY, "--max_steps", "2", "--per_device_train_batch_size", "1"]
+    command += ["--ddp_backend", "gloo", "--use_cpu", "--disable_tqdm", "true"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("run_pretraining.py: error:")]
+    assert len(errors) == 2, result.stderr[-3000:]
+    assert "found no usable clip" in errors[0]
+    assert "stopped because another process of the run stopped" in errors[1]
+    assert "Connection closed by peer" not in result.stderr and "[rank" not in result.stderr
