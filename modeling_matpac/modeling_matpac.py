@@ -248,6 +248,10 @@ class MatpacLinear(nn.Linear):
             self._packed_bf16 = None
         return super().forward(input)
 
+    def __getstate__(self) -> dict:
+        # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is made again when needed.
+        return {name: value for name, value in self.__dict__.items() if name != "_packed_bf16"}
+
     def _packed_bf16_forward(self, input: torch.Tensor) -> torch.Tensor:
         parameters = (self.weight,) if self.bias is None else (self.weight, self.bias)
         version = tuple(item for parameter in parameters for item in (parameter.data_ptr(), parameter._version))
@@ -640,6 +644,8 @@ class MatpacModel(MatpacPreTrainedModel):
     Batch padding at the end of a clip (given by `attention_mask`, as the feature extractor pads) is left out of
     every chunk, so a clip gets the same embeddings alone or in a padded batch; padded time steps are zeros. Frames
     masked elsewhere (holes, left padding) are masked out of the attention of their chunk and keep their positions.
+    Masked frames read as zeros, whatever they hold: those that share a patch with valid frames count as the padding
+    of a clip alone does.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"teacher_", r"predictor\.", r"mcl_heads\.", r"student_head\.", r"center"]
@@ -665,8 +671,9 @@ class MatpacModel(MatpacPreTrainedModel):
         padded_frames = num_chunks * chunk_steps * patch
 
         frame_mask = torch.ones(batch_size, num_frames, dtype=torch.bool, device=input_values.device)
-        if attention_mask is not None:
+        if attention_mask is not None:  # masked frames read as zeros, as the padding of a clip's last patch alone
             frame_mask = attention_mask.bool()
+            input_values = input_values.masked_fill(~frame_mask[:, None], 0)
         frame_mask = nn.functional.pad(frame_mask, (0, padded_frames - num_frames))
         step_mask = frame_mask.view(batch_size, num_chunks * chunk_steps, patch).any(-1)
 
@@ -754,7 +761,7 @@ class MatpacModel(MatpacPreTrainedModel):
             token_mask = None
             if masked:  # padded steps hidden in all their frequency rows; the CLS token stays visible
                 token_mask = nn.functional.pad(step_mask[rows].repeat(1, num_frequency), (1, 0), value=True)
-            encoded = self._encode(tokens, token_mask, **kwargs)
+            encoded = self._encode(tokens, token_mask, return_dict=True, **kwargs)
             states = [encoded.last_hidden_state, *(encoded.hidden_states or ())]
             states = [self._to_time_steps(state, steps) for state in states]
             if masked:
@@ -808,13 +815,14 @@ class MatpacModel(MatpacPreTrainedModel):
                 f"`attention_mask` must have shape (batch, frames) = {tuple(input_values.shape[::2])}, got "
                 f"{tuple(attention_mask.shape)}."
             )
-        if kwargs.get("output_attentions") and self.config._attn_implementation != "eager":
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if output_attentions and self.config._attn_implementation != "eager":
             raise ValueError(
                 "`output_attentions=True` needs the eager attention: load the model with attn_implementation='eager'."
             )
         batch_size = input_values.shape[0]
         chunks, step_mask, time_steps = self._chunk(input_values, attention_mask)
-        if kwargs.get("output_attentions"):  # one attention map per chunk: every chunk at full length, masked
+        if output_attentions:  # one attention map per chunk: every chunk at full length, masked
             groups = [(slice(None), step_mask.shape[1], True)]
         else:
             groups = self._chunk_groups(step_mask, batch_size, time_steps, attention_mask is not None)
@@ -1203,7 +1211,7 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
             cross-entropy), following `config.problem_type`.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
-            outputs = self.matpac(input_values, attention_mask=attention_mask, **kwargs)
+            outputs = self.matpac(input_values, attention_mask=attention_mask, return_dict=True, **kwargs)
         embedding = self.clip_embedding(outputs)
         if self.embedding_norm is not None:
             embedding = self.embedding_norm(embedding)

@@ -1,5 +1,8 @@
 """Each fast path against its slow reference: fp32 within 1e-5, bf16 within the stated tolerance."""
 
+import copy as copy_module
+import io
+
 import pytest
 import torch
 from conftest import tiny_config_kwargs
@@ -444,6 +447,26 @@ def test_bf16_inference_mode_packs_each_weight_once_and_equals_autocast_bitwise(
     assert linears[2]._packed_bf16[1] is not packed[2] and linears[3]._packed_bf16[1] is packed[3]
     assert torch.equal(changed, embed(torch.no_grad)) and not torch.equal(changed, reference)
     assert all(linear._packed_bf16 is None for linear in linears)  # dropped by the call outside inference mode
+
+
+@needs_onednn
+def test_a_model_with_packed_weights_can_be_copied_and_pickled():
+    """Before: after one bf16 call in inference mode, deepcopy and torch.save raised on the opaque packed weights."""
+    torch.manual_seed(0)
+    model = MatpacModel(MatpacConfig(**tiny_config_kwargs())).eval()
+    values = torch.randn(1, 80, 700)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(values).last_hidden_state
+    assert model.encoder.layers[0].mlp.fc1._packed_bf16 is not None
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy in (copy_module.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert all(
+            module._packed_bf16 is None for module in copy.modules() if isinstance(module, modeling.MatpacLinear)
+        )
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(copy(values).last_hidden_state, expected)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp32, torch's products", "bf16 autocast"])

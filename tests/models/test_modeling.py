@@ -70,6 +70,53 @@ def test_padded_batch_equals_clips_alone(fixture_model, reference):
     torch.testing.assert_close(batch.pooler_output[0], reference["b.precise.pooled.emb"][0], atol=1e-4, rtol=0)
 
 
+def test_masked_frames_do_not_change_the_embeddings(tiny_config):
+    """
+    Before: the frames after a clip's end that share its last patch were read from the batch, so with a
+    `padding_value` other than 0 a clip got another embedding in a batch than alone (0.64 apart here).
+    """
+    torch.manual_seed(0)
+    model = MatpacModel(tiny_config).eval()
+    clip, other = torch.randn(80, 29 * 16 + 5), torch.randn(80, 1000)
+    with torch.no_grad():
+        alone = model(clip[None]).pooler_output[0]
+        for padding_value in (0.0, -1.0, 1.0):
+            extractor_padding = torch.full((80, 1000 - clip.shape[1]), padding_value)
+            values = torch.stack([torch.cat([clip, extractor_padding], 1), other])
+            mask = torch.ones(2, 1000, dtype=torch.long)
+            mask[0, clip.shape[1] :] = 0
+            torch.testing.assert_close(model(values, attention_mask=mask).pooler_output[0], alone, atol=1e-5, rtol=0)
+        holes = mask.clone()
+        holes[1, 300:310] = 0  # frames masked inside a clip: whatever they hold, the output is the same
+        changed = values.clone()
+        changed[1, :, 300:310] += 5.0
+        first, second = model(values, attention_mask=holes), model(changed, attention_mask=holes)
+    torch.testing.assert_close(first.last_hidden_state, second.last_hidden_state, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_class", [MatpacModel, MatpacForAudioClassification])
+def test_the_config_output_flags_act_as_the_call_flags(tiny_config, model_class):
+    """Before: `config.return_dict=False` crashed, and `config.output_attentions` gave None past one chunk."""
+    torch.manual_seed(0)
+    state_dict = model_class(tiny_config).state_dict()
+    model = model_class.from_pretrained(None, config=tiny_config, state_dict=state_dict, attn_implementation="eager")
+    model.eval()
+    values = torch.randn(2, 80, 900)  # two chunks per clip
+    mask = torch.ones(2, 900, dtype=torch.long)
+    mask[0, 500:] = 0
+    with torch.no_grad():
+        expected = model(values, attention_mask=mask, output_attentions=True)
+        model.config.output_attentions = True
+        from_config = model(values, attention_mask=mask)
+        model.config.return_dict = False
+        as_tuple = model(values, attention_mask=mask)
+    assert len(from_config.attentions) == tiny_config.num_hidden_layers
+    for actual, reference in zip(from_config.attentions, expected.attentions):
+        assert torch.equal(actual, reference)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], expected[0])
+
+
 def test_eager_and_sdpa_attention_agree(tiny_config):
     torch.manual_seed(0)
     values = torch.randn(2, 80, 700)
