@@ -343,6 +343,13 @@ def _open_clips(
             return _StreamedClips(dataset, column, shuffle_buffer_size)
         return _IndexedClips(dataset, column)
     if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        for index, path in enumerate(source):
+            if not isinstance(path, (str, os.PathLike)):  # bytes would be read as a file's content, arrays fail later
+                raise TypeError(
+                    f"Expected `source` as a list of audio file paths (str or PathLike), but item {index} is a "
+                    f"{type(path).__name__}: decode byte paths with os.fsdecode, and put audio content in a "
+                    "`datasets.Dataset` column."
+                )
         return _IndexedClips([os.path.abspath(path) for path in source])
     raise TypeError(
         "Expected `source` as a list of audio file paths, a `datasets.Dataset` or a `datasets.IterableDataset`, got "

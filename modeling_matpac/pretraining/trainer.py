@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..configuration_matpac import FRONT_END_FIELDS
 from ..modeling_matpac import MatpacForPreTraining
 from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate_pretraining_batch
 
@@ -37,6 +38,25 @@ class _TeacherUpdateCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.reset_accumulators(state.global_step)
         logger.info("The teachers' EMA decays anneal over the whole run: %d steps.", state.max_steps)
+        model = self.trainer.pretraining_model
+        warmup = model.config.teacher_temperature_warmup_steps
+        if warmup >= state.max_steps:
+            logger.warning(
+                "The teacher temperature warms up over %d steps (config.teacher_temperature_warmup_steps) and this "
+                "run has %d: it ends at %.4f instead of %s. Set the warm-up in steps of this run (the recipe's is 10 "
+                "epochs).",
+                warmup,
+                state.max_steps,
+                float(model.teacher_temperature(state.max_steps - 1)),
+                model.config.teacher_temperature,
+            )
+        if model.config.predictor_num_hypotheses > 1 and model.mcl_first_hard_step() >= state.max_steps:
+            logger.info(
+                "MATPAC++: the multiple-choice temperature reaches its end (hard winner-takes-all) at update %s, "
+                "after this run's %d steps: every step of this run trains with the annealed soft assignment.",
+                model.mcl_first_hard_step(),
+                state.max_steps,
+            )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.update_teachers_and_center(state.global_step)
@@ -150,6 +170,11 @@ class MatpacTrainer(Trainer):
         # A NaN loss must stop the run (see `check_finite`), not be logged as the previous mean (0 after a log).
         self.args.logging_nan_inf_filter = False
         self.check_supported_setup()
+        if self.args.eval_strategy != "no" and self.eval_dataset is not None:
+            datasets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            for dataset in datasets:
+                self.check_dataset(dataset, "evaluation")
+        self._eval_noise: torch.Generator | None = None
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
@@ -178,6 +203,33 @@ class MatpacTrainer(Trainer):
                 f"MatpacTrainer trains a MatpacForPreTraining, got {type(self.pretraining_model).__name__}."
             )
 
+    def check_dataset(self, dataset: object, use: str) -> None:
+        """
+        A `MatpacPretrainingDataset` must compute the model's own input (front end and crop length: a model saved
+        with another front end would normalise its users' audio differently), and an evaluation one must end.
+        """
+        if not isinstance(dataset, MatpacPretrainingDataset):
+            return
+        config = self.pretraining_model.config
+        differences = [
+            f"{field} {getattr(dataset.feature_extractor, argument)!r} (model: {getattr(config, field)!r})"
+            for field, argument in FRONT_END_FIELDS.items()
+            if getattr(dataset.feature_extractor, argument) != getattr(config, field)
+        ]
+        if dataset.num_frames != config.num_frames:
+            differences.append(f"num_frames {dataset.num_frames} (model: {config.num_frames})")
+        if differences:
+            raise ValueError(
+                f"The {use} dataset computes another input than the model's: {', '.join(differences)}. Build it with "
+                "`feature_extractor=MatpacFeatureExtractor.from_model_config(model.config)` and "
+                "`num_frames=model.config.num_frames`."
+            )
+        if use == "evaluation" and dataset.infinite:
+            raise ValueError(
+                "The evaluation dataset repeats forever (`infinite=True`), so evaluation would never end: build it "
+                "with `infinite=False` (one crop per clip)."
+            )
+
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         if self.weight_decay_set == "transformers":
             return super().get_decay_parameter_names(model)
@@ -197,6 +249,7 @@ class MatpacTrainer(Trainer):
         dataset = self.train_dataset
         if not isinstance(dataset, MatpacPretrainingDataset):
             return super().get_train_dataloader()
+        self.check_dataset(dataset, "training")
         args = self.args
         if (dataset.rank, dataset.world_size) != (args.process_index, args.world_size):
             raise ValueError(
@@ -224,6 +277,26 @@ class MatpacTrainer(Trainer):
             prefetch_factor=args.dataloader_prefetch_factor,
             multiprocessing_context=args.dataloader_multiprocessing_context,
         )
+
+    def get_eval_dataloader(self, eval_dataset: str | object | None = None) -> DataLoader:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        self.check_dataset(self.eval_dataset[dataset] if isinstance(dataset, str) else dataset, "evaluation")
+        return super().get_eval_dataloader(eval_dataset)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """
+        Each evaluation masks its batches with the same noise, from a generator of its own, so the losses of two
+        evaluations compare; and it leaves the random state as it found it (its loader draws a seed), so a run that
+        evaluates trains as the same run without evaluation.
+        """
+        device = self.args.device
+        self._eval_noise = torch.Generator(device).manual_seed(self.args.seed + self.args.process_index)
+        accelerators = [device] if device.type != "cpu" else []
+        try:
+            with torch.random.fork_rng(devices=accelerators, device_type=device.type):
+                return super().evaluate(*args, **kwargs)
+        finally:
+            self._eval_noise = None
 
     def _prepare_input(self, data):
         """
@@ -282,6 +355,12 @@ class MatpacTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation of a label-free objective: the pre-training loss is the metric."""
         inputs = self._prepare_inputs(inputs)
+        if inputs.get("noise") is None and self._eval_noise is not None:
+            values = inputs["input_values"]
+            num_patches = self.pretraining_model.config.num_patches
+            inputs["noise"] = torch.rand(
+                values.shape[0], num_patches, generator=self._eval_noise, device=self._eval_noise.device
+            )
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -57,6 +57,7 @@ def train(
     dataset=None,
     collator=None,
     num_hypotheses=1,
+    eval_dataset=None,
     **extra,
 ) -> MatpacTrainer:
     model = tiny_model(num_hypotheses)
@@ -77,7 +78,13 @@ def train(
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         **extra,
     )
-    trainer = MatpacTrainer(model=model, args=args, train_dataset=dataset or FixedCrops(), data_collator=collator)
+    trainer = MatpacTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset or FixedCrops(),
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

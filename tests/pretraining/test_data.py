@@ -728,6 +728,11 @@ def test_bad_sources_fail_with_clear_errors(tmp_path):
         MatpacPretrainingDataset([])
     with pytest.raises(TypeError, match="list of audio file paths"):
         MatpacPretrainingDataset(str(tmp_path))
+    # Before: byte paths and audio content were all skipped as undecodable, each in a warning as long as the file.
+    with pytest.raises(TypeError, match="item 1 is a bytes: decode byte paths with os.fsdecode"):
+        MatpacPretrainingDataset([files[0], os.fsencode(files[0])])
+    with pytest.raises(TypeError, match="item 0 is a ndarray"):
+        MatpacPretrainingDataset([np.zeros(16000)])
     with pytest.raises(ValueError, match="non-negative"):
         MatpacPretrainingDataset(files).set_epoch(-1)
 

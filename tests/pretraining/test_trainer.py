@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config_kwargs
-from pretraining_worker import train
+from pretraining_worker import FixedCrops, train
 from transformers import TrainingArguments
 
-from modeling_matpac import MatpacConfig, MatpacForPreTraining, MatpacModel
-from modeling_matpac.pretraining import generate_builtin_corpus
+from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel
+from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus
 from modeling_matpac.pretraining.trainer import MatpacTrainer
 
 
@@ -312,3 +312,61 @@ def test_skip_counts_reach_the_logs_beside_the_batches_and_survive_a_resume(tmp_
     assert straight == sorted(straight) and straight[-1][0] >= 2 and straight[-1][1] >= 1
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
     assert resumed == straight  # steps 1-2 restored from the checkpoint's log history, steps 3-4 logged again
+
+
+class CropsWithoutNoise(FixedCrops):
+    """Crops that leave the masking to the model's random noise."""
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_values": self.values[index]}
+
+
+def test_evaluation_masks_with_its_own_noise_and_leaves_the_training_as_it_was(tmp_path):
+    """Before: evaluation drew its masks from the global generator: its losses varied and the training changed."""
+    plain = train(tmp_path / "plain", batch_size=2, accumulation=1, max_steps=4, dataset=CropsWithoutNoise())
+    evaluated = train(
+        tmp_path / "evaluated", batch_size=2, accumulation=1, max_steps=4, dataset=CropsWithoutNoise(),
+        eval_dataset=CropsWithoutNoise(4), eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=2,
+    )  # fmt: skip
+    assert logged_losses(evaluated.state.log_history) == logged_losses(plain.state.log_history)
+    assert max_difference(evaluated.pretraining_model.state_dict(), plain.pretraining_model.state_dict()) == 0
+    during = [entry["eval_loss"] for entry in evaluated.state.log_history if "eval_loss" in entry]
+    assert len(during) == 2 and during[0] != during[1]  # the model changed between them
+    after = [evaluated.evaluate()["eval_loss"] for _ in range(2)]
+    assert after[0] == after[1] == during[1]
+
+
+def test_datasets_that_cannot_work_are_refused_before_training(tmp_path, caplog):
+    files = [str(path) for path in generate_builtin_corpus(tmp_path / "corpus", num_clips=4)]
+    args = TrainingArguments(tmp_path / "out", max_steps=2, report_to=[], use_cpu=True, eval_strategy="steps")
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs()))
+    # Before: evaluation on an infinite dataset never returned.
+    endless = MatpacPretrainingDataset(files)
+    with pytest.raises(ValueError, match=r"evaluation dataset repeats forever .* `infinite=False`"):
+        MatpacTrainer(model=model, args=args, train_dataset=endless, eval_dataset=endless)
+    # Before: a dataset normalised with other statistics trained without a word.
+    other_front_end = MatpacPretrainingDataset(files, feature_extractor=MatpacFeatureExtractor(mean=-4.0, f_max=7000))
+    trainer = MatpacTrainer(model=model, args=TrainingArguments(tmp_path / "out", max_steps=2, report_to=[],
+                            use_cpu=True), train_dataset=other_front_end)  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"another input than the model's: f_max 7000.* lms_mean -4.0 \(model: -7.056"
+    ):
+        trainer.train()
+    shorter_crops = MatpacPretrainingDataset(files, num_frames=304)
+    with pytest.raises(ValueError, match=r"num_frames 304 \(model: 608\)"):
+        MatpacTrainer(model=model, args=args, train_dataset=shorter_crops, eval_dataset=shorter_crops)
+
+
+@pytest.mark.parametrize("max_steps", [2, 3])
+def test_a_teacher_temperature_warm_up_longer_than_the_run_is_said(tmp_path, caplog, max_steps):
+    with caplog.at_level("WARNING", logger="modeling_matpac.pretraining.trainer"):
+        train(tmp_path, batch_size=2, accumulation=1, max_steps=max_steps)  # the tiny model warms up over 2 steps
+    warnings = [record.getMessage() for record in caplog.records if "warms up" in record.getMessage()]
+    if max_steps == 2:
+        assert warnings == [
+            "The teacher temperature warms up over 2 steps (config.teacher_temperature_warmup_steps) and this run "
+            "has 2: it ends at 0.0550 instead of 0.07. Set the warm-up in steps of this run (the recipe's is 10 "
+            "epochs)."
+        ]
+    else:
+        assert warnings == []
