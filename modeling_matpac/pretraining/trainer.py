@@ -11,6 +11,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_matpac import FRONT_END_FIELDS
+from ..feature_extraction_matpac import MatpacFeatureExtractor
 from ..modeling_matpac import MatpacForPreTraining
 from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate_pretraining_batch
 
@@ -170,6 +171,8 @@ class MatpacTrainer(Trainer):
         # A NaN loss must stop the run (see `check_finite`), not be logged as the previous mean (0 after a log).
         self.args.logging_nan_inf_filter = False
         self.check_supported_setup()
+        if self.processing_class is None:  # saved beside every checkpoint: the folder then loads as a whole model
+            self.processing_class = MatpacFeatureExtractor.from_model_config(self.pretraining_model.config)
         if self.args.eval_strategy != "no" and self.eval_dataset is not None:
             datasets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
             for dataset in datasets:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config_kwargs
 from pretraining_worker import FixedCrops, train
-from transformers import TrainingArguments
+from transformers import AutoFeatureExtractor, TrainingArguments
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel
 from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus
@@ -370,3 +370,12 @@ def test_a_teacher_temperature_warm_up_longer_than_the_run_is_said(tmp_path, cap
         ]
     else:
         assert warnings == []
+
+
+def test_the_saved_model_carries_the_feature_extractor_of_its_config(tmp_path):
+    """Before: without `processing_class`, AutoFeatureExtractor could not load what `save_model` wrote."""
+    trainer = train(tmp_path, batch_size=2, accumulation=1, max_steps=1)
+    trainer.save_model()
+    loaded = AutoFeatureExtractor.from_pretrained(tmp_path)
+    expected = MatpacFeatureExtractor.from_model_config(trainer.pretraining_model.config)
+    assert {key: value for key, value in loaded.to_dict().items() if key != "auto_map"} == expected.to_dict()
