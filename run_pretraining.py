@@ -186,15 +186,36 @@ class MatpacTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the paper's recipe as defaults."""
 
     output_dir: str = field(default="outputs/matpac-default", metadata={"help": "Where checkpoints and the model go."})
-    per_device_train_batch_size: int = 256
-    learning_rate: float = 3e-4
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-6
-    weight_decay: float = 0.05
-    lr_scheduler_type: str = "cosine"
-    max_grad_norm: float = 3.0
-    optim: str = "adamw_torch_fused"
-    num_train_epochs: float = 300.0
+    per_device_train_batch_size: int = field(
+        default=256,
+        metadata={
+            "help": "Clips per device and micro-batch (the paper: 8 GPUs x 256 = 2048; 16 for the built-in corpus)."
+        },
+    )
+    learning_rate: float = field(
+        default=3e-4, metadata={"help": "Peak learning rate of AdamW (the paper's; 1e-3 for the built-in corpus)."}
+    )
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW's beta2 (the paper's)."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW's epsilon (the paper's)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW's weight decay (the paper's)."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after the warm-up (the paper's cosine)."}
+    )
+    max_grad_norm: float = field(default=3.0, metadata={"help": "Gradient-norm clipping (the paper's 3.0)."})
+    optim: str = field(default="adamw_torch_fused", metadata={"help": "The Trainer's optimizer name."})
+    num_train_epochs: float = field(
+        default=300.0,
+        metadata={
+            "help": "Epochs, converted to steps from the clip count; --max_steps wins (the built-in corpus: --max_steps 600)."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint folder of this run to continue, or 'last': the last complete checkpoint of "
+            "--output_dir."
+        },
+    )
     warmup_epochs: float = field(
         default=20.0, metadata={"help": "Learning-rate warm-up in epochs; --warmup_steps wins when given."}
     )
@@ -206,8 +227,8 @@ class MatpacTrainingArguments(TrainingArguments):
             "choices": list(WEIGHT_DECAY_SETS),
         },
     )
-    logging_steps: float = 50
-    save_steps: float = 5000
+    logging_steps: float = field(default=50, metadata={"help": "Log every this many optimizer steps."})
+    save_steps: float = field(default=5000, metadata={"help": "Save a checkpoint every this many optimizer steps."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -218,15 +239,19 @@ class MatpacTrainingArguments(TrainingArguments):
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, MatpacTrainingArguments, bool]:
-    flags = {arg.split("=")[0] for arg in argv}
-    builtin = not flags & set(DATA_SOURCE_FLAGS)
-    defaults = []
-    if builtin:
-        fresh_model = "--model_name_or_path" not in flags
-        defaults = (BUILTIN_MODEL_FLAGS if fresh_model else []) + BUILTIN_DEFAULT_FLAGS
+    """
+    Parses the command line; without a data source, on the built-in defaults, which any flag given overrides. What
+    was given is read from a first parse, so that every spelling argparse takes (`--train-dir`, an abbreviation)
+    counts.
+    """
     parser = HfArgumentParser((ModelArguments, DataArguments, MatpacTrainingArguments))
-    arguments = parser.parse_args_into_dataclasses(defaults + argv)
-    return (*arguments, builtin)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    builtin = all(getattr(data_args, flag.removeprefix("--")) is None for flag in DATA_SOURCE_FLAGS)
+    if not builtin:
+        return model_args, data_args, training_args, builtin
+    fresh_model = model_args.model_name_or_path is None
+    defaults = (BUILTIN_MODEL_FLAGS if fresh_model else []) + BUILTIN_DEFAULT_FLAGS
+    return (*parser.parse_args_into_dataclasses(defaults + argv), builtin)
 
 
 def parse_config_value(name: str, value: str, default: object) -> object:

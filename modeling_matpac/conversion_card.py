@@ -118,10 +118,12 @@ tagger("clip.wav", top_k=5)  # [{"label": ..., "score": ...}, ...]
         if classifier
         else """```python
 import modeling_matpac  # or pass trust_remote_code=True
+from modeling_matpac.audio import decode_mono_16k
 from transformers import AutoFeatureExtractor, AutoModel
 
 feature_extractor = AutoFeatureExtractor.from_pretrained("{path}")
 model = AutoModel.from_pretrained("{path}")
+waveform = decode_mono_16k("clip.wav").numpy()  # mono, 16 kHz
 embedding = model(**feature_extractor(waveform, sampling_rate=16000, return_tensors="pt")).pooler_output
 ```"""
     )

@@ -68,6 +68,14 @@ def test_builtin_defaults_give_a_fresh_model_the_small_config_and_a_loaded_one_i
         ["--output_dir", "out", "--train_dir", "audio"]
     )
     assert not builtin and model_args.config_overrides is None and training_args.max_steps == -1
+    # Before: the hyphenated spellings that --help lists were not seen: --train-dir trained on the built-in corpus.
+    for argv in (["--train-dir", "audio"], ["--train_d", "audio"], ["--train-cache=cache"]):
+        _, data_args, training_args, builtin = run_pretraining.parse_arguments(["--output_dir", "out", *argv])
+        assert not builtin and training_args.max_steps == -1 and training_args.per_device_train_batch_size == 256
+    model_args, _, training_args, builtin = run_pretraining.parse_arguments(
+        ["--output_dir", "out", "--model-name-or-path", "some/model", "--max-steps", "7"]
+    )
+    assert builtin and model_args.config_overrides is None and training_args.max_steps == 7
 
 
 def test_corrupt_and_short_files_are_skipped_and_counted(tmp_path, caplog):
