@@ -206,7 +206,8 @@ class MatpacTrainingArguments(TrainingArguments):
     num_train_epochs: float = field(
         default=300.0,
         metadata={
-            "help": "Epochs, converted to steps from the clip count; --max_steps wins (the built-in corpus: --max_steps 600)."
+            "help": "Epochs, converted to steps from the clip count; --max_steps wins (the built-in corpus: "
+            "--max_steps 600)."
         },
     )
     resume_from_checkpoint: str | None = field(

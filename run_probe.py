@@ -182,7 +182,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
             save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, directory)
             logger.info("%s: saved the probe as an audio classifier in %s", name, directory)
     if not results:
-        raise ProbeDataError(f"No task data found (data_dir={data_args.data_dir}).")
+        where = f"in {data_args.data_dir}" if data_args.data_dir else "on the Hub, and no --data_dir was given"
+        raise ProbeDataError(
+            f"No task could be probed: no usable task data {where} (the warnings above say why for each). --data_dir "
+            "takes the folder that holds the tasks' folders (the README lists their names)."
+        )
     json_path, markdown_path = write_results(results, data_args.output_dir, run_settings, skipped)
 
     print(results_markdown(results, skipped))

@@ -172,7 +172,9 @@ def test_all_skips_tasks_without_data(tiny_model, tmp_path, caplog):
 
 
 def test_all_without_data_dir_reads_the_hub_copies(tiny_model, tmp_path, caplog):
-    with pytest.raises(SystemExit, match="No task data found"):
+    with pytest.raises(
+        SystemExit, match="No task could be probed: no usable task data on the Hub, and no --data_dir was given"
+    ):
         run_probe.main(["--all", "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path)])
     assert "gtzan: skipped, Cannot load GTZAN from the Hub dataset 'confit/gtzan-parquet'" in caplog.text  # offline
     assert "mtt: skipped, MagnaTagATune (top-50 tags) has no script-free copy on the Hub" in caplog.text
