@@ -11,7 +11,7 @@ probe head (`probe.weight`, `probe.bias`) is converted together with the encoder
 shapes cannot tell, are arguments.
 
     python -m modeling_matpac.convert --checkpoint matpac_10_2048.pt --output_dir matpac-base
-    python -m modeling_matpac.convert --checkpoint matpac_10_2048.pt --probe_head esc50.pth --task esc50 \
+    python -m modeling_matpac.convert --checkpoint matpac_10_2048.pt --probe_head esc50.pth --task esc50 \\
         --output_dir matpac-esc50
 """
 
@@ -477,7 +477,11 @@ def convert_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_matpac.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, help="The authors' .pt (or .safetensors) checkpoint.")
     parser.add_argument("--output_dir", required=True, help="Where to write the converted model.")
     parser.add_argument(
@@ -513,8 +517,8 @@ def main(argv: list[str] | None = None) -> None:
             task=args.task,
             overwrite=args.overwrite_output_dir,
         )
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
+    except (FileNotFoundError, ValueError) as error:  # one line, with argparse's status: the usage is not the problem
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -152,8 +152,9 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and "not a readable PyTorch checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("python -m modeling_matpac.convert: error: ")
+    assert "not a readable PyTorch checkpoint" in result.stderr
 
 
 def test_a_head_count_of_0_and_a_file_for_output_dir_are_refused(tmp_path):
