@@ -612,7 +612,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=SIZES, default="base", help="Model size (base = the published ViT-B).")
     parser.add_argument("--batch_size", type=count(1), default=8, help="Pre-training batch size.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="Where to measure (default: cuda when there is a GPU, else cpu).",
+    )
     parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16 (autocast).")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"Comma-separated subset of {SECTIONS}.")
     parser.add_argument("--steps", type=count(1), default=5, help="Timed pre-training steps (after one warm-up step).")
@@ -630,7 +634,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument(
         "--trainer_clips", type=count(1), default=32, help="Clips in the trainer section's log-mel cache."
     )
-    parser.add_argument("--output", default="benchmarks/results.json", help="Where the JSON results go.")
+    parser.add_argument(
+        "--output",
+        default=str(Path(__file__).parent / "results.json"),
+        help="Where the JSON results go (default: results.json beside this script).",
+    )
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes.split(",")
     sections = args.sections.split(",")
