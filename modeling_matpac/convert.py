@@ -165,12 +165,11 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     flat = {}
     for key, value in raw.items():
-        if isinstance(value, Mapping):
-            flat.update({f"{key}.{inner}": tensor for inner, tensor in value.items()})
-        elif isinstance(value, torch.Tensor):
-            flat[key] = value
-        else:
-            raise ValueError(f"Entry {key!r} of {path} is a {type(value).__name__}, not a tensor.")
+        entries = {f"{key}.{inner}": tensor for inner, tensor in value.items()} if isinstance(value, Mapping) else {}
+        for name, tensor in entries.items() or [(key, value)]:
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"Entry {name!r} of {path} is a {type(tensor).__name__}, not a tensor.")
+            flat[name] = tensor
     return flat
 
 
@@ -431,6 +430,12 @@ def convert_checkpoint(
         raise ValueError(f"A probe head goes on encoder weights; {checkpoint} is of kind {detected}.")
     if task is not None and task not in PROBE_TASKS:
         raise ValueError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {task!r}.")
+    named = [name for name in PROBE_TASKS if name in str(probe_head)]  # the authors' code reads the task from the path
+    if task is not None and named and task not in named:
+        raise ValueError(
+            f"--task {task}, but the probe file {probe_head} is named for {' or '.join(named)}: a head of the same "
+            "size for another task would give its outputs the wrong class names. Pass the task it was trained for."
+        )
     if detected == "audioset_classifier" and encoder_only:
         head_keys = sorted(key for key in original if AUDIOSET_HEAD_KEYS.match(key))
         logger.info("Dropped the AudioSet head (%d tensors): %s", len(head_keys), head_keys)

@@ -315,6 +315,8 @@ def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[
     config.label2id = {name: index for index, name in enumerate(classes)}
     config.problem_type = "multi_label_classification" if probe.multi_label else "single_label_classification"
     config.freeze_encoder = True
+    # The probe reads `pooler_output` as it is: not an AudioSet tagger's frequency mean and BatchNorm.
+    config.classifier_pooling, config.classifier_batch_norm = "concatenate", False
     classifier = MatpacForAudioClassification(config)
     classifier.matpac.load_state_dict(model.state_dict())
     weight, bias = probe.folded()

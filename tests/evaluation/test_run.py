@@ -182,11 +182,17 @@ def test_all_without_data_dir_reads_the_hub_copies(tiny_model, tmp_path, caplog)
     assert not (tmp_path / "results.json").exists()  # no task probed: nothing to keep, no table of pending tasks
 
 
-def test_saved_head_is_an_audio_classification_pipeline(tiny_model, data_root, tmp_path):
+@pytest.mark.parametrize("encoder", ["encoder", "tagger's encoder"])
+def test_saved_head_is_an_audio_classification_pipeline(tiny_model, data_root, tmp_path, encoder):
     from transformers import pipeline
 
     data = load_task("nsynth", data_root / "nsynth")
     extractor = EmbeddingExtractor(tiny_model)
+    if encoder == "tagger's encoder":  # before: its head was built for the frequency mean and a BatchNorm, and failed
+        extractor.model.config.classifier_pooling, extractor.model.config.classifier_batch_norm = (
+            "frequency_mean",
+            True,
+        )
     embeddings = load_or_extract(data, extractor, tmp_path / "cache")
     outcome = evaluate(data, embeddings.values, ProbeSettings(num_runs=1, max_epochs=5, learning_rate=0.01))
     save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, tmp_path / "head")

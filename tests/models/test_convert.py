@@ -139,6 +139,9 @@ def test_bad_checkpoint_files_give_clear_errors(tmp_path):
         load_original_state_dict(corrupt)
     with pytest.raises(ValueError, match="only encoder weights"):
         convert_checkpoint(FIXTURES / "inference_checkpoint.pt", tmp_path / "out", encoder_only=False)
+    torch.save({"_ema": {"blocks.0.norm1.weight": 1.0}}, tmp_path / "nested.pt")  # before: an AttributeError
+    with pytest.raises(ValueError, match=r"Entry '_ema.blocks.0.norm1.weight' of .* is a float, not a tensor"):
+        load_original_state_dict(tmp_path / "nested.pt")
     result = subprocess.run(
         [
             sys.executable,

@@ -35,16 +35,24 @@ def test_audio_classification_checkpoint_loads_with_identical_outputs(expected):
         logits = model(values, attention_mask=mask).logits
     # Since issue 13 a padded clip's short chunk is encoded at its own length instead of padded and masked: the same
     # embeddings up to float rounding (at most 9.5e-7 here, values up to 6.9), and zeros at the padded steps (which
-    # 35f5365 filled).
+    # 35f5365 filled). The unpadded clip (row 0) is compared with 35f5365's outputs. The padded one (row 1, 90 frames)
+    # is not: its padding holds random values, and 35f5365 read the 6 of them that share its last patch, where
+    # masked frames now read as zeros, so that it gets its embedding alone.
     valid = encoder.time_mask
     states = torch.stack([encoder.last_hidden_state, *encoder.hidden_states])
     expected_states = torch.stack(
         [expected["classification.last_hidden_state"], *expected["classification.hidden_states"]]
     )
-    torch.testing.assert_close(states[:, valid], expected_states[:, valid], atol=2e-6, rtol=0)
+    assert mask[0].all() and mask[1].sum() == 90 and values[1, :, 90:96].abs().min() > 0
+    torch.testing.assert_close(states[:, 0, valid[0]], expected_states[:, 0, valid[0]], atol=2e-6, rtol=0)
     assert torch.all(states[:, ~valid] == 0)
-    torch.testing.assert_close(encoder.pooler_output, expected["classification.pooler_output"], atol=1e-6, rtol=0)
-    torch.testing.assert_close(logits, expected["classification.logits"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        encoder.pooler_output[0], expected["classification.pooler_output"][0], atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(logits[0], expected["classification.logits"][0], atol=1e-6, rtol=0)
+    with torch.no_grad():
+        alone = model(values[1:, :, :90]).logits
+    torch.testing.assert_close(logits[1:], alone, atol=1e-6, rtol=0)
 
 
 def test_feature_extractor_settings_load(expected):

@@ -5,6 +5,7 @@ the AudioSet fine-tuned classifier (fixture section 5) and a downstream probe he
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -259,8 +260,9 @@ def test_probe_head_of_another_width_is_refused(tmp_path, run_converter):
 
 
 def test_label_map_of_another_length_is_refused(tmp_path, run_converter, monkeypatch):
+    shutil.copy(FIXTURES / "probe_head_esc50.pth", tmp_path / "head.pth")  # a name that tells no task
     result = run_converter(
-        "--checkpoint", FIXTURES / "inference_checkpoint.pt", "--probe_head", FIXTURES / "probe_head_esc50.pth",
+        "--checkpoint", FIXTURES / "inference_checkpoint.pt", "--probe_head", tmp_path / "head.pth",
         "--task", "openmic", "--output_dir", tmp_path / "out", "--num_attention_heads", "4",
     )  # fmt: skip
     assert_one_clear_error(result, "The head has 50 outputs but the openmic label map names 20 classes")
@@ -272,6 +274,18 @@ def test_label_map_of_another_length_is_refused(tmp_path, run_converter, monkeyp
     monkeypatch.setattr(labels, "LABEL_MAP_DIR", tmp_path / "maps")
     with pytest.raises(ValueError, match="does not name outputs 0..49 once each"):
         labels.load_labels("esc50")
+
+
+def test_a_probe_named_for_another_task_is_refused(tmp_path, run_converter):
+    """Before: an ESC-50 head converted with --task mtg_top50 (50 classes too) got MTG's class names silently."""
+    (tmp_path / "esc50").mkdir()
+    shutil.copy(FIXTURES / "probe_head_esc50.pth", tmp_path / "esc50" / "esc50.pth")
+    result = run_converter(
+        "--checkpoint", FIXTURES / "inference_checkpoint.pt", "--probe_head", tmp_path / "esc50" / "esc50.pth",
+        "--task", "mtg_top50", "--output_dir", tmp_path / "out", "--num_attention_heads", "4",
+    )  # fmt: skip
+    assert_one_clear_error(result, "--task mtg_top50, but the probe file")
+    assert "is named for esc50" in result[1] and not (tmp_path / "out").exists()
 
 
 def test_a_file_of_no_known_kind_is_refused(tmp_path, run_converter):
