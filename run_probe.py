@@ -179,7 +179,17 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
             logger.info("%s: results so far written to %s (%d tasks to go)", name, data_args.output_dir, len(pending))
         if data_args.save_head:
             directory = Path(data_args.save_head) / name if data_args.all else Path(data_args.save_head)
-            save_classifier(extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, directory)
+            result = results[-1]
+            split = "fold 1" if result.num_folds > 1 else "the test split"
+            score = (
+                f"{result.metric} {result.fold_scores[0][0]:.2f} % on {split} (this probe, the first of the run); the "
+                f"protocol's mean over {len(result.runs)} runs x {result.num_folds} split(s): {result.mean:.2f} "
+                f"± {result.ci95:.2f} % on {result.num_clips} clips."
+            )
+            card = (model_args.model_name_or_path, get_task(name).title, score)
+            save_classifier(
+                extractor.model, extractor.feature_extractor, outcome.first_probe, data.classes, directory, card
+            )
             logger.info("%s: saved the probe as an audio classifier in %s", name, directory)
     if not results:
         where = f"in {data_args.data_dir}" if data_args.data_dir else "on the Hub, and no --data_dir was given"

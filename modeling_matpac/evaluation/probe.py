@@ -301,11 +301,55 @@ def check_classifier_encoder(model) -> None:
         raise ValueError(f"--save_head needs a MATPAC encoder, got a {model.config.model_type!r} model.")
 
 
-def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[str], output_dir: str | Path) -> Path:
+def probe_card(classifier, output_dir: str | Path, encoder: str, task: str, score: str) -> str:
+    """The model card (`README.md`) of a probe saved by `save_classifier`: what it is, how it scored, how to use it."""
+    config = classifier.config
+    multi_label = config.problem_type == "multi_label_classification"
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "pipeline_tag: audio-classification",
+            "tags:\n- audio\n- matpac\n- audio-classification",
+            "---",
+            "",
+            f"# {task}: a linear probe on {encoder}",
+            "",
+            f"A linear probe trained by `matpac`'s `run_probe.py` on the frozen clip embedding (`pooler_output`, "
+            f"{config.embedding_size}-d) of the MATPAC encoder `{encoder}`, saved with it as a "
+            "`MatpacForAudioClassification`; the probe's standardisation is folded into its linear layer.",
+            "",
+            f"- **Classes:** {config.num_labels} (`id2label`), "
+            + ("multi-label: the pipeline applies a sigmoid." if multi_label else "the pipeline applies a softmax."),
+            f"- **Score:** {score}",
+            "",
+            "## How to use",
+            "",
+            "```python",
+            "import modeling_matpac  # or pass trust_remote_code=True",
+            "from modeling_matpac.audio import decode_mono_16k",
+            "from transformers import pipeline",
+            "",
+            f'classifier = pipeline("audio-classification", model="{output_dir}")',
+            'classifier(decode_mono_16k("clip.wav").numpy(), top_k=5)  # [{"label": ..., "score": ...}, ...]',
+            "```",
+            "",
+        ]
+    )
+
+
+def save_classifier(
+    model,
+    feature_extractor,
+    probe: LinearProbe,
+    classes: list[str],
+    output_dir: str | Path,
+    card: tuple[str, str, str] | None = None,
+) -> Path:
     """
     Saves `model` (a `MatpacModel`) with `probe` on top as a `MatpacForAudioClassification` directory, loadable by
     `pipeline("audio-classification")`. The standardisation is folded into the linear layer so that it acts on the raw
-    `pooler_output`.
+    `pooler_output`. `card` (encoder, task, score) adds a model card.
     """
     from ..modeling_matpac import MatpacForAudioClassification
 
@@ -325,4 +369,6 @@ def save_classifier(model, feature_extractor, probe: LinearProbe, classes: list[
         classifier.classifier.bias.copy_(torch.from_numpy(bias))
     classifier.save_pretrained(output_dir)
     feature_extractor.save_pretrained(output_dir)
+    if card is not None:
+        (Path(output_dir) / "README.md").write_text(probe_card(classifier, output_dir, *card), encoding="utf-8")
     return Path(output_dir)

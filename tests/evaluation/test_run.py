@@ -207,7 +207,7 @@ def test_saved_head_is_an_audio_classification_pipeline(tiny_model, data_root, t
 
 
 def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data_root, tmp_path):
-    run_probe.main(
+    results = run_probe.main(
         [
             "--dataset",
             "fsd50k",
@@ -229,6 +229,13 @@ def test_save_head_from_the_command_line_for_a_multi_label_task(tiny_model, data
     assert [model.config.id2label[i] for i in range(4)] == ["Bark", "Guitar", "Speech", "Wind"]
     encoder = MatpacModel.from_pretrained(tiny_model)
     torch.testing.assert_close(model.matpac.state_dict(), encoder.state_dict())
+    # A model card, as a converted probe has: what the head is, its scores, how to use it.
+    card = (tmp_path / "head" / "README.md").read_text()
+    result = results[0]
+    assert f"# FSD50K: a linear probe on {tiny_model}" in card
+    assert f"mAP {result.fold_scores[0][0]:.2f} % on the test split" in card
+    assert f"{result.mean:.2f} ± {result.ci95:.2f} % on {result.num_clips} clips" in card
+    assert "multi-label: the pipeline applies a sigmoid" in card and f'model="{tmp_path / "head"}"' in card
 
 
 @pytest.mark.parametrize(
