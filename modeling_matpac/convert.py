@@ -420,6 +420,11 @@ def convert_checkpoint(
         raise ValueError(f"{checkpoint}: {error}") from None
     if kind is not None and kind != detected:
         raise ValueError(f"{checkpoint} is of kind {detected} by its keys, not {kind}.")
+    stored = sorted(
+        {str(tensor.dtype) for tensor in original.values() if tensor.is_floating_point()} - {"torch.float32"}
+    )
+    if stored:  # the model is saved in float32: exact from float16 and bfloat16, rounded from float64
+        logger.info("The checkpoint stores %s tensors; they are saved as float32.", " and ".join(stored))
     if detected == "probe_head":
         raise ValueError(
             f"{checkpoint} is a probe head: pass it as --probe_head, the encoder it was trained on as --checkpoint."

@@ -226,3 +226,15 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line(name, content, message, tmp
         load_original_state_dict(tmp_path / name)
     assert str(error.value).startswith(f"{tmp_path / name} is not a readable ")
     assert "\n" not in str(error.value)
+
+
+def test_a_half_precision_checkpoint_is_saved_in_float32_and_says_so(tmp_path, caplog):
+    state = torch.load(FIXTURES / "inference_checkpoint.pt", weights_only=True)
+    halved = {key: tensor.half() if tensor.is_floating_point() else tensor for key, tensor in state.items()}
+    torch.save(halved, tmp_path / "half.pt")
+    with caplog.at_level("INFO", logger="modeling_matpac.convert"):
+        model = convert_checkpoint(tmp_path / "half.pt", tmp_path / "out", num_attention_heads=4)
+    assert "The checkpoint stores torch.float16 tensors; they are saved as float32." in caplog.text
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert torch.equal(model.embeddings.patch_embeddings.projection.weight, halved["patch_embed.proj.weight"].float())
