@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
 import zipfile
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoModel
@@ -30,6 +32,8 @@ from .tasks import ProbeData, ProbeDataError
 
 
 logger = logging.getLogger(__name__)
+# What loading a model folder raises for missing, foreign or truncated files, or for a file given for the folder.
+MODEL_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError)
 
 LAST_LAYER = "last"
 ALL_LAYERS = "all"
@@ -86,6 +90,18 @@ def _model_fingerprint(model_name_or_path: str) -> dict:
         "model": str(path.resolve()),
         "files": [[entry.name, entry.stat().st_size, entry.stat().st_mtime_ns] for entry in files],
     }
+
+
+def _code_fingerprint() -> dict:
+    """
+    The code that computes the embeddings: this package's model-unit and audio sources (hashed: an edited checkout
+    counts), and the torch and transformers versions. A model folder's own copy of the code is not what runs.
+    """
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return {"code": digest.hexdigest(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 class _ClipDataset(torch.utils.data.Dataset):
@@ -159,10 +175,16 @@ class EmbeddingExtractor:
         self._feature_extractor = None
 
     def _load(self) -> None:
+        if Path(self.model_name_or_path).is_file():
+            raise ValueError(
+                f"--model_name_or_path {self.model_name_or_path} is a file: pass the folder that holds the saved "
+                f"model, {Path(self.model_name_or_path).parent} (an authors' checkpoint is converted first: python -m "
+                "modeling_matpac.convert)."
+            )
         try:
             self._feature_extractor = AutoFeatureExtractor.from_pretrained(self.model_name_or_path)
             model = AutoModel.from_pretrained(self.model_name_or_path, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing, foreign, truncated files
+        except MODEL_LOAD_ERRORS as error:
             raise ValueError(
                 f"Cannot load the model {self.model_name_or_path!r} ({str(error).strip().splitlines()[0]}). Pass "
                 "--model_name_or_path with a saved or converted MATPAC directory (the default one is made by `python "
@@ -190,11 +212,13 @@ class EmbeddingExtractor:
 
     def cache_key(self, data: ProbeData) -> str:
         """
-        Hash of everything the embeddings depend on: model files, layer, task, data source, clip list and the clips'
-        content (files' sizes and times, a dataset's fingerprint), so that changed or repaired audio is encoded again.
+        Hash of everything the embeddings depend on: model files, the code that runs them, layer, task, data source,
+        clip list and the clips' content (files' sizes and times, a dataset's fingerprint), so that changed or repaired
+        audio, or changed code, is encoded again.
         """
         description = {
             **_model_fingerprint(self.model_name_or_path),
+            **_code_fingerprint(),
             "layer": self.layer,
             "task": data.task,
             "source": data.source,

@@ -3,6 +3,7 @@
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,6 +203,24 @@ def test_changed_or_repaired_audio_invalidates_the_cache(tiny_model, tmp_path):
     assert extractor.cache_key(hub_data(names)) != extractor.cache_key(hub_data(names[::-1]))
 
 
+def test_changed_code_invalidates_the_cache(tiny_model, tmp_path, monkeypatch):
+    """Before: the key held the model folder's copy of the code, which never runs: edited code hit the cache."""
+    import modeling_matpac.evaluation.embeddings as embeddings_module
+
+    root = make_task("esc50", tmp_path / "esc50")
+    extractor = EmbeddingExtractor(tiny_model)
+    key = extractor.cache_key(load_task("esc50", root))
+    package = tmp_path / "package"
+    (package / "evaluation").mkdir(parents=True)
+    for source in Path(embeddings_module.__file__).resolve().parents[1].glob("*.py"):
+        (package / source.name).write_bytes(source.read_bytes())
+    monkeypatch.setattr(embeddings_module, "__file__", str(package / "evaluation" / "embeddings.py"))
+    assert extractor.cache_key(load_task("esc50", root)) == key  # the same code
+    with (package / "modeling_matpac.py").open("a") as file:
+        file.write("\n# an edit\n")
+    assert extractor.cache_key(load_task("esc50", root)) != key
+
+
 def test_corrupt_and_too_short_clips_are_skipped(tiny_model, tmp_path, caplog):
     root = make_task("esc50", tmp_path / "esc50")
     (root / "audio/2-1021-A-1.wav").write_bytes(b"RIFF\x00\x00 definitely not audio")
@@ -222,6 +241,11 @@ def test_corrupt_and_too_short_clips_are_skipped(tiny_model, tmp_path, caplog):
 def test_a_missing_model_gives_a_clear_error(us8k, tmp_path):
     with pytest.raises(ValueError, match="Cannot load the model .*run_pretraining.py"):
         EmbeddingExtractor(str(tmp_path / "no-model"))(us8k)
+    (tmp_path / "config.json").write_text("{}")  # before: torch's UnpicklingError, suggesting weights_only=False
+    with pytest.raises(
+        ValueError, match=f"config.json is a file: pass the folder that holds the saved model, {tmp_path}"
+    ):
+        EmbeddingExtractor(str(tmp_path / "config.json"))(us8k)
 
 
 def test_any_automodel_with_a_pooler_output(tmp_path, us8k):

@@ -26,12 +26,22 @@ def test_model_exposes_the_required_attributes(model):
 
 def test_timestamp_embeddings_and_their_times(model, audio):
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
-    # 1.5 s -> 1 + (24000 - 400) // 160 = 148 frames -> ceil(148 / 16) = 10 steps of 16 frames
+    # 1.5 s -> 1 + (24000 - 400) // 160 = 148 frames -> ceil(148 / 16) = 10 steps, the last of 148 - 144 = 4 frames
     assert embeddings.shape == (3, 10, 160) and timestamps.shape == (3, 10)
-    # step t covers samples [2560 t, 2560 t + 15 * 160 + 400): centre 160 t + 87.5 ms
-    expected = 160 * torch.arange(10) + 87.5
+    # a full step t covers samples [2560 t, 2560 t + 15 * 160 + 400): centre 160 t + 87.5 ms; the last one covers
+    # [23040, 23040 + 3 * 160 + 400): centre 1467.5 ms (before: 1527.5 ms, as if it had 16 frames)
+    expected = torch.cat([160 * torch.arange(9) + 87.5, torch.tensor([1467.5])])
     for row in timestamps:
         torch.testing.assert_close(row, expected.float())
+
+
+@pytest.mark.parametrize("num_samples", [400, 559, 16000, 31680, 43840, 97440])
+def test_every_timestamp_lies_within_the_audio(model, num_samples):
+    """Before: the last step's centre assumed 16 frames, past the end for 39 % of lengths; hear-validator refused."""
+    audio = torch.from_numpy(np.random.default_rng(1).normal(0, 0.1, (1, num_samples)).astype(np.float32))
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+    assert timestamps.shape == embeddings.shape[:2] and timestamps[0, 0] > 0
+    assert timestamps.max() <= num_samples / 16 and bool((timestamps.diff(dim=1) > 0).all())
 
 
 def test_scene_embedding_is_the_mean_of_the_timestamp_embeddings(model, audio):
@@ -50,3 +60,7 @@ def test_bad_input_is_refused(model, tmp_path):
     missing = tmp_path / "no-model"
     with pytest.raises(ValueError, match=f"Cannot load a MATPAC model from '{missing}'"):
         hear.load_model(str(missing))
+    saved = save_tiny_matpac(tmp_path / "tiny")
+    for name in ("config.json", "model.safetensors"):  # before: an UnpicklingError from torch for config.json
+        with pytest.raises(ValueError, match=f"is a file: pass the folder that holds the saved model, {saved}"):
+            hear.load_model(str(saved / name))
