@@ -94,12 +94,13 @@ def _model_fingerprint(model_name_or_path: str) -> dict:
 
 def _code_fingerprint() -> dict:
     """
-    The code that computes the embeddings: this package's model-unit and audio sources (hashed: an edited checkout
-    counts), and the torch and transformers versions. A model folder's own copy of the code is not what runs.
+    The code that computes the embeddings: this package's model unit and audio sources, and the clip reading and
+    encoding here (hashed: an edited checkout counts), and the torch and transformers versions. A model folder's own
+    copy of the code is not what runs.
     """
-    package = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve()
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
+    for path in [*sorted(here.parents[1].glob("*.py")), here.parent / "tasks.py", here]:
         digest.update(path.name.encode() + path.read_bytes())
     return {"code": digest.hexdigest(), "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -212,13 +212,17 @@ def test_changed_code_invalidates_the_cache(tiny_model, tmp_path, monkeypatch):
     key = extractor.cache_key(load_task("esc50", root))
     package = tmp_path / "package"
     (package / "evaluation").mkdir(parents=True)
-    for source in Path(embeddings_module.__file__).resolve().parents[1].glob("*.py"):
-        (package / source.name).write_bytes(source.read_bytes())
+    sources = Path(embeddings_module.__file__).resolve().parents[1]
+    for source in [*sources.glob("*.py"), *sources.glob("evaluation/*.py")]:
+        (package / source.relative_to(sources)).write_bytes(source.read_bytes())
     monkeypatch.setattr(embeddings_module, "__file__", str(package / "evaluation" / "embeddings.py"))
     assert extractor.cache_key(load_task("esc50", root)) == key  # the same code
-    with (package / "modeling_matpac.py").open("a") as file:
-        file.write("\n# an edit\n")
-    assert extractor.cache_key(load_task("esc50", root)) != key
+    keys = {key}
+    for edited in ("modeling_matpac.py", "audio.py", "evaluation/embeddings.py"):
+        with (package / edited).open("a") as file:
+            file.write("\n# an edit\n")
+        keys.add(extractor.cache_key(load_task("esc50", root)))
+    assert len(keys) == 4
 
 
 def test_corrupt_and_too_short_clips_are_skipped(tiny_model, tmp_path, caplog):
