@@ -63,7 +63,7 @@ def load_model(model_file_path: str = "", **kwargs) -> MatpacHearModel:
             "(an authors' checkpoint is converted first: python -m modeling_matpac.convert)."
         )
     try:
-        model = MatpacModel.from_pretrained(model_file_path, dtype=torch.float32, **kwargs)
+        model = MatpacModel.from_pretrained(model_file_path, **{"dtype": torch.float32, **kwargs})
         feature_extractor = MatpacFeatureExtractor.from_pretrained(model_file_path)
     except MODEL_LOAD_ERRORS as error:
         raise ValueError(

@@ -64,3 +64,10 @@ def test_bad_input_is_refused(model, tmp_path):
     for name in ("config.json", "model.safetensors"):  # before: an UnpicklingError from torch for config.json
         with pytest.raises(ValueError, match=f"is a file: pass the folder that holds the saved model, {saved}"):
             hear.load_model(str(saved / name))
+
+
+def test_load_model_options_reach_from_pretrained(tmp_path):
+    """Before: `dtype` (e.g. from heareval's --model-options) clashed with the wrapper's own float32."""
+    saved = str(save_tiny_matpac(tmp_path / "tiny"))
+    assert next(hear.load_model(saved).parameters()).dtype == torch.float32
+    assert next(hear.load_model(saved, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
