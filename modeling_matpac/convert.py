@@ -433,6 +433,8 @@ def convert_checkpoint(
         raise ValueError("--probe_head and --task go together: the probe file and the task it was trained for.")
     if probe_head is not None and (detected != "encoder" or encoder_only is False):
         raise ValueError(f"A probe head goes on encoder weights; {checkpoint} is of kind {detected}.")
+    if probe_head is not None and encoder_only:
+        raise ValueError("--encoder_only and --probe_head contradict each other: a probe head makes a classifier.")
     if task is not None and task not in PROBE_TASKS:
         raise ValueError(f"--task must be one of {', '.join(PROBE_TASKS)}, got {task!r}.")
     named = [name for name in PROBE_TASKS if name in str(probe_head)]  # the authors' code reads the task from the path

@@ -286,6 +286,11 @@ def test_a_probe_named_for_another_task_is_refused(tmp_path, run_converter):
     )  # fmt: skip
     assert_one_clear_error(result, "--task mtg_top50, but the probe file")
     assert "is named for esc50" in result[1] and not (tmp_path / "out").exists()
+    result = run_converter(  # before: --encoder_only was ignored and a classifier written
+        "--checkpoint", FIXTURES / "inference_checkpoint.pt", "--probe_head", tmp_path / "esc50" / "esc50.pth",
+        "--task", "esc50", "--encoder_only", "--output_dir", tmp_path / "out", "--num_attention_heads", "4",
+    )  # fmt: skip
+    assert_one_clear_error(result, "--encoder_only and --probe_head contradict each other")
 
 
 def test_a_file_of_no_known_kind_is_refused(tmp_path, run_converter):
