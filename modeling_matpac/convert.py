@@ -274,9 +274,17 @@ def detect_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "probe_head"
     if not ENCODER_KEYS <= keys:
         shown = sorted(keys)[:5]
+        prefix = next(iter(keys), "").split(".")[0] + "."
+        wrapped = all(key.startswith(prefix) for key in keys) and ENCODER_KEYS <= {key[len(prefix) :] for key in keys}
+        hint = (
+            f" Its keys all start with {prefix!r}: the weights are wrapped in a {prefix[:-1]!r} entry or prefix. Save "
+            "them without it and convert that file."
+            if wrapped
+            else ""
+        )
         raise ValueError(
             f"This is none of the known MATPAC checkpoints (encoder, AudioSet classifier, training state, probe "
-            f"head): it has no {sorted(ENCODER_KEYS - keys)} and no probe.*; its first keys are {shown}."
+            f"head): it has no {sorted(ENCODER_KEYS - keys)} and no probe.*; its first keys are {shown}.{hint}"
         )
     if any(TRAINING_ONLY_KEYS.match(key) for key in keys):
         return "pretraining"

@@ -238,3 +238,15 @@ def test_a_half_precision_checkpoint_is_saved_in_float32_and_says_so(tmp_path, c
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
     assert torch.equal(model.embeddings.patch_embeddings.projection.weight, halved["patch_embed.proj.weight"].float())
+
+
+@pytest.mark.parametrize("wrapping", ["module", "state_dict"])
+def test_wrapped_weights_are_named_as_such(tmp_path, wrapping):
+    state = torch.load(FIXTURES / "inference_checkpoint.pt", weights_only=True)
+    if wrapping == "module":  # as DistributedDataParallel saves them
+        torch.save({f"module.{key}": tensor for key, tensor in state.items()}, tmp_path / "wrapped.pt")
+    else:
+        torch.save({"state_dict": state}, tmp_path / "wrapped.pt")
+    message = f"Its keys all start with '{wrapping}.': the weights are wrapped in a '{wrapping}' entry or prefix"
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(tmp_path / "wrapped.pt", tmp_path / "out")
