@@ -123,8 +123,9 @@ def load_pickled_checkpoint(path: Path) -> object:
     if refused:
         raise ValueError(
             f"{path} holds objects that are not weights ({', '.join(refused)}), which loading would have to run as "
-            "code: in an environment you trust, load it with weights_only=False, save its 'model' entry alone with "
-            "torch.save, and convert that file."
+            "code: in an environment you trust, load it with weights_only=False, save its weights alone with "
+            "torch.save (the state dict of its 'model' entry, or `.state_dict()` of a pickled module), and convert "
+            "that file."
         )
     allowed = []
     for name in names:

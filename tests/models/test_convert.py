@@ -205,7 +205,9 @@ def test_fairseq_training_checkpoint_converts_like_its_state_dict(tmp_path):
         load_original_state_dict(tmp_path / "with_objects.pt")
     message = str(error.value)
     assert "holds objects that are not weights (test_convert.LoggedMeter)" in message
-    assert "load it with weights_only=False, save its 'model' entry alone" in message and "\n" not in message
+    assert "load it with weights_only=False, save its weights alone with torch.save" in message
+    assert "(the state dict of its 'model' entry, or `.state_dict()` of a pickled module)" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(
