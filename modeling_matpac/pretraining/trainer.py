@@ -26,6 +26,12 @@ LOGGED_OUTPUTS = ("loss_pred", "loss_cls", "teacher_temperature", "mcl_temperatu
 WEIGHT_DECAY_SETS = ("all", "transformers")
 
 
+def check_precision(args) -> None:
+    """`fp16` on the CPU would silently train in fp32 (accelerate has no fp16 autocast there): refused."""
+    if args.fp16 and args.device.type == "cpu":
+        raise ValueError("--fp16 needs a CUDA GPU: on the CPU it would train in fp32. Use --bf16 or leave it out.")
+
+
 class NonFiniteTrainingError(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or infinite: training stops before saving them."""
 
@@ -195,6 +201,7 @@ class MatpacTrainer(Trainer):
         self._first_step_of_loader = global_step if self.args.ignore_data_skip else 0
 
     def check_supported_setup(self) -> None:
+        check_precision(self.args)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
                 "MatpacTrainer supports single-device and DDP training only: the teacher EMA is not implemented for "

@@ -210,6 +210,9 @@ def test_unsupported_setups_are_refused(tmp_path):
     with pytest.raises(ValueError, match="trains a MatpacForPreTraining"):
         MatpacTrainer(model=encoder, args=args)
     trainer = MatpacTrainer(model=tiny_model(), args=args)
+    # Before: from Python, fp16 on the CPU trained in fp32 without a word (the script refused it).
+    with pytest.raises(ValueError, match="--fp16 needs a CUDA GPU: on the CPU it would train in fp32"):
+        MatpacTrainer(model=tiny_model(), args=TrainingArguments(tmp_path, use_cpu=True, report_to=[], fp16=True))
     for backend in ("is_fsdp_enabled", "is_deepspeed_enabled"):
         setattr(trainer, backend, True)
         with pytest.raises(ValueError, match="FSDP or DeepSpeed"):
