@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoModel
@@ -81,10 +82,14 @@ def authors_layer_results(outputs, pooled: bool = False) -> torch.Tensor:
 
 
 def _model_fingerprint(model_name_or_path: str) -> dict:
-    """A local model is identified by its files' names, sizes and modification times (retraining changes them)."""
+    """
+    A local model is identified by its files' names, sizes and modification times (retraining changes them), a Hub
+    model by its id and the commit of the copy in the local Hub cache (a new upload under the same id changes it).
+    """
     path = Path(model_name_or_path).expanduser()
     if not path.is_dir():
-        return {"model": model_name_or_path}
+        cached = try_to_load_from_cache(model_name_or_path, "config.json")
+        return {"model": model_name_or_path, "revision": Path(cached).parent.name if isinstance(cached, str) else None}
     files = sorted(entry for entry in path.iterdir() if entry.is_file())
     return {
         "model": str(path.resolve()),
@@ -217,6 +222,8 @@ class EmbeddingExtractor:
         clip list and the clips' content (files' sizes and times, a dataset's fingerprint), so that changed or repaired
         audio, or changed code, is encoded again.
         """
+        if self._model is None and not Path(self.model_name_or_path).expanduser().is_dir():
+            self._load()  # a Hub model is fetched first, so that the key names the revision that runs
         description = {
             **_model_fingerprint(self.model_name_or_path),
             **_code_fingerprint(),

@@ -336,3 +336,22 @@ def test_a_model_that_cannot_load_gives_one_clear_line(us8k, tiny_model, tmp_pat
     with pytest.raises(ValueError, match="Cannot load the model") as error:
         EmbeddingExtractor(str(model_dir))(us8k)
     assert "\n" not in str(error.value)
+
+
+def test_a_hub_model_is_keyed_by_the_revision_in_the_hub_cache(tmp_path, monkeypatch):
+    """Before: a Hub id was keyed by its name, so a new upload under the same id reused the old embeddings."""
+    import huggingface_hub
+
+    from modeling_matpac.evaluation.embeddings import _model_fingerprint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert _model_fingerprint("someone/matpac") == {"model": "someone/matpac", "revision": None}
+    repo = tmp_path / "models--someone--matpac"
+    fingerprints = []
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        fingerprints.append(_model_fingerprint("someone/matpac"))
+    assert fingerprints == [{"model": "someone/matpac", "revision": commit} for commit in ("a" * 40, "b" * 40)]
