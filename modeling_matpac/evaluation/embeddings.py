@@ -88,7 +88,10 @@ def _model_fingerprint(model_name_or_path: str) -> dict:
     """
     path = Path(model_name_or_path).expanduser()
     if not path.is_dir():
-        cached = try_to_load_from_cache(model_name_or_path, "config.json")
+        try:
+            cached = try_to_load_from_cache(model_name_or_path, "config.json")
+        except ValueError:  # not a Hub id either: nothing cached to name
+            cached = None
         return {"model": model_name_or_path, "revision": Path(cached).parent.name if isinstance(cached, str) else None}
     files = sorted(entry for entry in path.iterdir() if entry.is_file())
     return {

@@ -57,11 +57,12 @@ class _TeacherUpdateCallback(TrainerCallback):
                 float(model.teacher_temperature(state.max_steps - 1)),
                 model.config.teacher_temperature,
             )
-        if model.config.predictor_num_hypotheses > 1 and model.mcl_first_hard_step() >= state.max_steps:
+        first_hard_step = model.mcl_first_hard_step()
+        if model.config.predictor_num_hypotheses > 1 and first_hard_step >= state.max_steps:
             logger.info(
-                "MATPAC++: the multiple-choice temperature reaches its end (hard winner-takes-all) at update %s, "
-                "after this run's %d steps: every step of this run trains with the annealed soft assignment.",
-                model.mcl_first_hard_step(),
+                "MATPAC++: the hard winner-takes-all phase starts %s, not within this run's %d steps: every step "
+                "trains with the annealed soft assignment.",
+                "never" if math.isinf(first_hard_step) else f"at update {first_hard_step}",
                 state.max_steps,
             )
 
@@ -180,8 +181,8 @@ class MatpacTrainer(Trainer):
         if self.processing_class is None:  # saved beside every checkpoint: the folder then loads as a whole model
             self.processing_class = MatpacFeatureExtractor.from_model_config(self.pretraining_model.config)
         if self.args.eval_strategy != "no" and self.eval_dataset is not None:
-            datasets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-            for dataset in datasets:
+            eval_sets = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+            for dataset in eval_sets:
                 self.check_dataset(dataset, "evaluation")
         self._eval_noise: torch.Generator | None = None
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
@@ -366,11 +367,8 @@ class MatpacTrainer(Trainer):
         """Evaluation of a label-free objective: the pre-training loss is the metric."""
         inputs = self._prepare_inputs(inputs)
         if inputs.get("noise") is None and self._eval_noise is not None:
-            values = inputs["input_values"]
-            num_patches = self.pretraining_model.config.num_patches
-            inputs["noise"] = torch.rand(
-                values.shape[0], num_patches, generator=self._eval_noise, device=self._eval_noise.device
-            )
+            shape = (inputs["input_values"].shape[0], self.pretraining_model.config.num_patches)
+            inputs["noise"] = torch.rand(shape, generator=self._eval_noise, device=self._eval_noise.device)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -346,6 +346,7 @@ def test_a_hub_model_is_keyed_by_the_revision_in_the_hub_cache(tmp_path, monkeyp
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert _model_fingerprint("someone/matpac") == {"model": "someone/matpac", "revision": None}
+    assert _model_fingerprint(str(tmp_path / "no-model")) == {"model": str(tmp_path / "no-model"), "revision": None}
     repo = tmp_path / "models--someone--matpac"
     fingerprints = []
     for commit in ("a" * 40, "b" * 40):
