@@ -9,12 +9,16 @@ from .modeling_matpac import MatpacForAudioClassification, MatpacForPreTraining,
 
 
 AUTHORS_REPOSITORY = "https://github.com/aurianworld/matpac"
-FINE_TUNED_ON_AUDIOSET = "the MATPAC++ encoder (ViT-B) fine-tuned on AudioSet with 9.92 s inputs"
-# The authors' release files (their inference README) and what each holds; other files are described by their kind.
+FINE_TUNED_ON_AUDIOSET = ("the MATPAC++ encoder (ViT-B) fine-tuned on AudioSet with 9.92 s inputs", 992)
+# The authors' release files (their inference README): what each holds and its chunk length in frames. Other files,
+# and files named like a release whose weights have another chunk length, are described by their kind.
 RELEASE_FILES = {
-    "matpac_10_2048.pt": "the MATPAC encoder (ViT-B) pre-trained without labels on AudioSet (n_tau 10, 2048 classes)",
-    "matpac_plus_6s_2048_enconly.pt": "the MATPAC++ encoder (ViT-B) pre-trained without labels on AudioSet",
-    "matpac_plus_music_6s_2048_enconly.pt": "the MATPAC++ encoder (ViT-B) pre-trained without labels on music",
+    "matpac_10_2048.pt": (
+        "the MATPAC encoder (ViT-B) pre-trained without labels on AudioSet (n_tau 10, 2048 classes)",
+        608,
+    ),
+    "matpac_plus_6s_2048_enconly.pt": ("the MATPAC++ encoder (ViT-B) pre-trained without labels on AudioSet", 608),
+    "matpac_plus_music_6s_2048_enconly.pt": ("the MATPAC++ encoder (ViT-B) pre-trained without labels on music", 608),
     "matpac_plus_as_48_1_map_enconly.pt": FINE_TUNED_ON_AUDIOSET,
     "matpac_plus_as_48_1_map_enc_and_head.pt": FINE_TUNED_ON_AUDIOSET,
 }
@@ -55,7 +59,8 @@ def _matpac_version() -> str:
 
 def _what(model: MatpacPreTrainedModel, source: str, kind: str, task: str | None) -> str:
     """One sentence on what the converted model is."""
-    what = RELEASE_FILES.get(source, KIND_DESCRIPTIONS[kind])
+    release, num_frames = RELEASE_FILES.get(source, (None, None))
+    what = release if num_frames == model.config.num_frames else KIND_DESCRIPTIONS[kind]
     if task is not None:
         return f"{what}, with the authors' linear probe for {LABEL_MAPS[task].title} on its clip embedding"
     if kind == "audioset_classifier":

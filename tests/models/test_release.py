@@ -353,6 +353,21 @@ def test_cli_writes_a_card_that_says_what_where_from_and_how(tmp_path, run_conve
         assert expected in card, expected
 
 
+def test_the_card_names_a_release_only_when_the_weights_fit_it(tmp_path, run_converter):
+    """Before: a file named like a release was described as that release, whatever its weights."""
+    (tmp_path / "in").mkdir()
+    for name, expected in [
+        ("matpac_plus_as_48_1_map_enc_and_head.pt", "This is the MATPAC++ encoder (ViT-B) fine-tuned on AudioSet"),
+        ("matpac_10_2048.pt", "This is a MATPAC encoder of the authors fine-tuned on AudioSet"),  # 992 frames
+    ]:
+        shutil.copy(FIXTURES / "audioset_head_checkpoint.pt", tmp_path / "in" / name)
+        result = run_converter(
+            "--checkpoint", tmp_path / "in" / name, "--num_attention_heads", "4", "--output_dir", tmp_path / name,
+        )  # fmt: skip
+        assert result[0] == 0, result[1]
+        assert expected in (tmp_path / name / "README.md").read_text()
+
+
 def test_saved_probe_and_an_authors_probe_make_the_same_kind_of_directory(esc50, tmp_path):
     from modeling_matpac.evaluation.probe import LinearProbe, save_classifier
 
