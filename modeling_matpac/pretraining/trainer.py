@@ -209,6 +209,12 @@ class MatpacTrainer(Trainer):
                 "FSDP or DeepSpeed parameter sharding. Launch with plain DDP (`accelerate launch` without an FSDP or "
                 "DeepSpeed config)."
             )
+        ignored = [name for name in ("compute_metrics", "preprocess_logits_for_metrics") if getattr(self, name)]
+        if ignored:
+            raise ValueError(
+                f"MatpacTrainer does not take {' or '.join(ignored)}: pre-training has no labels or logits to score, "
+                "and its evaluation reports the pre-training loss (`eval_loss`)."
+            )
         if not isinstance(self.pretraining_model, MatpacForPreTraining):
             raise ValueError(
                 f"MatpacTrainer trains a MatpacForPreTraining, got {type(self.pretraining_model).__name__}."

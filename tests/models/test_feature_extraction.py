@@ -162,6 +162,19 @@ def test_log_mel_rows_are_independent(ref, fe):
         assert log_mel_spectrogram(torch.zeros(n_samples), fe.mel_filters, fe.window).shape == (80, expected)
 
 
+def test_long_recordings_are_transformed_in_blocks_of_frames_with_the_same_values(ref, fe, monkeypatch):
+    import modeling_matpac.feature_extraction_matpac as feature_extraction
+
+    clips = [wav_16k(ref, name) for name in CLIPS_16K]
+    whole = fe(clips, sampling_rate=16000, return_tensors="pt")
+    # mix_10s has 998 frames: blocks of 300 cut it into 4 (the last one of 98), chirp_6p08s into 3.
+    monkeypatch.setattr(feature_extraction, "FRAMES_PER_BLOCK", 300)
+    blocked = fe(clips, sampling_rate=16000, return_tensors="pt")
+    assert whole["input_values"].shape == blocked["input_values"].shape == (5, 80, 998)
+    assert torch.equal(whole["input_values"], blocked["input_values"])
+    assert torch.equal(whole["attention_mask"], blocked["attention_mask"])
+
+
 def test_padded_batch_equals_each_clip_alone(ref, fe):
     clips = [wav_16k(ref, name) for name in CLIPS_16K]
     batch = fe(clips, sampling_rate=16000, return_tensors="pt")

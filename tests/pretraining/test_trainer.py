@@ -209,6 +209,9 @@ def test_unsupported_setups_are_refused(tmp_path):
     encoder = MatpacModel(tiny_model().config)
     with pytest.raises(ValueError, match="trains a MatpacForPreTraining"):
         MatpacTrainer(model=encoder, args=args)
+    # Before: Trainer never called compute_metrics (evaluation yields no logits), and nothing said so.
+    with pytest.raises(ValueError, match="does not take compute_metrics: pre-training has no labels"):
+        MatpacTrainer(model=tiny_model(), args=args, compute_metrics=lambda prediction: {"score": 1.0})
     trainer = MatpacTrainer(model=tiny_model(), args=args)
     # Before: from Python, fp16 on the CPU trained in fp32 without a word (the script refused it).
     with pytest.raises(ValueError, match="--fp16 needs a CUDA GPU: on the CPU it would train in fp32"):
