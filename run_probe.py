@@ -27,7 +27,13 @@ from transformers import HfArgumentParser
 
 from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract, parse_layer
-from modeling_matpac.evaluation.probe import ProbeSettings, check_classifier_encoder, evaluate, save_classifier
+from modeling_matpac.evaluation.probe import (
+    ProbeSettings,
+    check_classifier_encoder,
+    check_head_folder,
+    evaluate,
+    save_classifier,
+)
 from modeling_matpac.evaluation.report import TaskResult, results_markdown, task_result, write_results
 from modeling_matpac.evaluation.tasks import (
     PAPER_TASKS,
@@ -120,6 +126,11 @@ def check_writable_folder(flag: str, folder: Path) -> None:
         raise ValueError(f"{flag} {str(folder)!r}: {existing} is not writable.")
 
 
+def head_folder(data_args: DataArguments, task: str) -> Path:
+    """Where `--save_head` puts a task's probe: the folder itself, or with `--all` a folder per task inside it."""
+    return Path(data_args.save_head) / task if data_args.all else Path(data_args.save_head)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSettings) -> list[TaskResult]:
     if data_args.all == (data_args.dataset is not None):
         raise ValueError("Pass either --dataset NAME or --all.")
@@ -136,8 +147,12 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         if folder is not None:
             check_writable_folder(flag, Path(folder))
     layer = parse_layer(model_args.layer)
-    if data_args.save_head and layer != "last":
-        raise ValueError("--save_head puts the probe on pooler_output (the last layer): leave --layer at 'last'.")
+    tasks = list(PAPER_TASKS) if data_args.all else [data_args.dataset]
+    if data_args.save_head:
+        if layer != "last":
+            raise ValueError("--save_head puts the probe on pooler_output (the last layer): leave --layer at 'last'.")
+        for name in tasks:
+            check_head_folder(head_folder(data_args, name), model_args.model_name_or_path)
 
     extractor = EmbeddingExtractor(
         model_args.model_name_or_path,
@@ -153,7 +168,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         logger.info("On CPU: malloc keeps freed memory for the next batches (modeling_matpac/cpu_memory.py).")
     cache_dir = data_args.cache_dir or str(Path(data_args.output_dir) / "embeddings")
     run_settings = {"model": asdict(model_args), "data": asdict(data_args), "probe": asdict(settings)}
-    tasks = list(PAPER_TASKS) if data_args.all else [data_args.dataset]
     results, skipped = [], {}
     for index, name in enumerate(tasks):
         try:
@@ -178,7 +192,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         if pending:
             logger.info("%s: results so far written to %s (%d tasks to go)", name, data_args.output_dir, len(pending))
         if data_args.save_head:
-            directory = Path(data_args.save_head) / name if data_args.all else Path(data_args.save_head)
+            directory = head_folder(data_args, name)
             result = results[-1]
             split = "fold 1" if result.num_folds > 1 else "the test split"
             score = (

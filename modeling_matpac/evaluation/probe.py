@@ -16,6 +16,7 @@ the same way. The standardisation statistics come from the clips the probe is tr
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -299,6 +300,31 @@ def check_classifier_encoder(model) -> None:
     """Only a MATPAC encoder can carry the probe as a `MatpacForAudioClassification`: checked before any work."""
     if model.config.model_type != "matpac":
         raise ValueError(f"--save_head needs a MATPAC encoder, got a {model.config.model_type!r} model.")
+
+
+def check_head_folder(output_dir: str | Path, model_name_or_path: str) -> None:
+    """
+    `save_classifier` writes a whole model into `output_dir`: it may replace an earlier probe (a saved audio
+    classifier) there, never another model's files, such as the encoder's own checkpoint. Checked before any work.
+    """
+    folder = Path(output_dir)
+    if Path(model_name_or_path).exists() and folder.resolve() == Path(model_name_or_path).resolve():
+        raise ValueError(
+            f"--save_head {str(folder)!r} is the encoder's own folder: the probe would overwrite the model it reads. "
+            "Pass another folder."
+        )
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    try:
+        architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        architectures = None
+    if architectures != ["MatpacForAudioClassification"]:
+        names = sorted(path.name for path in folder.iterdir())
+        raise ValueError(
+            f"--save_head {str(folder)!r} holds files that are not a saved probe ({', '.join(names[:4])}"
+            f"{', ...' if len(names) > 4 else ''}): pass an empty or new folder."
+        )
 
 
 def probe_card(classifier, output_dir: str | Path, encoder: str, task: str, score: str) -> str:

@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -423,11 +424,18 @@ def load_openmic(root: Path) -> ProbeData:
         absent = {"Y_true", "Y_mask", "sample_key"} - set(npz.files)
         if absent:
             raise ProbeDataError(f"openmic-2018.npz lacks {sorted(absent)}; it has {npz.files}.")
+        # The members are read (and their CRCs checked) here, not at `np.load`.
         try:
-            y_true, y_mask = npz["Y_true"], npz["Y_mask"].astype(bool)
-        except ValueError as error:
-            raise ProbeDataError(f"openmic-2018.npz: Y_true and Y_mask must be numeric arrays: {error}") from None
+            y_true, y_mask = npz["Y_true"], npz["Y_mask"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise ProbeDataError(f"{root / 'openmic-2018.npz'}: cannot read Y_true and Y_mask: {error}") from None
         keys = _load_strings(npz, "sample_key")
+    for name, array in (("Y_true", y_true), ("Y_mask", y_mask)):
+        if array.dtype.kind not in "biuf":
+            raise ProbeDataError(
+                f"{root / 'openmic-2018.npz'}: {name} must be a numeric array, got dtype {array.dtype}."
+            )
+    y_mask = y_mask.astype(bool)
     for name, array in (("Y_true", y_true), ("Y_mask", y_mask)):
         if array.shape != (len(keys), len(classes)):
             raise ProbeDataError(
@@ -473,6 +481,8 @@ def _load_strings(npz: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
     """
     try:
         array = npz[name]
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise ProbeDataError(f"{name} of {npz.zip.filename} cannot be read: {error}") from None
     except ValueError:  # an object array
         with npz.zip.open(f"{name}.npy") as file:
             version = np.lib.format.read_magic(file)
@@ -490,10 +500,14 @@ def _load_strings(npz: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
 
 
 def _load_npy_strings(path: Path) -> list[str]:
+    """A 1-D `.npy` array of strings as a list; anything else (empty, truncated, pickled, 0-d) is a data error."""
     try:
-        return [str(item) for item in np.load(path, allow_pickle=False)]
-    except ValueError as error:
-        raise ProbeDataError(f"{path} is not a numpy array of strings: {error}") from error
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise ProbeDataError(f"{path} is not a numpy array of strings: {error}") from None
+    if array.ndim != 1 or array.dtype.kind not in "SU":
+        raise ProbeDataError(f"{path} is not a 1-D numpy array of strings: shape {array.shape}, dtype {array.dtype}.")
+    return array.astype(str).tolist()
 
 
 def load_mtt(root: Path) -> ProbeData:

@@ -13,7 +13,7 @@ from test_tasks import make_task, save_tiny_matpac
 
 from modeling_matpac import MatpacModel
 from modeling_matpac.evaluation.embeddings import EmbeddingExtractor, load_or_extract
-from modeling_matpac.evaluation.probe import ProbeSettings, evaluate, save_classifier
+from modeling_matpac.evaluation.probe import ProbeSettings, check_head_folder, evaluate, save_classifier
 from modeling_matpac.evaluation.tasks import PAPER_TASKS, TASKS, load_task
 
 
@@ -305,6 +305,32 @@ def test_save_head_is_checked_before_the_work_and_the_results_come_first(tiny_mo
         run_probe.main([*args, "--model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"), *FAST])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["task"] for row in saved["results"]] == ["nsynth"] and len(saved["results"][0]["runs"]) == 2
+
+
+def test_save_head_never_writes_over_another_model(tiny_model, data_root, tmp_path):
+    """Before: `--save_head` at the encoder's folder replaced its checkpoint (teachers, predictor) by the probe."""
+    output = ["--output_dir", str(tmp_path / "out")]
+    args = ["--dataset", "nsynth", "--data_dir", str(data_root / "nsynth"), *output]
+    encoder_files = {path.name: path.stat().st_mtime_ns for path in Path(tiny_model).iterdir()}
+    with pytest.raises(SystemExit, match="--save_head '.*' is the encoder's own folder: the probe would overwrite"):
+        run_probe.main([*args, "--model_name_or_path", tiny_model, "--save_head", tiny_model, *FAST])
+    assert {path.name: path.stat().st_mtime_ns for path in Path(tiny_model).iterdir()} == encoder_files
+    other = tmp_path / "pretraining-run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["MatpacForPreTraining"]}))
+    (other / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(
+        SystemExit, match="holds files that are not a saved probe \\(config.json, model.safetensors\\)"
+    ):
+        run_probe.main([*args, "--model_name_or_path", tiny_model, "--save_head", str(other), *FAST])
+    (tmp_path / "heads" / "nsynth").mkdir(parents=True)
+    (tmp_path / "heads" / "nsynth" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="heads/nsynth' holds files that are not a saved probe \\(notes.txt\\)"):
+        run_probe.main(["--all", "--data_dir", str(data_root), "--save_head", str(tmp_path / "heads"), *output])
+    assert not (tmp_path / "out").exists()
+    # An earlier probe is replaced, as a rerun expects.
+    (other / "config.json").write_text(json.dumps({"architectures": ["MatpacForAudioClassification"]}))
+    check_head_folder(other, tiny_model)
 
 
 @pytest.mark.parametrize(

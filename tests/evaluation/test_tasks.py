@@ -6,6 +6,7 @@ per class with the official file names, CSVs and split lists (they are shared wi
 import csv
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -516,7 +517,42 @@ def _shrink_y_mask(path: Path) -> None:
     np.savez(path, **arrays)
 
 
+def _flip_a_byte_of_y_true(path: Path) -> None:
+    """Damages Y_true's compressed bytes inside the zip: `np.load` opens the file, the CRC fails at reading it."""
+    member = zipfile.ZipFile(path).getinfo("Y_true.npy")
+    data = bytearray(path.read_bytes())
+    data[member.header_offset + 30 + len(member.filename) + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _y_true_as_strings(path: Path) -> None:
+    with np.load(path, allow_pickle=True) as npz:
+        arrays = dict(npz)
+    arrays["Y_true"] = arrays["Y_true"].astype(str)
+    np.savez(path, **arrays)
+
+
 MALFORMED = {
+    "mtt split list empty": (
+        "mtt",
+        lambda root: (root / "split/test.npy").write_bytes(b""),
+        r"split/test.npy is not a numpy array of strings",
+    ),
+    "mtt tags a 0-d array": (
+        "mtt",
+        lambda root: np.save(root / "split/tags.npy", np.array("guitar")),
+        r"split/tags.npy is not a 1-D numpy array of strings: shape \(\)",
+    ),
+    "openmic Y_true failing its CRC": (
+        "openmic",
+        lambda root: _flip_a_byte_of_y_true(root / "openmic-2018.npz"),
+        r"openmic-2018.npz: cannot read Y_true and Y_mask: Bad CRC-32 for file 'Y_true.npy'",
+    ),
+    "openmic Y_true of strings": (
+        "openmic",
+        lambda root: _y_true_as_strings(root / "openmic-2018.npz"),
+        r"openmic-2018.npz: Y_true must be a numeric array, got dtype <U",
+    ),
     "nsynth examples.json not JSON": (
         "nsynth",
         lambda root: (root / "nsynth-valid/examples.json").write_text("{not json"),
