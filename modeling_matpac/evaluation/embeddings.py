@@ -10,10 +10,10 @@ the same way. Any `AutoModel` whose output has `pooler_output` can be probed wit
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
-import os
 import pickle
 import time
 import zipfile
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoModel
 
 from ..audio import AudioDecodeError, resample
+from .atomic_write import replace_when_written
 from .tasks import ProbeData, ProbeDataError
 
 
@@ -81,10 +82,14 @@ def authors_layer_results(outputs, pooled: bool = False) -> torch.Tensor:
     return (layers * weights).sum(2) / weights.sum(2).clamp(min=1)
 
 
+# The files of a model folder that decide its embeddings: results, model cards or caches written beside them do not.
+MODEL_FILE_PATTERNS = ("config.json", "preprocessor_config.json", "*.safetensors", "*.bin", "*.index.json", "*.py")
+
+
 def _model_fingerprint(model_name_or_path: str) -> dict:
     """
-    A local model is identified by its files' names, sizes and modification times (retraining changes them), a Hub
-    model by its id and the commit of the copy in the local Hub cache (a new upload under the same id changes it).
+    A local model is identified by its model files' names, sizes and modification times (retraining changes them), a
+    Hub model by its id and the commit of the copy in the local Hub cache (a new upload under the same id changes it).
     """
     path = Path(model_name_or_path).expanduser()
     if not path.is_dir():
@@ -93,7 +98,11 @@ def _model_fingerprint(model_name_or_path: str) -> dict:
         except ValueError:  # not a Hub id either: nothing cached to name
             cached = None
         return {"model": model_name_or_path, "revision": Path(cached).parent.name if isinstance(cached, str) else None}
-    files = sorted(entry for entry in path.iterdir() if entry.is_file())
+    files = sorted(
+        entry
+        for entry in path.iterdir()
+        if entry.is_file() and any(fnmatch.fnmatch(entry.name, pattern) for pattern in MODEL_FILE_PATTERNS)
+    )
     return {
         "model": str(path.resolve()),
         "files": [[entry.name, entry.stat().st_size, entry.stat().st_mtime_ns] for entry in files],
@@ -317,9 +326,9 @@ def _read_cache(path: Path, key: str, num_clips: int) -> tuple[np.ndarray, np.nd
 
 
 def _write_cache(path: Path, key: str, values: np.ndarray, positions: np.ndarray, seconds: float) -> None:
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, key=key, values=values, positions=positions, seconds=seconds)
-    os.replace(partial, path)  # a run killed while writing leaves no truncated cache behind
+    # A run killed while writing leaves no truncated cache behind, and runs that share the cache write their own files.
+    with replace_when_written(path) as partial:
+        np.savez(partial, key=key, values=values, positions=positions, seconds=seconds)
 
 
 def load_or_extract(data: ProbeData, extractor: EmbeddingExtractor, cache_dir: str | Path) -> Embeddings:

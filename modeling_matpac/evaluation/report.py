@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic_write import replace_when_written
 from .embeddings import Embeddings
 from .probe import ProbeOutcome, confidence_interval
 from .tasks import TASKS, ProbeData, clip_counts
@@ -131,7 +131,6 @@ def write_results(
         (json_path, json.dumps(content, indent=2)),
         (markdown_path, results_markdown(results, skipped, pending)),
     ):
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(text + "\n")
-        os.replace(partial, path)
+        with replace_when_written(path) as partial:
+            partial.write_text(text + "\n")
     return json_path, markdown_path

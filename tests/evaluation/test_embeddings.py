@@ -15,12 +15,14 @@ from test_tasks import make_task, save_tiny_matpac, write_clip
 from modeling_matpac import MatpacFeatureExtractor, MatpacModel
 from modeling_matpac.convert import convert_checkpoint
 from modeling_matpac.evaluation import embeddings as embeddings_module
+from modeling_matpac.evaluation.atomic_write import replace_when_written
 from modeling_matpac.evaluation.embeddings import (
     EmbeddingExtractor,
     authors_layer_results,
     load_or_extract,
     parse_layer,
 )
+from modeling_matpac.evaluation.report import write_results
 from modeling_matpac.evaluation.tasks import load_task
 
 
@@ -177,6 +179,30 @@ def test_retrained_model_invalidates_the_cache(tmp_path, us8k):
     key = EmbeddingExtractor(model_dir).cache_key(us8k)
     save_tiny_matpac(model_dir, seed=1)
     assert EmbeddingExtractor(model_dir).cache_key(us8k) != key
+
+
+def test_files_written_beside_the_model_keep_the_cache(tmp_path, us8k):
+    """Before: results, caches or a card written into the model folder changed the key: every rerun encoded again."""
+    model_dir = save_tiny_matpac(tmp_path / "model", seed=0)
+    key = EmbeddingExtractor(model_dir).cache_key(us8k)
+    load_or_extract(us8k, EmbeddingExtractor(model_dir), model_dir)  # --cache_dir at the model folder
+    write_results([], model_dir, settings={})  # --output_dir at the model folder
+    (Path(model_dir) / "README.md").write_text("a card")
+    assert EmbeddingExtractor(model_dir).cache_key(us8k) == key
+    assert load_or_extract(us8k, EmbeddingExtractor(model_dir), model_dir).cached
+
+
+def test_runs_writing_one_file_at_once_each_replace_it_whole(tmp_path):
+    """Before: runs sharing a cache wrote the same temporary name, and one renamed the other's file away (a crash)."""
+    path = tmp_path / "esc50-key.npz"
+    with replace_when_written(path) as first, replace_when_written(path) as second:
+        np.savez(first, values=np.zeros(3))
+        np.savez(second, values=np.ones(3))
+    np.testing.assert_array_equal(np.load(path)["values"], np.zeros(3))  # the first run's rename came last
+    with pytest.raises(OSError, match="No space left"), replace_when_written(path) as partial:
+        partial.write_bytes(b"half a fi")
+        raise OSError("No space left on device")
+    assert sorted(tmp_path.iterdir()) == [path]  # neither partial file is left, and the whole file stays
 
 
 def test_changed_or_repaired_audio_invalidates_the_cache(tiny_model, tmp_path):
