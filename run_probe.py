@@ -194,7 +194,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, settings: ProbeSet
         if data_args.save_head:
             directory = head_folder(data_args, name)
             result = results[-1]
-            split = "fold 1" if result.num_folds > 1 else "the test split"
+            split = outcome.first_split.replace("fold", "fold ") if data.fold is not None else "the test split"
             score = (
                 f"{result.metric} {result.fold_scores[0][0]:.2f} % on {split} (this probe, the first of the run); the "
                 f"protocol's mean over {len(result.runs)} runs x {result.num_folds} split(s): {result.mean:.2f} "

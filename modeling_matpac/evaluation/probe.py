@@ -253,19 +253,23 @@ def confidence_interval(values: list[float], level: float = 0.95) -> float:
 
 @dataclass
 class ProbeOutcome:
-    """Test scores of every run (averaged over folds) and of every fold, plus the first run's first probe."""
+    """
+    Test scores of every run (averaged over folds) and of every fold, plus the first run's first probe and the split
+    it was tested on (`fold<k>`, the lowest fold with clips, or `official`).
+    """
 
     run_scores: list[float]
     fold_scores: list[list[float]]
     best_epochs: list[list[int]]
     first_probe: LinearProbe
+    first_split: str
     seconds: float
 
 
 def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -> ProbeOutcome:
     """Runs the protocol: `num_runs` seeds x every split; `embeddings` are aligned with `data`."""
     start = time.perf_counter()
-    run_scores, fold_scores, best_epochs, first_probe = [], [], [], None
+    run_scores, fold_scores, best_epochs, first_probe, first_split = [], [], [], None, None
     for run in range(settings.num_runs):
         seed = settings.seed + run
         scores, epochs = [], []
@@ -286,14 +290,14 @@ def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -
                 *masks,
             )
             if first_probe is None:
-                first_probe = probe
+                first_probe, first_split = probe, split.name
             scores.append(score(data, split.test, probe.scores(embeddings[split.test])))
             epochs.append(probe.best_epoch)
         logger.info("%s run %d (seed %d): %.4f, best epochs %s", data.task, run + 1, seed, np.mean(scores), epochs)
         run_scores.append(float(np.mean(scores)))
         fold_scores.append(scores)
         best_epochs.append(epochs)
-    return ProbeOutcome(run_scores, fold_scores, best_epochs, first_probe, time.perf_counter() - start)
+    return ProbeOutcome(run_scores, fold_scores, best_epochs, first_probe, first_split, time.perf_counter() - start)
 
 
 def check_classifier_encoder(model) -> None:

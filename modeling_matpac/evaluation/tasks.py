@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audio import audio_duration, read_mono
+from ..audio import AudioDecodeError, audio_duration, read_mono
 
 
 logger = logging.getLogger(__name__)
@@ -106,14 +106,23 @@ class AudioFiles:
 
 
 class HubAudio:
-    """Rows of a `datasets.Dataset` whose audio column is read undecoded and decoded with soundfile."""
+    """
+    Rows of a `datasets.Dataset` whose audio column is read undecoded and decoded with soundfile: an `Audio` feature,
+    or the `{bytes, path}` records of a Parquet copy written without one.
+    """
 
     def __init__(self, dataset, column: str = "audio", rows: Sequence[int] | None = None):
         from datasets import Audio
 
-        if dataset.features[column].decode:
+        feature = dataset.features[column]
+        if isinstance(feature, Audio) and feature.decode:
             # datasets decodes with torchcodec, which needs FFmpeg system libraries: keep the encoded bytes instead.
             dataset = dataset.cast_column(column, Audio(decode=False))
+        elif not isinstance(feature, Audio) and not (isinstance(feature, dict) and {"bytes", "path"} & set(feature)):
+            raise ProbeDataError(
+                f"The {column!r} column holds {feature}, not audio: an `Audio` feature or records of encoded `bytes` "
+                "and/or a file `path`."
+            )
         self.dataset, self.column = dataset, column
         self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows)
 
@@ -123,7 +132,10 @@ class HubAudio:
     def _encoded(self, index: int) -> tuple[str | bytes, str]:
         audio = self.dataset[int(self.rows[index])][self.column]
         name = audio.get("path") or f"row {self.rows[index]}"
-        return (audio["bytes"] if audio.get("bytes") else audio["path"]), name
+        source = audio.get("bytes") or audio.get("path")
+        if not source:
+            raise AudioDecodeError(f"{name} has neither audio bytes nor a file path")
+        return source, name
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return read_mono(*self._encoded(index))
@@ -602,11 +614,13 @@ def load_audiofolder(root: Path, num_folds: int = 5) -> ProbeData:
     if not split_dirs:
         from sklearn.model_selection import StratifiedKFold
 
-        if len(entries) < num_folds:
-            raise ProbeDataError(
-                f"{root}: found {len(entries)} clips, need at least {num_folds} for {num_folds} folds."
-            )
         labels = [entry.labels[0] for entry in entries]
+        largest = max(Counter(labels).values())
+        if largest < num_folds:  # stratified folds need one class at least as large as the number of folds
+            raise ProbeDataError(
+                f"{root}: no class has {num_folds} clips (the largest has {largest}), too few for {num_folds} "
+                "cross-validation folds: add clips, or put them in train/ and test/ folders."
+            )
         folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=0).split(np.zeros(len(labels)), labels)
         for fold, (_, test) in enumerate(folds, start=1):
             for row in test:

@@ -307,6 +307,18 @@ def test_save_head_is_checked_before_the_work_and_the_results_come_first(tiny_mo
     assert [row["task"] for row in saved["results"]] == ["nsynth"] and len(saved["results"][0]["runs"]) == 2
 
 
+def test_the_card_of_a_saved_head_names_the_fold_it_was_tested_on(tiny_model, tmp_path):
+    """Before: 'fold 1' whatever the first fold with clips was."""
+    esc50 = make_task("esc50", tmp_path / "ESC-50-master")
+    for clip in (esc50 / "audio").glob("1-*.wav"):
+        clip.unlink()
+    args = ["--dataset", "esc50", "--data_dir", str(esc50), "--model_name_or_path", tiny_model, *FAST]
+    results = run_probe.main([*args, "--output_dir", str(tmp_path / "out"), "--save_head", str(tmp_path / "head")])
+    assert sorted(results[0].clips_per_split) == ["fold 2", "fold 3", "fold 4", "fold 5"]
+    card = (tmp_path / "head" / "README.md").read_text()
+    assert f"accuracy {results[0].fold_scores[0][0]:.2f} % on fold 2 (this probe, the first of the run)" in card
+
+
 def test_save_head_never_writes_over_another_model(tiny_model, data_root, tmp_path):
     """Before: `--save_head` at the encoder's folder replaced its checkpoint (teachers, predictor) by the probe."""
     output = ["--output_dir", str(tmp_path / "out")]

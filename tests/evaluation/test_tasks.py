@@ -398,18 +398,27 @@ def test_hub_copy_layout_is_read_with_datasets(tmp_path, monkeypatch):
             rows["target"].append(target)
             rows["category"].append(category)
             rows["audio"].append({"bytes": buffer.getvalue(), "path": rows["filename"][-1]})
-    (tmp_path / "esc50/data").mkdir(parents=True)
-    Dataset.from_dict(rows).cast_column("audio", Audio()).to_parquet(tmp_path / "esc50/data/train-00000.parquet")
-
-    data = load_task("esc50", hub_dataset=str(tmp_path / "esc50"))
-    assert data.source == f"hub:{tmp_path / 'esc50'}"
-    assert data.classes == list(ESC50_CLASSES) and len(data) == 15  # "??" is no ESC-50 class: skipped
-    row = data.ids.index("4-1-A-1.wav")
-    assert data.fold[row] == 4 and data.targets[row] == 1 and data.classes[1] == "rooster"
-    waveform, sampling_rate = data.audio[row]
-    assert sampling_rate == 16000 and np.allclose(waveform, 0.01, atol=1e-4)
-    subset = data.select(np.array([row]))
-    assert subset.ids == ["4-1-A-1.wav"] and np.allclose(subset.audio[0][0], 0.01, atol=1e-4)
+    copies = {
+        "esc50": Dataset.from_dict(rows).cast_column("audio", Audio()),
+        # Before: an AttributeError. A Parquet copy written without the Audio type holds {bytes, path} records.
+        "esc50-plain": Dataset.from_dict(rows),
+    }
+    for name, copy in copies.items():
+        (tmp_path / name / "data").mkdir(parents=True)
+        copy.to_parquet(tmp_path / name / "data/train-00000.parquet")
+        data = load_task("esc50", hub_dataset=str(tmp_path / name))
+        assert data.source == f"hub:{tmp_path / name}"
+        assert data.classes == list(ESC50_CLASSES) and len(data) == 15  # "??" is no ESC-50 class: skipped
+        row = data.ids.index("4-1-A-1.wav")
+        assert data.fold[row] == 4 and data.targets[row] == 1 and data.classes[1] == "rooster"
+        waveform, sampling_rate = data.audio[row]
+        assert sampling_rate == 16000 and np.allclose(waveform, 0.01, atol=1e-4)
+        subset = data.select(np.array([row]))
+        assert subset.ids == ["4-1-A-1.wav"] and np.allclose(subset.audio[0][0], 0.01, atol=1e-4)
+    (tmp_path / "esc50-text/data").mkdir(parents=True)
+    Dataset.from_dict({**rows, "audio": rows["filename"]}).to_parquet(tmp_path / "esc50-text/data/train.parquet")
+    with pytest.raises(ProbeDataError, match="The 'audio' column holds Value\\('string'\\), not audio"):
+        load_task("esc50", hub_dataset=str(tmp_path / "esc50-text"))
 
 
 def test_find_task_dir_knows_the_official_folder_names(tmp_path):
@@ -685,6 +694,13 @@ def test_audiofolder_needs_two_classes_and_names_classes_it_cannot_train_on(tmp_
             write_clip(tmp_path / "folds" / name / f"{number}.wav", label, seed=number)
     load_task("audiofolder", tmp_path / "folds")
     assert "audiofolder: class(es) owl have clips in one fold only" in caplog.text and "dog" not in caplog.text
+
+    # Before: scikit-learn's "n_splits=5 cannot be greater than the number of members in each class".
+    for label, name in enumerate(["cat", "dog"]):
+        for number in range(4):
+            write_clip(tmp_path / "small" / name / f"{number}.wav", label, seed=number)
+    with pytest.raises(ProbeDataError, match=r"no class has 5 clips \(the largest has 4\), too few for 5 cross"):
+        load_task("audiofolder", tmp_path / "small")
 
 
 def test_folds_and_splits_emptied_by_undecodable_clips(tmp_path, caplog):
