@@ -42,9 +42,10 @@ logger = logging.get_logger(__name__)
 _DEFAULTS = {FRONT_END_FIELDS[f.name]: f.default for f in fields(MatpacConfig) if f.name in FRONT_END_FIELDS}
 # A 2-D clip is multichannel along its axis of at most this size (channels-first or channels-last).
 MAX_CHANNELS = 8
-# The settings checked at construction: whole numbers, and finite numbers.
+# The settings checked at construction (and at any change after it): whole numbers, and finite numbers.
 _INTEGER_SETTINGS = ("feature_size", "sampling_rate", "n_fft", "hop_length")
 _REAL_SETTINGS = ("padding_value", "f_min", "f_max", "log_offset", "mean", "std")
+_CHECKED_SETTINGS = frozenset((*_INTEGER_SETTINGS, *_REAL_SETTINGS, "padding_side"))
 
 # Integer PCM sample formats -> (offset, scale) mapping them to floats in [-1, 1).
 _PCM_OFFSET_AND_SCALE = {
@@ -253,9 +254,30 @@ class MatpacFeatureExtractor(SequenceFeatureExtractor):
         self.mean = mean
         self.std = std
         self._check_settings()
-        # `to_dict` leaves out exactly these two tensor attributes; they are rebuilt from the settings above.
-        self.mel_filters = mel_filter_bank(n_fft // 2 + 1, feature_size, sampling_rate, f_min, f_max)
-        self.window = torch.hann_window(n_fft)
+        self._build_filters()
+
+    def _build_filters(self) -> None:
+        # `to_dict` leaves out exactly these two tensor attributes; they are rebuilt from the settings.
+        self.mel_filters = mel_filter_bank(
+            self.n_fft // 2 + 1, self.feature_size, self.sampling_rate, self.f_min, self.f_max
+        )
+        self.window = torch.hann_window(self.n_fft)
+
+    def __setattr__(self, name: str, value) -> None:
+        """
+        A setting changed after construction is checked, and acts as if given to the constructor (the filters and
+        window follow it, as they would after saving and loading); a bad value is refused and the old one kept.
+        """
+        constructed = "window" in self.__dict__
+        previous = self.__dict__.get(name)
+        super().__setattr__(name, value)
+        if constructed and name in _CHECKED_SETTINGS:
+            try:
+                self._check_settings()
+            except ValueError:
+                super().__setattr__(name, previous)
+                raise
+            self._build_filters()
 
     def _check_settings(self) -> None:
         """

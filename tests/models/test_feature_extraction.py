@@ -515,31 +515,54 @@ def test_rates_the_resampler_follows_resample_as_before(rate, ratio):
 # --- settings checked at construction --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "settings, match",
-    [
-        ({"std": 0.0}, r"`std` must be positive"),
-        ({"std": -4.0}, r"`std` must be positive"),
-        ({"std": math.inf}, r"`std` must be a finite number, got inf"),
-        ({"mean": math.nan}, r"`mean` must be a finite number, got nan"),
-        ({"padding_value": None}, r"`padding_value` must be a finite number, got None"),
-        ({"hop_length": 0}, r"`hop_length` must be positive, got 0"),
-        ({"n_fft": 0}, r"`n_fft` must be positive, got 0"),
-        ({"feature_size": 0}, r"`feature_size` must be positive, got 0"),
-        ({"sampling_rate": -16000}, r"`sampling_rate` must be positive"),
-        ({"n_fft": 400.5}, r"`n_fft` must be an integer, got 400.5"),
-        ({"feature_size": True}, r"`feature_size` must be an integer, got True"),
-        ({"sampling_rate": 8000}, r"f_max <= sampling_rate / 2, got f_min=50.0, f_max=8000.0, sampling_rate=8000"),
-        ({"f_min": 9000.0}, r"0 <= f_min < f_max"),
-        ({"f_min": -1.0}, r"0 <= f_min < f_max"),
-        ({"hop_length": 401}, r"`hop_length` \(401\) must not exceed `n_fft` \(400\)"),
-        ({"padding_side": "left"}, r"`padding_side` must be 'right', got 'left'"),
-    ],
-)
+BAD_SETTINGS = [
+    ({"std": 0.0}, r"`std` must be positive"),
+    ({"std": -4.0}, r"`std` must be positive"),
+    ({"std": math.inf}, r"`std` must be a finite number, got inf"),
+    ({"mean": math.nan}, r"`mean` must be a finite number, got nan"),
+    ({"padding_value": None}, r"`padding_value` must be a finite number, got None"),
+    ({"hop_length": 0}, r"`hop_length` must be positive, got 0"),
+    ({"n_fft": 0}, r"`n_fft` must be positive, got 0"),
+    ({"feature_size": 0}, r"`feature_size` must be positive, got 0"),
+    ({"sampling_rate": -16000}, r"`sampling_rate` must be positive"),
+    ({"n_fft": 400.5}, r"`n_fft` must be an integer, got 400.5"),
+    ({"feature_size": True}, r"`feature_size` must be an integer, got True"),
+    ({"sampling_rate": 8000}, r"f_max <= sampling_rate / 2, got f_min=50.0, f_max=8000.0, sampling_rate=8000"),
+    ({"f_min": 9000.0}, r"0 <= f_min < f_max"),
+    ({"f_min": -1.0}, r"0 <= f_min < f_max"),
+    ({"hop_length": 401}, r"`hop_length` \(401\) must not exceed `n_fft` \(400\)"),
+    ({"padding_side": "left"}, r"`padding_side` must be 'right', got 'left'"),
+]
+
+
+@pytest.mark.parametrize("settings, match", BAD_SETTINGS)
 def test_bad_settings_raise_at_construction(settings, match):
     """Before: accepted, then NaN features (`std=0`), ignored (`padding_side`) or a torch error at the first call."""
     with pytest.raises(ValueError, match=match):
         MatpacFeatureExtractor(**settings)
+
+
+@pytest.mark.parametrize("settings, match", BAD_SETTINGS)
+def test_bad_settings_set_after_construction_are_refused_and_the_old_ones_kept(settings, match):
+    """Before: accepted, then NaN features, a torch error at the first call, or (see below) silently ignored."""
+    fe = MatpacFeatureExtractor()
+    (name, value), before = next(iter(settings.items())), MatpacFeatureExtractor().to_dict()
+    with pytest.raises(ValueError, match=match):
+        setattr(fe, name, value)
+    assert fe.to_dict() == before
+
+
+def test_settings_changed_after_construction_act_as_given_to_the_constructor(ref):
+    """Before: the mel filters and the window kept the settings of the construction (16 kHz filters, 400 samples)."""
+    waveform = ref["mix_10s.wav"]
+    for name, value in [("n_fft", 512), ("f_max", 7000.0), ("feature_size", 64)]:
+        fe = MatpacFeatureExtractor()
+        setattr(fe, name, value)
+        expected = MatpacFeatureExtractor(**{name: value})(waveform, sampling_rate=16000, return_tensors="pt")
+        assert torch.equal(
+            fe(waveform, sampling_rate=16000, return_tensors="pt")["input_values"], expected["input_values"]
+        )
+        assert MatpacFeatureExtractor.from_dict(fe.to_dict()).window.shape == fe.window.shape
 
 
 def test_a_saved_extractor_with_bad_settings_fails_to_load(tmp_path):
