@@ -55,7 +55,7 @@ from modeling_matpac.pretraining import (
     preprocess_to_cache,
 )
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
-from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_precision
+from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
 
 
 logger = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ def check_training_arguments(training_args: MatpacTrainingArguments) -> None:
     output_dir = Path(training_args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {training_args.output_dir!r} is a file, not a folder.")
-    check_precision(training_args)  # as MatpacTrainer does, but before the data is prepared
+    check_supported_arguments(training_args)  # as MatpacTrainer does, but before the data is prepared
     if training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # nothing to pin for; the DataLoader would warn at every run
 

@@ -26,10 +26,23 @@ LOGGED_OUTPUTS = ("loss_pred", "loss_cls", "teacher_temperature", "mcl_temperatu
 WEIGHT_DECAY_SETS = ("all", "transformers")
 
 
-def check_precision(args) -> None:
-    """`fp16` on the CPU would silently train in fp32 (accelerate has no fp16 autocast there): refused."""
+def check_supported_arguments(args) -> None:
+    """
+    Refuses `TrainingArguments` that would silently do something else in MATPAC pre-training: `fp16` on the CPU
+    (accelerate has no fp16 autocast there: fp32), and the language-model options, which have nothing to act on or
+    would act on the patch embeddings.
+    """
     if args.fp16 and args.device.type == "cpu":
         raise ValueError("--fp16 needs a CUDA GPU: on the CPU it would train in fp32. Use --bf16 or leave it out.")
+    if args.label_smoothing_factor != 0:
+        raise ValueError("--label_smoothing_factor has no labels to smooth in MATPAC pre-training: leave it at 0.")
+    if args.neftune_noise_alpha is not None:
+        raise ValueError(
+            "--neftune_noise_alpha adds noise to a language model's token embeddings; here it would noise the patch "
+            "embeddings of every training step. Leave it out."
+        )
+    if args.use_liger_kernel:
+        raise ValueError("--use_liger_kernel patches language-model layers, which MATPAC does not have: leave it out.")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -202,7 +215,7 @@ class MatpacTrainer(Trainer):
         self._first_step_of_loader = global_step if self.args.ignore_data_skip else 0
 
     def check_supported_setup(self) -> None:
-        check_precision(self.args)
+        check_supported_arguments(self.args)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             raise ValueError(
                 "MatpacTrainer supports single-device and DDP training only: the teacher EMA is not implemented for "

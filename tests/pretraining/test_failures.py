@@ -429,6 +429,10 @@ def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_i
         (["--config_overrides", "hidden_size=32,oops"], r"name=value items .*got \['oops'\]"),
         (["--model_name_or_path", "{tmp}/no-model"], "--model_name_or_path '.*no-model' is not a model folder"),
         (["--fp16", "--use_cpu"], "--fp16 needs a CUDA GPU"),
+        # Before: ignored without a word, noise added to the patch embeddings, or liger's ImportError traceback.
+        (["--label_smoothing_factor", "0.1"], "--label_smoothing_factor has no labels to smooth"),
+        (["--neftune_noise_alpha", "5"], "--neftune_noise_alpha adds noise to a language model's token embeddings"),
+        (["--use_liger_kernel"], "--use_liger_kernel patches language-model layers"),
         (["--output_dir", "{tmp}/a-file"], "--output_dir '.*a-file' is a file, not a folder"),
         (["--preprocess_to", "{tmp}/a-file"], "a-file' exists and is not a directory"),
         (["--train_cache", "{tmp}/a-file"], "does not exist or is not a directory"),
