@@ -336,18 +336,19 @@ def decode_mono_16k_windows(
     """
     The clip mono at 16 kHz as consecutive windows, samples `[k * step, k * step + step + overlap)` for k = 0, 1, ...
     while `k * step + overlap` is below its length (the last ones cut at its end); `None` if it has fewer than
-    `min_samples` samples at 16 kHz. A clip of `whole_below` samples or more, in a file that can seek, is read window
-    by window, so that its memory does not grow with its length, each window equal to the same samples of
-    `decode_mono_16k(audio)` up to float rounding; any other clip is decoded whole and sliced.
+    `min_samples` samples at 16 kHz. A clip of `whole_below` samples or more, in a file that can seek and is not cut
+    short, is read window by window, so that its memory does not grow with its length, each window equal to the same
+    samples of `decode_mono_16k(audio)` up to float rounding; any other clip is decoded whole and sliced.
 
     Raises:
         `AudioDecodeError`: as `decode_mono_16k`, when the clip is opened or while its windows are read.
     """
     with _open_sound_file(_audio_payload(audio)) as sound_file:
-        length, seekable = _length_at_16k(sound_file.frames, sound_file.samplerate), sound_file.seekable()
-    if length < min_samples:
-        return None
-    if length < whole_below or not seekable:
+        length = _length_at_16k(sound_file.frames, sound_file.samplerate)
+        if length < min_samples:
+            return None
+        windowed = length >= whole_below and _reads_to_its_end(sound_file)
+    if not windowed:
         waveform = decode_mono_16k(audio, min_samples)
         if waveform is None:
             return None
@@ -370,35 +371,53 @@ def decode_mono_16k_crop(
     """
     A random crop of `num_samples` samples of a clip, mono at 16 kHz: samples `[start, start + num_samples)` of
     `decode_mono_16k(audio)`, with `start = rng.integers(length - num_samples + 1)` and `length` the clip's length at
-    16 kHz from the file header; `None` (and no draw) when the clip is shorter.
+    16 kHz; `None` (and no draw) when the clip is shorter.
 
     Only the frames the crop needs are read (plus the resampling filter's reach on each side), so the memory and time
     of a crop do not grow with the clip: an hour-long file costs what a 6 s one does. The crop equals the same samples
     of the whole resampled clip up to float rounding. A file that cannot seek is decoded whole, with a warning once per
-    format.
+    format, and so is a file cut short (its last frame by the header does not decode): its length is then what it
+    holds, in every epoch.
 
     Raises:
-        `AudioDecodeError`: the clip is empty, corrupt, not audio, holds fewer frames than its header says, or has
-        non-finite or absurdly large samples.
+        `AudioDecodeError`: the clip is empty, corrupt, not audio, damaged where the crop reads it, or has non-finite
+        or absurdly large samples.
     """
     with _open_sound_file(_audio_payload(audio)) as sound_file:
-        sampling_rate, frames = sound_file.samplerate, sound_file.frames
-        length = _length_at_16k(frames, sampling_rate)
+        length = _length_at_16k(sound_file.frames, sound_file.samplerate)
         if length < num_samples:
             return None
-        start = int(rng.integers(length - num_samples + 1))
-        if not sound_file.seekable():
-            if sound_file.format not in _warned_unseekable:
-                _warned_unseekable.add(sound_file.format)
-                logger.warning(
-                    f"{sound_file.format} audio cannot seek here: each crop decodes its whole file (slow for long "
-                    "files; convert them to FLAC or WAV, or pre-compute log-mels with `preprocess_to_cache`)."
-                )
-            waveform = to_mono_16k(_read_samples(sound_file), sampling_rate)
-            if waveform.shape[-1] < start + num_samples:
-                raise AudioDecodeError(f"the audio has fewer samples than its header's {frames}")
-            return waveform[start : start + num_samples].contiguous()
-        return _read_mono_16k_window(sound_file, start, num_samples)
+        if _reads_to_its_end(sound_file):
+            start = int(rng.integers(length - num_samples + 1))
+            return _read_mono_16k_window(sound_file, start, num_samples)
+        if not sound_file.seekable() and sound_file.format not in _warned_unseekable:
+            _warned_unseekable.add(sound_file.format)
+            logger.warning(
+                f"{sound_file.format} audio cannot seek here: each crop decodes its whole file (slow for long "
+                "files; convert them to FLAC or WAV, or pre-compute log-mels with `preprocess_to_cache`)."
+            )
+    waveform = decode_mono_16k(audio, num_samples)
+    if waveform is None:
+        return None
+    start = int(rng.integers(waveform.shape[-1] - num_samples + 1))
+    return waveform[start : start + num_samples].contiguous()
+
+
+def _reads_to_its_end(sound_file: "sf.SoundFile") -> bool:
+    """
+    Whether the file can seek and its last frame, as its header counts them, decodes; then it is read at the start
+    again. A file cut short (an interrupted download) fails this: it is decoded whole instead, as the audio it holds,
+    so that every reader (a crop of any epoch, the log-mel cache) takes the same samples from it.
+    """
+    if not sound_file.seekable():
+        return False
+    try:
+        sound_file.seek(sound_file.frames - 1)
+        complete = len(sound_file.read(1, dtype="float32")) == 1
+        sound_file.seek(0)
+    except (sf.LibsndfileError, RuntimeError):
+        return False
+    return complete
 
 
 def _read_mono_16k_window(sound_file: "sf.SoundFile", start: int, num_samples: int) -> torch.Tensor:
@@ -413,7 +432,10 @@ def _read_mono_16k_window(sound_file: "sf.SoundFile", start: int, num_samples: i
         begin, end = max(first, 0), min(stop, frames)
         samples = torch.zeros(max(stop - first, 0), dtype=torch.float32)
         if end > begin:
-            sound_file.seek(begin)
+            try:
+                sound_file.seek(begin)
+            except (sf.LibsndfileError, RuntimeError) as error:  # a damaged stretch of the file
+                raise AudioDecodeError(f"soundfile cannot seek in the audio: {error}") from error
             window = _read_samples(sound_file, end - begin)
             if window.shape[-1] != end - begin:
                 raise AudioDecodeError(f"the audio has fewer samples than its header's {frames}")

@@ -221,6 +221,46 @@ def test_a_crop_of_a_long_file_reads_a_crop_worth_of_audio(tmp_path):
     assert crop.shape == (97_520,) and peak < 6e6
 
 
+def test_files_cut_short_or_damaged_are_read_alike_in_every_epoch_or_skipped(tmp_path):
+    """
+    Before: a cut or damaged FLAC crashed the run (a seek's LibsndfileError) in the epochs whose crop fell past the
+    damage, and an MP3 cut short was used or skipped by epoch, while the log-mel cache kept it.
+    """
+    from modeling_matpac.audio import AudioDecodeError, decode_mono_16k_crop, decode_mono_16k_windows
+
+    rng = np.random.default_rng(1)
+    audio = 0.3 * np.sin(np.arange(20 * 44100) / 9.0) + 0.05 * rng.standard_normal(20 * 44100)
+    sf.write(tmp_path / "full.mp3", audio, 44100, format="MP3")
+    sf.write(tmp_path / "full.flac", audio, 44100)
+    mp3, flac = (tmp_path / "full.mp3").read_bytes(), bytearray((tmp_path / "full.flac").read_bytes())
+    (tmp_path / "cut.mp3").write_bytes(mp3[: len(mp3) // 2])
+    (tmp_path / "cut.flac").write_bytes(flac[: len(flac) // 2])
+    flac[len(flac) // 2 : len(flac) // 2 + 20000] = rng.bytes(20000)
+    (tmp_path / "damaged.flac").write_bytes(flac)
+    crop_length = 97_520
+
+    # What the MP3 holds, about 10 s of its header's 20, in every epoch and in the cache's windows.
+    held = decode_mono_16k(tmp_path / "cut.mp3")
+    assert 9.5 * 16000 < held.shape[-1] < 10.5 * 16000
+    for epoch in range(12):
+        crop = decode_mono_16k_crop(tmp_path / "cut.mp3", crop_length, np.random.default_rng(epoch))
+        start = np.random.default_rng(epoch).integers(held.shape[-1] - crop_length + 1)
+        torch.testing.assert_close(crop, held[start : start + crop_length], atol=0, rtol=0)
+    windows = decode_mono_16k_windows(tmp_path / "cut.mp3", step=16000, overlap=240, whole_below=0)
+    torch.testing.assert_close(next(iter(windows)), held[: 16000 + 240], atol=0, rtol=0)
+
+    # The FLAC cut mid-frame does not decode: skipped in every epoch. The damaged one may be, never a crash.
+    outcomes = {"cut.flac": set(), "damaged.flac": set()}
+    for name, seen in outcomes.items():
+        for epoch in range(12):
+            try:
+                crop = decode_mono_16k_crop(tmp_path / name, crop_length, np.random.default_rng(epoch))
+                seen.add("crop" if crop.shape == (crop_length,) else "wrong shape")
+            except AudioDecodeError:
+                seen.add("skipped")
+    assert outcomes == {"cut.flac": {"skipped"}, "damaged.flac": {"crop", "skipped"}}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 4, 5 and 6: output folders, interrupted writes, bad flags
 
