@@ -81,15 +81,36 @@ class NoUsableClipError(RuntimeError):
     """A data consumer met no usable clip in a whole epoch: all of its clips are too short or undecodable."""
 
 
+def _walk_files(root: Path) -> list[Path]:
+    """
+    Every file under `root`, through linked folders too (a corpus assembled from links to other disks), each real
+    folder once (a link loop ends); a folder that cannot be listed is named in a warning, not silently left out.
+    """
+
+    def unreadable(error: OSError) -> None:
+        logger.warning(f"Cannot list {error.filename} ({error.strerror}): its audio files are left out.")
+
+    seen, files = set(), []
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        files += [Path(folder) / name for name in names]
+    return files
+
+
 def list_audio_files(directory: str | os.PathLike) -> list[Path]:
     """All audio files (wav, flac, ogg, mp3) under `directory`, recursively, in the sorted order of their paths."""
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"Audio folder {os.fspath(directory)!r} does not exist or is not a directory.")
-    files = [path for path in root.rglob("*") if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()]
+    every_file = _walk_files(root)
+    files = [path for path in every_file if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()]
     if not files:
         message = f"No audio file ({', '.join(AUDIO_EXTENSIONS)}) under {os.fspath(root)!r}."
-        suffixes = {path.suffix for path in root.rglob("*")}
+        suffixes = {path.suffix for path in every_file}
         if suffixes & SHARD_FORMATS.keys():
             message += " It holds parquet or webdataset shards: pass them as `data_files` instead."
         elif ".arrow" in suffixes:

@@ -289,6 +289,28 @@ def test_files_are_named_by_their_absolute_paths_however_they_are_spelled(tmp_pa
         assert [example["clip_id"] for example in examples] == [str(tmp_path / "audio" / "clip.wav")]
 
 
+def test_audio_folders_are_listed_through_linked_folders_and_unreadable_ones_are_named(tmp_path, monkeypatch, caplog):
+    """Before: a linked folder (a corpus assembled from other disks) and an unlistable one were left out silently."""
+    _write(tmp_path / "elsewhere" / "a1.wav", 400)
+    _write(tmp_path / "train" / "own" / "b.WAV", 400)
+    _write(tmp_path / "train" / "locked" / "c.wav", 400)
+    (tmp_path / "train" / "setA").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "train" / "own" / "loop").symlink_to(tmp_path / "train")  # listed once, not forever
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    files = list_audio_files(tmp_path / "train")
+    assert [path.relative_to(tmp_path / "train").as_posix() for path in files] == ["own/b.WAV", "setA/a1.wav"]
+    assert (
+        f"Cannot list {tmp_path / 'train' / 'locked'} (Permission denied): its audio files are left out" in caplog.text
+    )
+
+
 def test_batches_hold_model_inputs_and_skip_counts_go_beside_them():
     examples = [
         {
