@@ -302,7 +302,13 @@ def preprocess_to_cache(
         if value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value}.")
     clips = _open_clips(source, audio_column)
-    output_dir = Path(output_dir)
+    # The real folder (a link's target), built beside it on the same disk: it is swapped in by renaming folders.
+    output_dir = Path(output_dir).resolve()
+    if output_dir == Path.cwd() or output_dir in Path.cwd().parents:
+        raise ValueError(
+            f"{os.fspath(output_dir)!r} is the current directory or holds it: the cache replaces its folder when it "
+            "is complete; give a folder inside it instead (for instance ./logmels)."
+        )
     _check_output_dir(output_dir, overwrite)
     # Built next to `output_dir` and swapped in once complete: a failed or killed build leaves the previous cache.
     building = output_dir.with_name(f".{output_dir.name}.building")

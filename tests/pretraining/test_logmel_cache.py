@@ -450,6 +450,28 @@ def test_a_cache_is_refused_with_another_front_end_or_when_incomplete(corpus, ca
         list_audio_files(cache_dir)
 
 
+def test_a_cache_goes_where_a_link_points_and_never_replaces_the_current_directory(corpus, tmp_path, monkeypatch):
+    """
+    Before: a cache asked at a link was built beside the link (another disk), then its swap failed on the link and
+    left the link's target empty; `.` failed with "PosixPath('.') has an empty name".
+    """
+    (tmp_path / "bigdisk" / "logmels").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "logmels").symlink_to(tmp_path / "bigdisk" / "logmels")
+    preprocess_to_cache(corpus[:1], tmp_path / "work" / "logmels")
+    assert (tmp_path / "work" / "logmels").is_symlink()
+    assert sorted(path.name for path in (tmp_path / "bigdisk" / "logmels").iterdir()) == [
+        "logmels-00000-of-00001.arrow",
+        "metadata.json",
+    ]
+    assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["logmels"]
+    monkeypatch.chdir(tmp_path / "work")
+    for spelled in [".", ".."]:
+        with pytest.raises(ValueError, match="is the current directory or holds it: .*for instance ./logmels"):
+            preprocess_to_cache(corpus[:1], spelled)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bigdisk", "work"]
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
