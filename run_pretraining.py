@@ -536,6 +536,19 @@ def _unreadable_file(checkpoint: Path) -> str | None:
     return None
 
 
+def last_complete_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
+    """The complete checkpoint of `output_dir` with the most steps (`warn`: log why each later one is not)."""
+    checkpoints = output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []
+    steps = {path: path.name.rsplit("-", 1)[-1] for path in checkpoints if path.is_dir()}
+    for checkpoint in sorted((p for p in steps if steps[p].isdigit()), key=lambda p: -int(steps[p])):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        if warn:
+            logger.warning("Skipping the incomplete checkpoint %s: %s.", checkpoint, problem)
+    return None
+
+
 def resolve_resume(training_args: MatpacTrainingArguments) -> None:
     """
     `--resume_from_checkpoint last` becomes the last complete checkpoint of --output_dir (a checkpoint that a killed
@@ -546,16 +559,12 @@ def resolve_resume(training_args: MatpacTrainingArguments) -> None:
         return
     if value.lower() in ("last", "true"):
         output_dir = Path(training_args.output_dir)
-        checkpoints = output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []
-        steps = {path: path.name.rsplit("-", 1)[-1] for path in checkpoints if path.is_dir()}
-        for checkpoint in sorted((p for p in steps if steps[p].isdigit()), key=lambda p: -int(steps[p])):
-            problem = checkpoint_problem(checkpoint)
-            if problem is None:
-                logger.info("Resuming from %s, the last complete checkpoint of %s.", checkpoint, output_dir)
-                training_args.resume_from_checkpoint = str(checkpoint)
-                return
-            logger.warning("Skipping the incomplete checkpoint %s: %s.", checkpoint, problem)
-        raise ValueError(f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint.")
+        checkpoint = last_complete_checkpoint(output_dir, warn=True)
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: {output_dir} holds no complete checkpoint.")
+        logger.info("Resuming from %s, the last complete checkpoint of %s.", checkpoint, output_dir)
+        training_args.resume_from_checkpoint = str(checkpoint)
+        return
     checkpoint = Path(value)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value!r} is not a checkpoint folder.")
@@ -785,8 +794,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except (OSError, SafetensorError) as error:  # e.g. the disk filled while a checkpoint was saved
-        last = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
-        where = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
+        last = last_complete_checkpoint(Path(training_args.output_dir))
+        where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was saved"
         raise OSError(f"{str(error).strip().splitlines()[-1]} ({where}).") from error
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)

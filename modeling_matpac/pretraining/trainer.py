@@ -3,6 +3,7 @@
 import logging
 import math
 import os
+import shutil
 
 import torch
 from torch.utils.data import DataLoader
@@ -327,6 +328,22 @@ class MatpacTrainer(Trainer):
                 return super().evaluate(*args, **kwargs)
         finally:
             self._eval_noise = None
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """
+        A checkpoint that cannot be written is an `OSError`, as for any other file: `torch.save` (the optimizer,
+        scheduler and random states) reports a full disk as a `RuntimeError` of its zip writer instead.
+        """
+        try:
+            super()._save_checkpoint(model, trial)
+        except RuntimeError as error:
+            if isinstance(error, torch.distributed.DistError):
+                raise
+            free = shutil.disk_usage(self.args.output_dir).free / 2**20
+            raise OSError(
+                f"Writing checkpoint-{self.state.global_step} failed: {str(error).strip().splitlines()[-1]} "
+                f"({free:,.0f} MB free on its disk)"
+            ) from error
 
     def _prepare_input(self, data):
         """

@@ -406,8 +406,25 @@ def test_a_failed_checkpoint_save_ends_in_one_line_naming_the_last_checkpoint(tm
         return save(self, *args, **kwargs)
 
     monkeypatch.setattr(MatpacTrainer, "_save_checkpoint", filling_disk)
-    with pytest.raises(OSError, match=r"No space left on device \(the last checkpoint is .*checkpoint-1\)\.$"):
+    with pytest.raises(OSError, match=r"No space left on device \(the last complete checkpoint is .*-1\)\.$"):
         run_main(tmp_path / "run", "--max_steps", "3")
+    monkeypatch.setattr(MatpacTrainer, "_save_checkpoint", save)
+
+    # Before: a traceback. torch.save (the optimizer state) reports a full disk as its zip writer's RuntimeError.
+    torch_save = torch.save
+
+    def full_disk_torch_save(obj, path, *args, **kwargs):
+        if "checkpoint-2" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return torch_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_torch_save)
+    with pytest.raises(
+        OSError,
+        match=r"Writing checkpoint-2 failed: .*unexpected pos 64 vs 0 \([\d,]+ MB free on its disk\) "
+        r"\(the last complete checkpoint is .*checkpoint-1\)\.$",
+    ):
+        run_main(tmp_path / "torch-save", "--max_steps", "3")
 
 
 def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_is_named(tmp_path):
