@@ -339,11 +339,12 @@ def preprocess_to_cache(
 def _source_identity(clips: _IndexedClips | _StreamedClips) -> str:
     """
     A hash of what identifies the source's clips and their order: the file list (absolute paths, as `_open_clips` gives
-    them, so that the same files spelled otherwise are the same source), a dataset's fingerprint, or a stream's name,
-    config, split and shards. A stopped build resumes only from the same identity.
+    them, so that the same files spelled otherwise are the same source, with their sizes and modification times, so
+    that files written again are not), a dataset's fingerprint, or a stream's name, config, split and shards. A stopped
+    build resumes only from the same identity.
     """
     if isinstance(clips, _IndexedClips) and clips.column is None:
-        parts = ["files", *(os.fspath(item) for item in clips.items)]
+        parts = ["files", *(_file_signature(item) for item in clips.items)]
     elif isinstance(clips, _IndexedClips):
         parts = ["dataset", getattr(clips.items, "_fingerprint", None), len(clips.items), clips.column]
     else:
@@ -352,11 +353,19 @@ def _source_identity(clips: _IndexedClips | _StreamedClips) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()
 
 
+def _file_signature(path: str | os.PathLike) -> str:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return f"{os.fspath(path)}\tunreadable"
+    return f"{os.fspath(path)}\t{status.st_size}\t{status.st_mtime_ns}"
+
+
 def _why_not_resumed(building: Path, done: dict, identity: dict) -> str | None:
     """Why the stopped build `done` in `building` cannot go on as the build of `identity`; `None` when it can."""
     recorded = done.get("identity") or {}
     if recorded.get("source") != identity["source"]:
-        return "it read another source"
+        return "it read another source, or files of the source changed since"
     settings = [
         f"{name} {recorded.get(name)!r} then, {identity.get(name)!r} now"
         for name in sorted(recorded.keys() | identity.keys())
@@ -379,6 +388,18 @@ def _drop_finished_part(building: Path, done: dict, reason: str) -> None:
     )
 
 
+def _restore_shard_names(building: Path, done: dict) -> None:
+    """
+    A build stopped while it gave its shards their final names (before its metadata was written): the shards its
+    progress records get their names back, so that they are kept.
+    """
+    for name, _ in done["shards"]:
+        index = name.removeprefix(SHARD_PREFIX).removesuffix(".arrow.incomplete")
+        renamed = list(building.glob(f"{SHARD_PREFIX}{index}-of-*.arrow"))
+        if not (building / name).exists() and len(renamed) == 1:
+            renamed[0].rename(building / name)
+
+
 def _finished_part(building: Path, identity: dict | None) -> dict:
     """
     What a stopped build of the same `identity` finished in `building` (its shards, counts and source clips read),
@@ -387,6 +408,8 @@ def _finished_part(building: Path, identity: dict | None) -> dict:
     """
     progress_path = building / PROGRESS_FILE
     done = json.loads(progress_path.read_text()) if progress_path.is_file() else None
+    if done is not None:
+        _restore_shard_names(building, done)
     if done is not None and identity is not None:
         reason = _why_not_resumed(building, done, identity)
         if reason is not None:

@@ -328,12 +328,36 @@ def test_a_stopped_build_resumes_whatever_the_spelling_of_its_source_folder(tmp_
         assert (tmp_path / "logmels" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
 
 
+def test_a_build_stopped_while_naming_its_shards_keeps_them(tmp_path, monkeypatch):
+    """Before: stopped after its shards got their final names, before its metadata, it dropped every shard."""
+    files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(5)]
+    preprocess_to_cache(files, tmp_path / "reference", shard_size=2)
+    finish = logmel_cache._ShardWriter.finish
+
+    def finish_then_stop(self):
+        finish(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logmel_cache._ShardWriter, "finish", finish_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(files, tmp_path / "logmels", shard_size=2)
+    monkeypatch.setattr(logmel_cache._ShardWriter, "finish", finish)
+    computed, _ = _stopping_compute(monkeypatch)
+    preprocess_to_cache(files, tmp_path / "logmels", shard_size=2)
+    assert computed == ["4.wav"]  # the two full shards kept; the last, unrecorded one computed again
+    for path in (tmp_path / "reference").iterdir():
+        assert (tmp_path / "logmels" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
 def test_a_stopped_build_of_another_source_or_settings_is_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
     files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(5)]
     computed, stop = _stopping_compute(monkeypatch)
 
+    another_source = "it read another source, or files of the source changed since"
     for changed, reason in [
-        ({"source": files[:4]}, "it read another source"),
+        ({"source": files[:4]}, another_source),
+        # Before: resumed, keeping the log-mels of the files' former content.
+        ({"rewrite": files[0]}, another_source),
         ({"shard_size": 3}, "it had other settings (shard_size 2 then, 3 now)"),
         ({"min_frames": 600}, "it had other settings (min_frames 608 then, 600 now)"),
     ]:
@@ -343,6 +367,8 @@ def test_a_stopped_build_of_another_source_or_settings_is_dropped_with_a_warning
         stop[0] = 3  # the first shard (clips 0 and 1) is finished
         with pytest.raises(KeyboardInterrupt):
             preprocess_to_cache(files, output, shard_size=2)
+        if "rewrite" in changed:  # the same name, other audio (a re-exported folder)
+            _write(changed.pop("rewrite"), CROP + 800, seed=99)
         computed.clear()
         stop[0] = None
         caplog.clear()
