@@ -586,6 +586,12 @@ class LogMelCache:
         self._shard_sizes = [shard["num_clips"] for shard in self.metadata["shards"]]
         self._offsets = np.cumsum([0, *self._shard_sizes])
         self._tables: dict[int, pa.Table] = {}
+        self._build = self._build_signature()
+
+    def _build_signature(self) -> tuple[int, int, int]:
+        """Which build the folder holds: a rebuild swaps in a new folder, with a new metadata file."""
+        status = (self.directory / METADATA_FILE).stat()
+        return status.st_dev, status.st_ino, status.st_mtime_ns
 
     @staticmethod
     def _read_metadata(directory: Path) -> dict:
@@ -661,6 +667,15 @@ class LogMelCache:
 
     def _table(self, shard: int) -> pa.Table:
         if shard not in self._tables:
+            try:
+                rebuilt = self._build_signature() != self._build
+            except OSError:
+                rebuilt = True
+            if rebuilt:  # the shards opened so far stay mapped; the others would be another build's
+                raise ValueError(
+                    f"The log-mel cache {os.fspath(self.directory)!r} was rebuilt or removed while this run read it. "
+                    "Resume the run from its last checkpoint (`--resume_from_checkpoint last`) to read the new one."
+                )
             try:
                 with pa.memory_map(os.fspath(self.shard_files[shard])) as source:
                     table = pa.ipc.open_stream(source).read_all()

@@ -476,6 +476,17 @@ def test_a_cache_is_refused_with_another_front_end_or_when_incomplete(corpus, ca
         list_audio_files(cache_dir)
 
 
+def test_a_cache_rebuilt_while_it_is_read_stops_the_reader(corpus, tmp_path):
+    """Before: the shards a reader had not opened yet came from the new build, other statistics and all, silently."""
+    preprocess_to_cache(corpus, tmp_path / "logmels", shard_size=2)
+    cache = LogMelCache(tmp_path / "logmels")
+    first = cache[0][1].copy()
+    preprocess_to_cache(corpus, tmp_path / "logmels", MatpacFeatureExtractor(mean=-4.0), shard_size=2, overwrite=True)
+    np.testing.assert_array_equal(cache[0][1], first)  # the shard it had open: still its own build
+    with pytest.raises(ValueError, match="logmels' was rebuilt or removed while this run read it. Resume the run"):
+        cache[2]
+
+
 def test_a_cache_goes_where_a_link_points_and_never_replaces_the_current_directory(corpus, tmp_path, monkeypatch):
     """
     Before: a cache asked at a link was built beside the link (another disk), then its swap failed on the link and
