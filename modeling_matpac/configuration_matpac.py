@@ -10,6 +10,7 @@ from transformers.activations import ACT2FN
 
 CENTER_MODES = ("probabilities", "logits")
 CLASSIFIER_POOLINGS = ("concatenate", "frequency_mean")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 # Every MATPAC class, so that a saved directory's remote code loads any of them (saving lists only the saved class).
 AUTO_MAP = {
     "AutoConfig": "configuration_matpac.MatpacConfig",
@@ -58,6 +59,8 @@ FIELD_RULES = {
     "teacher_temperature_warmup_steps": (lambda value: value >= 0, ">= 0"),
     "mcl_temperature_decay": (lambda value: 0 < value <= 1, "in (0, 1]"),
     "classifier_pooling": (lambda value: value in CLASSIFIER_POOLINGS, f"one of {CLASSIFIER_POOLINGS}"),
+    # transformers does not check it: a misspelt type gave a softmax to a multi-label head's pipeline scores.
+    "problem_type": (lambda value: value in PROBLEM_TYPES, f"one of {PROBLEM_TYPES}"),
 }
 
 
@@ -168,13 +171,17 @@ class MatpacConfig(PreTrainedConfig):
             `max_steps` to [`~MatpacForPreTraining.update_teachers_and_center`]), leaving this field as it is.
 
     Audio classification ([`MatpacForAudioClassification`]):
-        freeze_encoder (`bool`, defaults to `False`): Train only the linear head (the paper's linear probe).
+        freeze_encoder (`bool`, defaults to `False`): Train only the linear head (the paper's linear probe): the
+            encoder's parameters are frozen when the model is built or loaded. To change it on a built model, call
+            [`~MatpacForAudioClassification.freeze_encoder`] or [`~MatpacForAudioClassification.unfreeze_encoder`].
         classifier_pooling (`str`, defaults to `"concatenate"`): Clip embedding the head reads. `"concatenate"` is
             `pooler_output` (the frequency patches of a time step concatenated, averaged over time; the paper's probe
             and the authors' released probes); `"frequency_mean"` averages each time step's frequency patches into
             one `hidden_size` vector first (the authors' AudioSet fine-tuned classifier).
         classifier_batch_norm (`bool`, defaults to `False`): Standardise the clip embedding with a non-affine
-            BatchNorm (running statistics only) before the linear head, as the AudioSet classifier does.
+            BatchNorm (no learned scale or shift) before the linear head, as the AudioSet classifier does. As any
+            BatchNorm, it uses and updates batch statistics in train mode (a batch of one clip uses the running
+            ones) and its running statistics in eval mode.
         problem_type (`str`, *optional*): `"multi_label_classification"` for tagging (AudioSet, FSD50K, ...):
             binary cross-entropy in training, and `pipeline("audio-classification")` scores with a sigmoid instead
             of a softmax.
@@ -302,6 +309,20 @@ class MatpacConfig(PreTrainedConfig):
                 "visible: the student and the teacher each need at least one patch."
             )
         check_front_end_ranges(self.sampling_rate, self.n_fft, self.hop_length, self.f_min, self.f_max)
+        self.validate_labels()
+
+    def validate_labels(self):
+        """The classes a head predicts: 1 or more, numbered 0 to `num_labels` - 1, named alike both ways."""
+        if self.num_labels < 1:
+            raise ValueError(f"`num_labels` must be at least 1, got {self.num_labels}: a head needs a class.")
+        if sorted(self.id2label) != list(range(self.num_labels)):
+            raise ValueError(
+                f"`id2label` must number the classes 0 to {self.num_labels - 1}, got {sorted(self.id2label)[:10]}: "
+                "output i of the head is class i."
+            )
+        wrong = [name for name, index in (self.label2id or {}).items() if self.id2label.get(index) != name]
+        if wrong:
+            raise ValueError(f"`label2id` contradicts `id2label` for {wrong[:5]}: give one of them, or both alike.")
 
 
 __all__ = ["AUTO_MAP", "FIELD_RULES", "FRONT_END_FIELDS", "MatpacConfig"]

@@ -132,10 +132,12 @@ def log_mel_spectrogram(
             block = waveform[..., first * hop_length : first * hop_length + n_fft + (count - 1) * hop_length]
             blocks.append(log_mel_spectrogram(block, mel_filters, window, hop_length, log_offset))
         return torch.cat(blocks, dim=-1)
-    frames = waveform.unfold(-1, n_fft, hop_length) * window.to(waveform)
-    power_spectrum = torch.fft.rfft(frames, dim=-1).abs().pow(2)
-    mel_spectrum = mel_filters.to(waveform).mT @ power_spectrum.mT
-    return torch.log(mel_spectrum + log_offset)
+    # Features are float32 inside an autocast region too (a whole inference step is often wrapped in one).
+    with torch.autocast(waveform.device.type, enabled=False):
+        frames = waveform.unfold(-1, n_fft, hop_length) * window.to(waveform)
+        power_spectrum = torch.fft.rfft(frames, dim=-1).abs().pow(2)
+        mel_spectrum = mel_filters.to(waveform).mT @ power_spectrum.mT
+        return torch.log(mel_spectrum + log_offset)
 
 
 def _is_sample(value) -> bool:

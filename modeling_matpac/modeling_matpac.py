@@ -232,7 +232,9 @@ class MatpacLinear(nn.Linear):
     - bf16 autocast in inference mode, where autocast casts every weight again at every call (it caches its casts
       only outside inference mode): the layer keeps its weight cast to bf16 and packed in oneDNN's layout, bitwise
       equal and 20 % faster per product at ViT-B's shapes (10 % of an embedding call). The copy (half the fp32
-      weight's memory) is re-made when the weight changes and dropped at the first call outside that mode.
+      weight's memory) is re-made when the weight changes in place (an optimizer step, `load_state_dict`, any
+      in-place op on the parameter), and dropped by `train()` / `eval()` and at the first call outside that mode.
+      An edit through `weight.data` leaves no trace on the parameter: call `eval()` after one.
     """
 
     _packed_bf16: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
@@ -247,6 +249,11 @@ class MatpacLinear(nn.Linear):
         if self._packed_bf16 is not None:
             self._packed_bf16 = None
         return super().forward(input)
+
+    def train(self, mode: bool = True) -> "MatpacLinear":
+        # A new phase of use (after a training loop, whose `.data` edits keep the parameter's version) packs again.
+        self._packed_bf16 = None
+        return super().train(mode)
 
     def __getstate__(self) -> dict:
         # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled; it is made again when needed.
@@ -1189,6 +1196,86 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         if self.config.freeze_encoder:
             self.matpac.requires_grad_(False)
 
+    def freeze_encoder(self) -> None:
+        """Trains only the head from now on (`config.freeze_encoder`, kept when saved). Call before the optimizer."""
+        self.config.freeze_encoder = True
+        self.matpac.requires_grad_(False)
+
+    def unfreeze_encoder(self) -> None:
+        """Fine-tunes the encoder with the head from now on, also a loaded probe's. Call before the optimizer."""
+        self.config.freeze_encoder = False
+        self.matpac.requires_grad_(True)
+
+    def _encoder_trains(self) -> bool:
+        """
+        Whether the encoder's parameters take gradients. In training, `config.freeze_encoder` must say the same: a
+        flag changed alone, or parameters unfrozen alone, would leave the encoder untrained without a word.
+        """
+        trains = any(parameter.requires_grad for parameter in self.matpac.parameters())
+        if self.training and trains == self.config.freeze_encoder:
+            state = "some require gradients" if trains else "none requires gradients"
+            raise ValueError(
+                f"`config.freeze_encoder` is {self.config.freeze_encoder}, but of the encoder's parameters {state}: "
+                "call `model.unfreeze_encoder()` to fine-tune the encoder or `model.freeze_encoder()` to train only "
+                "the head, before the optimizer is built."
+            )
+        return trains
+
+    def classification_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """
+        The loss of `config.problem_type`: cross-entropy over class indices (-100 ignored), binary cross-entropy over
+        multi-hot targets (bool, integer or float), or mean squared error. Unset, the type is read from the labels
+        (one output: regression; `(batch, num_labels)` targets: multi-label; else class indices) and kept in the
+        config, so that the pipeline scores as the model was trained. Labels that cannot be of that type are refused
+        in one line.
+        """
+        batch_size, num_labels = logits.shape
+        problem_type = self.config.problem_type
+        if problem_type is None:
+            if num_labels == 1:
+                problem_type = "regression"
+            elif labels.shape == (batch_size, num_labels):
+                problem_type = "multi_label_classification"
+            else:
+                problem_type = "single_label_classification"
+        expected = {
+            "single_label_classification": [(batch_size,), (batch_size, 1)],
+            "multi_label_classification": [(batch_size, num_labels)],
+            "regression": [(batch_size, num_labels)] + ([(batch_size,)] if num_labels == 1 else []),
+        }[problem_type]
+        if tuple(labels.shape) not in expected:
+            raise ValueError(
+                f"{problem_type} with {num_labels} labels takes labels of shape {' or '.join(map(str, expected))}, "
+                f"got {tuple(labels.shape)}."
+            )
+        if problem_type == "single_label_classification":
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise ValueError(
+                    f"single_label_classification takes integer class indices, got {labels.dtype} labels: cast them "
+                    "to int64, or set `problem_type` for multi-hot targets or regression."
+                )
+            labels = labels.reshape(-1).long()
+            kept = labels != -100
+            outside = kept & ((labels < 0) | (labels >= num_labels))
+            if outside.any():
+                raise ValueError(
+                    f"Class indices must be in [0, {num_labels - 1}] (or -100, ignored), got "
+                    f"{labels[outside].unique().tolist()[:5]}."
+                )
+            loss = nn.functional.cross_entropy(logits, labels) if kept.any() else logits.sum() * 0
+        else:
+            labels = labels.to(torch.float32).reshape(logits.shape)
+            if not torch.isfinite(labels).all():
+                raise ValueError(f"{problem_type} labels must be finite, got NaN or infinite values.")
+            if problem_type == "regression":
+                loss = nn.functional.mse_loss(logits.float(), labels)
+            else:
+                if ((labels < 0) | (labels > 1)).any():
+                    raise ValueError("multi_label_classification targets must be in [0, 1] (multi-hot).")
+                loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+        self.config.problem_type = problem_type
+        return loss
+
     def clip_embedding(self, outputs: MatpacModelOutput) -> torch.Tensor:
         """The pooled embedding the head is for: `pooler_output`, or its mean over the frequency patches."""
         pooled = outputs.pooler_output
@@ -1206,19 +1293,22 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size,)`, or `torch.FloatTensor` `(batch_size, num_labels)`):
-            Class indices for single-label tasks (cross-entropy) or multi-hot targets for multi-label tasks (binary
-            cross-entropy), following `config.problem_type`.
+        labels (`torch.LongTensor` of shape `(batch_size,)`, or a tensor `(batch_size, num_labels)`):
+            Class indices for single-label tasks (cross-entropy, -100 ignored) or multi-hot targets for multi-label
+            tasks (binary cross-entropy), following `config.problem_type`; see [`classification_loss`].
         """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._encoder_trains()):
             outputs = self.matpac(input_values, attention_mask=attention_mask, return_dict=True, **kwargs)
         embedding = self.clip_embedding(outputs)
-        if self.embedding_norm is not None:
-            embedding = self.embedding_norm(embedding)
+        norm = self.embedding_norm
+        if norm is not None and self.training and len(embedding) == 1:  # no batch statistics from a single clip
+            embedding = nn.functional.batch_norm(embedding, norm.running_mean, norm.running_var, eps=norm.eps)
+        elif norm is not None:
+            embedding = norm(embedding)
         logits = self.classifier(embedding)
         loss = None
         if labels is not None:
-            loss = self.loss_function(labels, logits, self.config)
+            loss = self.classification_loss(labels, logits)
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

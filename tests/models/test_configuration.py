@@ -102,6 +102,12 @@ def test_invalid_configs_raise_value_error(kwargs, message):
         ({"mcl_temperature_end": math.inf}, "`mcl_temperature_end` must be positive and finite"),
         ({"student_temperature": math.inf}, "`student_temperature` must be positive and finite"),
         ({"teacher_temperature_warmup": math.nan}, "`teacher_temperature_warmup` must be positive and finite"),
+        # A misspelt problem type: the pipeline scored a multi-label head with a softmax. Label maps with a gap or
+        # no class: a head that could never predict a class, or had no outputs.
+        ({"problem_type": "multilabel"}, r"`problem_type` must be one of \(None, 'regression', .*got 'multilabel'"),
+        ({"id2label": {0: "dog", 2: "siren"}}, r"`id2label` must number the classes 0 to 1, got \[0, 2\]"),
+        ({"num_labels": 0}, "`num_labels` must be at least 1, got 0"),
+        ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 1, "b": 0}}, r"`label2id` contradicts `id2label` for"),
     ],
 )
 def test_fields_that_crash_or_give_nan_later_are_refused(kwargs, message):

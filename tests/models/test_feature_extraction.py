@@ -175,6 +175,17 @@ def test_long_recordings_are_transformed_in_blocks_of_frames_with_the_same_value
     assert torch.equal(whole["attention_mask"], blocked["attention_mask"])
 
 
+@pytest.mark.parametrize("return_tensors", ["pt", "np", None])
+def test_features_are_float32_inside_an_autocast_region(ref, fe, return_tensors):
+    """Before: bf16 features 0.011 away with "pt", and a TypeError with "np" or None (numpy has no bf16)."""
+    clip = ref["mix_10s.wav"]
+    expected = fe(clip, sampling_rate=16000, return_tensors="pt")["input_values"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = fe(clip, sampling_rate=16000, return_tensors=return_tensors)["input_values"]
+    features = torch.as_tensor(np.asarray(features[0] if return_tensors is None else features))
+    assert features.dtype == torch.float32 and torch.equal(features.reshape(expected.shape), expected)
+
+
 def test_padded_batch_equals_each_clip_alone(ref, fe):
     clips = [wav_16k(ref, name) for name in CLIPS_16K]
     batch = fe(clips, sampling_rate=16000, return_tensors="pt")

@@ -229,6 +229,113 @@ def test_frozen_encoder_trains_only_the_head(tmp_path, reload):
     }
 
 
+def test_freezing_changed_after_loading_is_explicit(tmp_path):
+    """Before: a flag changed alone, or parameters unfrozen alone, trained only the head without a word."""
+    config = MatpacConfig(**tiny_config_kwargs(num_labels=2, freeze_encoder=True))
+    MatpacForAudioClassification(config).save_pretrained(tmp_path)  # a saved probe: frozen
+    values, labels = torch.randn(2, 80, 200), torch.tensor([0, 1])
+    for change in ("config", "parameters"):
+        model = MatpacForAudioClassification.from_pretrained(tmp_path).train()
+        if change == "config":
+            model.config.freeze_encoder = False
+        else:
+            model.requires_grad_(True)
+        with pytest.raises(ValueError, match="call `model.unfreeze_encoder\\(\\)` to fine-tune the encoder"):
+            model(values, labels=labels)
+    model = MatpacForAudioClassification.from_pretrained(tmp_path).train()
+    model.unfreeze_encoder()
+    model(values, labels=labels).loss.backward()
+    assert all(param.grad is not None for param in model.matpac.parameters())
+    model.save_pretrained(tmp_path / "fine-tuned")
+    reloaded = MatpacForAudioClassification.from_pretrained(tmp_path / "fine-tuned")
+    assert not reloaded.config.freeze_encoder and all(param.requires_grad for param in reloaded.parameters())
+    reloaded.freeze_encoder()
+    assert reloaded.config.freeze_encoder and not any(param.requires_grad for param in reloaded.matpac.parameters())
+    # Layers frozen by hand in a fine-tuned encoder train the rest, as before.
+    model.matpac.encoder.layers[0].requires_grad_(False)
+    model.zero_grad()
+    model(values, labels=labels).loss.backward()
+    assert model.matpac.encoder.layers[0].attention.qkv_proj.weight.grad is None
+    assert model.matpac.embeddings.patch_embeddings.projection.weight.grad is not None
+
+
+LABEL_ERRORS = [
+    (
+        "single_label_classification",
+        torch.tensor([0, 5]),
+        r"Class indices must be in \[0, 2\] \(or -100, ignored\), got \[5\]",
+    ),
+    ("single_label_classification", torch.tensor([-1, 0]), r"got \[-1\]"),
+    ("single_label_classification", torch.tensor([0.0, 2.0]), "takes integer class indices, got torch.float32"),
+    ("single_label_classification", torch.tensor([0, 1, 2]), r"takes labels of shape \(2,\) or \(2, 1\), got \(3,\)"),
+    ("multi_label_classification", torch.tensor([[1, 0, -100], [0, 1, 1]]), r"targets must be in \[0, 1\]"),
+    ("multi_label_classification", torch.tensor([[1.0, 0, float("nan")], [0, 1, 1]]), "must be finite"),
+    ("multi_label_classification", torch.tensor([[1, 0], [0, 1]]), r"takes labels of shape \(2, 3\), got \(2, 2\)"),
+    ("regression", torch.tensor([0.5, 1.0]), r"takes labels of shape \(2, 3\), got \(2,\)"),
+]
+
+
+@pytest.mark.parametrize("problem_type, labels, message", LABEL_ERRORS)
+def test_labels_that_cannot_be_the_problem_types_are_refused_in_one_line(problem_type, labels, message):
+    """Before: torch errors naming neither labels nor problem type, or a finite loss from -100 and 2 in multi-hot."""
+    model = MatpacForAudioClassification(MatpacConfig(**tiny_config_kwargs(num_labels=3, problem_type=problem_type)))
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(2, 80, 100), labels=labels)
+
+
+def test_labels_of_any_integer_kind_give_the_reference_losses():
+    """Before: int16 indices made the config multi-label for good; int64 multi-hot failed to cast."""
+    torch.manual_seed(0)
+    values = torch.randn(2, 80, 100)
+    model = MatpacForAudioClassification(MatpacConfig(**tiny_config_kwargs(num_labels=3))).eval()
+    logits = model(values).logits
+    for dtype in (torch.int16, torch.int32, torch.int64):
+        loss = model(values, labels=torch.tensor([2, 0], dtype=dtype)).loss
+        torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0])))
+        assert model.config.problem_type == "single_label_classification"
+    # A batch whose every label is ignored has nothing to learn: a zero loss, not NaN.
+    assert model(values, labels=torch.tensor([-100, -100])).loss.item() == 0.0
+    model.config.problem_type = None
+    multi_hot = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    for targets in (multi_hot, multi_hot.bool(), multi_hot.float()):
+        loss = model(values, labels=targets).loss
+        torch.testing.assert_close(
+            loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, multi_hot.float())
+        )
+    assert model.config.problem_type == "multi_label_classification"  # kept: the pipeline scores with a sigmoid
+
+
+def test_the_batch_norm_head_trains_on_a_batch_of_one_clip():
+    """Before: "Expected more than 1 value per channel when training", e.g. at the last batch of an epoch."""
+    config = MatpacConfig(**tiny_config_kwargs(num_labels=3, classifier_batch_norm=True))
+    model = MatpacForAudioClassification(config).train()
+    model(torch.randn(4, 80, 100), labels=torch.tensor([0, 1, 2, 0]))
+    statistics = model.embedding_norm.running_mean.clone()
+    values = torch.randn(1, 80, 100)
+    loss = model(values, labels=torch.tensor([1])).loss
+    assert torch.isfinite(loss) and torch.equal(model.embedding_norm.running_mean, statistics)
+    torch.testing.assert_close(model(values).logits, model.eval()(values).logits)
+
+
+def test_the_packed_bf16_weights_follow_in_place_edits_and_eval():
+    """Before: an edit through `.data` went unseen by inference-mode bf16 calls; `eval()` now packs again."""
+    model = MatpacForAudioClassification(MatpacConfig(**tiny_config_kwargs(num_labels=3))).eval()
+    values = torch.randn(1, 80, 100)
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(values).logits
+
+    assert logits().abs().sum() > 0
+    with torch.no_grad():
+        model.classifier.bias.zero_()  # through the parameter: its version changes
+        model.classifier.weight.zero_()
+    assert logits().abs().sum() == 0
+    model.classifier.weight.data.normal_()
+    model.eval()
+    assert logits().abs().sum() > 0
+
+
 def test_audio_classification_pipeline_on_a_saved_directory(tmp_path, tiny_config):
     torch.manual_seed(0)
     labels = {0: "dog", 1: "rain", 2: "siren"}
