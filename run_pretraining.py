@@ -25,21 +25,18 @@ random crops of them, without decoding any audio:
     python run_pretraining.py --train_cache /data/logmels --num_train_epochs 100
 """
 
-import json
 import logging
 import math
 import shutil
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
@@ -54,6 +51,7 @@ from modeling_matpac.pretraining import (
     load_audio_source,
     preprocess_to_cache,
 )
+from modeling_matpac.pretraining.checkpoints import checkpoint_problem, last_complete_checkpoint
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
 
@@ -485,68 +483,6 @@ def check_training_arguments(training_args: MatpacTrainingArguments) -> None:
     check_supported_arguments(training_args)  # as MatpacTrainer does, but before the data is prepared
     if training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # nothing to pin for; the DataLoader would warn at every run
-
-
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """
-    Why `checkpoint` cannot be resumed from, `None` if it can. The Trainer saves the weights, then the optimizer and
-    scheduler states, then trainer_state.json: a run stopped while saving leaves no valid state file, and a folder
-    with a state file but no optimizer state is a final model or a `--save_only_model` checkpoint, from which the
-    Trainer would silently restart AdamW's moments and the learning-rate schedule.
-    """
-    state = checkpoint / "trainer_state.json"
-    if not state.is_file():
-        return "it has no trainer_state.json (the run was stopped while saving it)"
-    try:
-        recorded = json.loads(state.read_text())
-    except ValueError:
-        return "its trainer_state.json is empty or truncated (the run was stopped while saving it)"
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("global_step"), int):
-        return "its trainer_state.json records no global_step"
-    if not (checkpoint / "config.json").is_file():
-        return "it has no config.json"
-    if not any((checkpoint / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        return "it has no model weights"
-    missing = [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (checkpoint / name).is_file()]
-    if missing:
-        return (
-            f"it has no {' or '.join(missing)} (a final model folder, or a checkpoint saved with --save_only_model), "
-            "so resuming would restart AdamW's moments and the learning-rate schedule"
-        )
-    return _unreadable_file(checkpoint)
-
-
-def _unreadable_file(checkpoint: Path) -> str | None:
-    """
-    A damaged file of a checkpoint, read as far as it can be without loading it: the header of the safetensors
-    weights, and the archive index of the torch files (written last, so a truncated file has none).
-    """
-    for weights in checkpoint.glob("*.safetensors"):
-        try:
-            with safe_open(weights, framework="pt"):
-                pass
-        except (OSError, SafetensorError) as error:
-            return f"its {weights.name} is damaged ({str(error).strip().splitlines()[0]})"
-    for name in [OPTIMIZER_NAME, SCHEDULER_NAME, *(path.name for path in checkpoint.glob("rng_state*.pth"))]:
-        try:
-            with zipfile.ZipFile(checkpoint / name):
-                pass
-        except (OSError, zipfile.BadZipFile):
-            return f"its {name} is damaged or truncated"
-    return None
-
-
-def last_complete_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
-    """The complete checkpoint of `output_dir` with the most steps (`warn`: log why each later one is not)."""
-    checkpoints = output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []
-    steps = {path: path.name.rsplit("-", 1)[-1] for path in checkpoints if path.is_dir()}
-    for checkpoint in sorted((p for p in steps if steps[p].isdigit()), key=lambda p: -int(steps[p])):
-        problem = checkpoint_problem(checkpoint)
-        if problem is None:
-            return checkpoint
-        if warn:
-            logger.warning("Skipping the incomplete checkpoint %s: %s.", checkpoint, problem)
-    return None
 
 
 def resolve_resume(training_args: MatpacTrainingArguments) -> None:

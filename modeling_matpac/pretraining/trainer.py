@@ -2,18 +2,18 @@
 
 import logging
 import math
-import os
 import shutil
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
 from ..modeling_matpac import MatpacForPreTraining
+from .checkpoints import last_complete_checkpoint
 from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate_pretraining_batch
 
 
@@ -427,7 +427,7 @@ class MatpacTrainer(Trainer):
             problems.append("weights are NaN or infinite")
         if not problems:
             return
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        last = last_complete_checkpoint(Path(self.args.output_dir))
         raise NonFiniteTrainingError(
             f"Training stopped at step {self.state.global_step}: {'; '.join(problems)}. Nothing was saved after "
             + (f"the last good checkpoint, {last}" if last else "the start (no checkpoint was saved)")
