@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_matpac import MatpacConfig
+from .configuration_matpac import MatpacConfig, check_field
 
 
 @dataclass
@@ -244,7 +244,11 @@ class MatpacLinear(nn.Linear):
             if not torch.is_autocast_enabled("cpu"):
                 if input.dtype == self.weight.dtype == torch.float32:
                     return OnednnLinearFunction.apply(input, self.weight, self.bias)
-            elif torch.is_inference_mode_enabled() and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            elif (
+                torch.is_inference_mode_enabled()
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and not parametrize.is_parametrized(self)  # a weight made at each call: nothing to keep
+            ):
                 return self._packed_bf16_forward(input)
         if self._packed_bf16 is not None:
             self._packed_bf16 = None
@@ -850,12 +854,23 @@ class MatpacModel(MatpacPreTrainedModel):
         )
 
 
+def check_step(step: int | torch.Tensor) -> int | torch.Tensor:
+    """A step count: a non-negative number or a one-element tensor (its sign is not read: that would sync a GPU)."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1:
+            raise ValueError(f"`step` must be one number, got a tensor of shape {tuple(step.shape)}.")
+        return step.reshape(())
+    if not step >= 0:
+        raise ValueError(f"`step` counts optimizer updates: it must be at least 0, got {step}.")
+    return step
+
+
 def linear_schedule(step: int | torch.Tensor, start: float, end: float, num_steps: int) -> float | torch.Tensor:
     """`start` at step 0, linear to `end` at `num_steps`, then `end`. A tensor step gives a tensor (for compiling)."""
     if num_steps <= 0 or start == end:
         return end
     progress = step / num_steps
-    progress = progress.clamp(max=1.0) if isinstance(progress, torch.Tensor) else min(progress, 1.0)
+    progress = progress.clamp(0.0, 1.0) if isinstance(progress, torch.Tensor) else min(max(progress, 0.0), 1.0)
     return start + (end - start) * progress
 
 
@@ -955,15 +970,24 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         `anneal_end_step`: the run's length (the authors' `max_update`), `config.ema_anneal_end_step` when not given.
         """
         config = self.config
+        step = check_step(step)
         end = config.ema_anneal_end_step if anneal_end_step is None else anneal_end_step
+        if anneal_end_step is not None:
+            check_field("ema_anneal_end_step", anneal_end_step)
         return (
             linear_schedule(step, config.ema_decay, config.ema_end_decay, end),
             linear_schedule(step, config.head_ema_decay, config.head_ema_end_decay, end),
         )
 
     def mcl_temperature(self, step: int | torch.Tensor) -> float | torch.Tensor:
-        """Multiple-choice temperature after `step` optimizer updates: `start * decay**step`."""
-        return self.config.mcl_temperature_start * self.config.mcl_temperature_decay**step
+        """
+        Multiple-choice temperature after `step` optimizer updates: `start * decay**step`, in double precision for a
+        tensor step too (in float32 the rounded decay, raised to 230,000, is 0.4 % off), then float32.
+        """
+        config = self.config
+        if isinstance(step, torch.Tensor):
+            return (config.mcl_temperature_start * config.mcl_temperature_decay ** step.double()).float()
+        return config.mcl_temperature_start * config.mcl_temperature_decay**step
 
     def mcl_first_hard_step(self) -> float:
         """
@@ -1022,6 +1046,13 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         Moves the centre toward the step's teacher statistics, `C <- m C + (1 - m) teacher_sum / teacher_count`, with
         `teacher_sum` and `teacher_count` of the forward outputs summed over the step's micro-batches and processes.
         """
+        if teacher_sum.numel() != self.center.numel():
+            raise ValueError(
+                f"`teacher_sum` must hold the {self.center.numel()} class sums of the outputs' `teacher_sum` "
+                f"(summed over micro-batches), got shape {tuple(teacher_sum.shape)}."
+            )
+        if not isinstance(teacher_count, torch.Tensor) and not teacher_count > 0:
+            raise ValueError(f"`teacher_count` must be positive (the masked patches counted), got {teacher_count}.")
         batch_mean = (teacher_sum.float() / teacher_count).view_as(self.center)
         self.center.mul_(self.config.center_momentum).add_(batch_mean, alpha=1 - self.config.center_momentum)
 
@@ -1032,6 +1063,8 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
         `T <- d T + (1 - d) S`, unless its decay (`ema_decays(step, anneal_end_step)`) is 1; as in the authors' code
         there is no update at step 0. Returns the two decays (NaN where nothing was done).
         """
+        step = int(check_step(step))  # the decays in double precision, as Python floats
+        self.check_float32_state()
         decays = self.ema_decays(step, anneal_end_step)
         pairs = ((self.teacher_encoder, self.matpac.encoder), (self.teacher_head, self.student_head))
         applied = []
@@ -1051,6 +1084,20 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 torch._foreach_add_(teacher_params, student_params, alpha=1 - decay)
             applied.append(decay)
         return applied[0], applied[1]
+
+    def check_float32_state(self) -> None:
+        """
+        Pre-training keeps its weights in float32, reduced precision coming from autocast: the teachers' EMA moves
+        them by about 1e-5 of their value per step, which rounds away in bf16 (0.8 % of the elements moved).
+        """
+        teacher = next(self.teacher_encoder.parameters())
+        dtypes = {self.matpac.embeddings.cls_token.dtype, self.center.dtype, teacher.dtype}
+        if dtypes != {torch.float32}:
+            raise ValueError(
+                f"Pre-training needs float32 weights, got {sorted(map(str, dtypes))}: load or keep the model in "
+                "float32 (`from_pretrained(..., dtype=torch.float32)`, no `.to(torch.bfloat16)`) and train under "
+                "autocast (`--bf16`)."
+            )
 
     def random_masking(
         self, batch_size: int, device: torch.device, noise: torch.Tensor | None = None
@@ -1088,11 +1135,11 @@ class MatpacForPreTraining(MatpacPreTrainedModel):
                 f"`input_values` must have shape (batch, {expected[0]}, {expected[1]}), got "
                 f"{tuple(input_values.shape)}."
             )
-        if self.matpac.embeddings.cls_token.dtype != self.center.dtype and not torch.is_autocast_enabled():
-            raise ValueError(
-                "The student is in reduced precision and the teachers in float32: pre-train in float32 "
-                "(`from_pretrained(..., dtype=torch.float32)`) with autocast (`--bf16`)."
-            )
+        self.check_float32_state()
+        if step is not None:
+            step = check_step(step)
+        if noise is not None and not isinstance(noise, torch.Tensor):
+            raise ValueError(f"`noise` must be a tensor of shape (batch, num_patches), got a {type(noise).__name__}.")
         embeddings = self.matpac.embeddings(input_values)
         batch_size, _, hidden_size = embeddings.shape
         ids_shuffle, ids_restore = self.random_masking(batch_size, embeddings.device, noise)

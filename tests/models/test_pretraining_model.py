@@ -267,3 +267,56 @@ def test_the_centre_and_teacher_updates_are_the_two_halves_of_the_step_call():
     assert not all(torch.equal(a, b) for a, b in zip(teachers_before, halves.teacher_encoder.parameters()))
     for (name, a), b in zip(combined.state_dict().items(), halves.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_model_cast_to_reduced_precision_is_refused_for_pre_training():
+    """Before: `.to(torch.bfloat16)` trained, and one EMA update moved 0.8 % of the teacher's elements (fp32: 95 %)."""
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).to(torch.bfloat16)
+    values = torch.randn(2, 80, 608, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"Pre-training needs float32 weights, got \['torch.bfloat16'\]"):
+        model(values)
+    with pytest.raises(ValueError, match="Pre-training needs float32 weights"):
+        model.update_teachers(3)
+
+
+def test_the_forward_runs_under_inference_mode_and_bf16_autocast():
+    """Before: "Inference tensors do not track version counter", from the weight-normalised head's packed path."""
+    torch.manual_seed(0)
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs())).eval()
+    values, noise = torch.randn(2, 80, 608), torch.rand(2, 190)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(values, noise=noise, step=3).loss
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(values, noise=noise, step=3).loss
+    torch.testing.assert_close(loss, expected, atol=2e-2, rtol=0)
+
+
+def test_a_tensor_step_gives_the_schedules_of_an_int_step():
+    """Before: a tensor step raised the float32-rounded decay to the step: 0.44 % off at 230,000 updates."""
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs(predictor_num_hypotheses=5)))
+    for step in (0, 1000, 100_000, 230_000):
+        expected = model.mcl_temperature(step)
+        assert model.mcl_temperature(torch.tensor(step)).item() == pytest.approx(expected, rel=1e-6)
+    decays = model.update_teachers(torch.tensor(1000))
+    assert decays == model.update_teachers(1000) and all(type(decay) is float for decay in decays)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda model: model(torch.randn(2, 80, 608), step=-20000), "`step` counts optimizer updates: .* got -20000"),
+        (lambda model: model(torch.randn(2, 80, 608), step=torch.tensor([3, 4])), r"`step` must be one number"),
+        (lambda model: model(torch.randn(2, 80, 608), noise=[0.5] * 190), "`noise` must be a tensor"),
+        (lambda model: model.update_teachers(-3), "must be at least 0, got -3"),
+        (lambda model: model.ema_decays(5, anneal_end_step=0), "`ema_anneal_end_step` must be positive, got 0"),
+        (lambda model: model.update_center(torch.ones(24), 0), "`teacher_count` must be positive"),
+        (lambda model: model.update_center(torch.ones(133, 24), 133), r"must hold the 24 class sums .*\(133, 24\)"),
+    ],
+)
+def test_steps_counts_and_noise_that_cannot_be_are_refused(call, message):
+    """Before: a negative temperature, decays below their start, an infinite centre, or torch's shape errors."""
+    model = MatpacForPreTraining(MatpacConfig(**tiny_config_kwargs()))
+    center = model.center.clone()
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert torch.equal(model.center, center)
