@@ -13,6 +13,7 @@ MODEL_UNIT = {
     "conversion_card", "labels",
 }  # fmt: skip
 SCRIPT_SUPPORT = {"cpu_memory"}  # process settings that only the scripts apply, never the library
+SHARED = {"atomic_write"}  # what pretraining/ and evaluation/ both use, outside the model unit
 REMOTE_CODE = {"configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio"}
 AREAS = ("pretraining", "evaluation")
 DATA = ("label_maps",)  # package data of the converter, no code
@@ -49,7 +50,7 @@ def area(module: str) -> str:
 
 def test_the_layout_is_the_documented_one():
     top_level = {path.stem for path in PACKAGE.glob("*.py")}
-    assert top_level == MODEL_UNIT | SCRIPT_SUPPORT
+    assert top_level == MODEL_UNIT | SCRIPT_SUPPORT | SHARED
     directories = {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"}
     assert directories == {*AREAS, *DATA}
     assert not list((PACKAGE / "label_maps").glob("*.py"))

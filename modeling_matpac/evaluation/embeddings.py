@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoFeatureExtractor, AutoModel
 
+from ..atomic_write import replace_when_written
 from ..audio import AudioDecodeError, resample
-from .atomic_write import replace_when_written
 from .tasks import ProbeData, ProbeDataError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_write import replace_when_written
+from ..atomic_write import replace_when_written
 from .embeddings import Embeddings
 from .probe import ProbeOutcome, confidence_interval
 from .tasks import TASKS, ProbeData, clip_counts

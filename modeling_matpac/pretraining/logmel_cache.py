@@ -61,6 +61,7 @@ import pyarrow as pa
 import torch
 from transformers.utils import logging
 
+from ..atomic_write import replace_when_written
 from ..audio import SAMPLING_RATE, AudioDecodeError, decode_mono_16k_windows
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
@@ -444,9 +445,8 @@ def _record_finished_part(
         "last": list(last.key),
         "last_digest": _clip_digest(last),
     }
-    partial = building / f"{PROGRESS_FILE}.partial"
-    partial.write_text(json.dumps(progress, indent=2) + "\n")
-    os.replace(partial, building / PROGRESS_FILE)
+    with replace_when_written(building / PROGRESS_FILE) as partial:
+        partial.write_text(json.dumps(progress, indent=2) + "\n")
 
 
 def _clip_digest(clip: _Clip) -> str:

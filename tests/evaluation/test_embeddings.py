@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from test_tasks import make_task, save_tiny_matpac, write_clip
 
 from modeling_matpac import MatpacFeatureExtractor, MatpacModel
+from modeling_matpac.atomic_write import replace_when_written
 from modeling_matpac.convert import convert_checkpoint
 from modeling_matpac.evaluation import embeddings as embeddings_module
-from modeling_matpac.evaluation.atomic_write import replace_when_written
 from modeling_matpac.evaluation.embeddings import (
     EmbeddingExtractor,
     authors_layer_results,
