@@ -141,7 +141,9 @@ def profiled_kernels(function, calls: int) -> list[tuple[str, float, float]]:
 def gpu_time_by_kind(kernels: list[tuple[str, float, float]], steps: int, top: int = 3) -> dict[str, object]:
     """
     Milliseconds per step of the GPU's kernels by `kernel_kind`, the time it was busy (the union of the kernels'
-    intervals, as streams may overlap) and the costliest "other" kernels: where a step's time goes beside its products.
+    intervals, as streams may overlap), the costliest "other" kernels, and the time the GPU waited between kernels of
+    steps run back to back (as in training) with the longest of those waits and the kernel each followed: where a
+    step's time goes beside its products, and where the host fell behind.
     """
     by_kind, others = {}, {}
     for name, start, end in kernels:
@@ -149,12 +151,22 @@ def gpu_time_by_kind(kernels: list[tuple[str, float, float]], steps: int, top: i
         by_kind[kind] = by_kind.get(kind, 0.0) + (end - start) / 1e3 / steps
         if kind == "other":
             others[name] = others.get(name, 0.0) + (end - start) / 1e3 / steps
-    busy, covered_until = 0.0, float("-inf")
-    for _, start, end in sorted(kernels, key=lambda kernel: kernel[1]):
+    busy, covered_until, last_name, waits = 0.0, float("-inf"), None, []
+    for name, start, end in sorted(kernels, key=lambda kernel: kernel[1]):
+        if last_name is not None and start > covered_until:
+            waits.append((start - covered_until, last_name))
         busy += max(0.0, end - max(start, covered_until))
-        covered_until = max(covered_until, end)
+        if end > covered_until:
+            covered_until, last_name = end, name
     costliest = sorted(others.items(), key=lambda item: -item[1])[:top]
-    return {"busy_ms": busy / 1e3 / steps, "by_kind_ms": by_kind, "costliest_other_ms": dict(costliest)}
+    longest = sorted(waits, key=lambda wait: -wait[0])[:top]
+    return {
+        "busy_ms": busy / 1e3 / steps,
+        "by_kind_ms": by_kind,
+        "costliest_other_ms": dict(costliest),
+        "waiting_ms": sum(gap for gap, _ in waits) / 1e3 / steps,
+        "longest_waits_ms": [(name, gap / 1e3) for gap, name in longest],
+    }
 
 
 def format_gpu_time(gpu: dict[str, object], step_ms: float) -> str:
@@ -163,7 +175,12 @@ def format_gpu_time(gpu: dict[str, object], step_ms: float) -> str:
     kinds = sorted(gpu["by_kind_ms"].items(), key=lambda item: -item[1])
     parts = ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / busy:.0f} %)" for kind, ms in kinds)
     others = ", ".join(f"{name[:60]} {ms:.1f} ms" for name, ms in gpu["costliest_other_ms"].items())
-    return f"{parts}; GPU idle {max(step_ms - busy, 0.0):.1f} of the {step_ms:.1f} ms step; costliest other: {others}"
+    waits = ", ".join(f"{ms:.2f} ms after {name[:60]}" for name, ms in gpu["longest_waits_ms"])
+    return (
+        f"{parts}; GPU idle {max(step_ms - busy, 0.0):.1f} of the {step_ms:.1f} ms step, "
+        f"{gpu['waiting_ms']:.1f} of it between the kernels of steps run back to back (longest: {waits or 'none'}); "
+        f"costliest other: {others}"
+    )
 
 
 def block_flops(tokens: int, width: int, mlp: int) -> int:

@@ -164,8 +164,13 @@ def test_gpu_time_counts_overlapping_streams_once_and_names_the_costliest_other_
     assert gpu["busy_ms"] == pytest.approx((1300 + 100 + 1410) / 1e3 / 2)
     assert gpu["by_kind_ms"] == pytest.approx({"products": 1.0, "other": 0.45, "copies": 0.005})
     assert gpu["costliest_other_ms"] == pytest.approx({"triton_poi_fused_add_0": 0.4})
+    # The GPU waited 100 us after the first step's add (the product ended before it) and 500 us after its sum.
+    assert gpu["waiting_ms"] == pytest.approx((100 + 500) / 1e3 / 2)
+    assert gpu["longest_waits_ms"] == [("triton_red_fused_sum_1", pytest.approx(0.5))]
     detail = benchmarks.format_gpu_time(gpu, step_ms=2.0)
     assert detail.startswith("products 1.0 ms (71 %), other 0.5 ms (32 %), copies 0.0 ms (0 %); GPU idle 0.6 of")
+    waits = "0.3 of it between the kernels of steps run back to back (longest: 0.50 ms after triton_red_fused_sum_1)"
+    assert waits in detail
     assert detail.endswith("costliest other: triton_poi_fused_add_0 0.4 ms")
 
 
