@@ -185,6 +185,27 @@ def rename_key(key: str) -> str | None:
     return None
 
 
+def _inverse_rule(pattern: str, replacement: str) -> tuple[str, str]:
+    r"""The rule that undoes `(pattern, replacement)`: both are literal names but for `\.`, one `(\d+)` and anchors."""
+    ours = re.escape(replacement).replace(re.escape("\\1"), r"(\d+)")
+    authors = pattern.removeprefix("^").removesuffix("$").replace(r"\.", ".").replace(r"(\d+)", r"\1")
+    return ("^" if pattern.startswith("^") else "") + ours + ("$" if pattern.endswith("$") else ""), authors
+
+
+def authors_key(key: str) -> str:
+    """
+    The authors' name of one of our keys (as `MatpacForPreTraining` or the classifier holds it), undoing
+    `rename_key`'s rules in reverse order, for messages: a classifier's `classifier.*` reads as the AudioSet `head.*`.
+    """
+    for pattern, replacement in reversed(SUFFIX_RULES):
+        key = re.sub(*_inverse_rule(pattern, replacement), key)
+    for pattern, replacement in PREFIX_RULES:
+        inverse_pattern, inverse_replacement = _inverse_rule(pattern, replacement)
+        if re.match(inverse_pattern, key):
+            return re.sub(inverse_pattern, inverse_replacement, key)
+    return key
+
+
 def _count_blocks(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
     indices = {int(match.group(1)) for key in state_dict if (match := re.match(rf"^{re.escape(prefix)}(\d+)\.", key))}
     return max(indices) + 1 if indices else 0
@@ -312,17 +333,27 @@ def head_config(task: str, num_outputs: int, **fields) -> dict:
 
 
 def _load_checked(model: MatpacPreTrainedModel, converted: dict[str, torch.Tensor]) -> MatpacPreTrainedModel:
-    """Loads `converted` into `model`, refusing missing, unexpected and misshaped tensors with their names."""
+    """
+    Loads `converted` into `model`, refusing missing, unexpected and misshaped tensors with their names. A BatchNorm's
+    `num_batches_tracked` may be missing (a state dict saved without it): the counter is read only by a BatchNorm
+    without momentum, which MATPAC's head is not, so it starts at 0.
+    """
     expected = model.state_dict()
+    counters = sorted(key for key in expected if key.endswith(".num_batches_tracked") and key not in converted)
+    if counters:
+        logger.info("The checkpoint has no %s: set to 0 (the head's statistics do not depend on it).", counters)
+        converted = {**converted, **{key: torch.zeros_like(expected[key]) for key in counters}}
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
+    prefix = "matpac." if isinstance(model, MatpacModel) else ""
     if missing or unexpected:
+        missing_originals = [authors_key(prefix + key) for key in missing]
         raise ValueError(
             f"The checkpoint does not fit a {type(model).__name__} of the inferred sizes: missing {missing}, "
-            f"unexpected {unexpected}."
+            f"unexpected {unexpected}. Missing in the authors' naming: {missing_originals}."
         )
     wrong_shapes = [
-        f"{key}: {tuple(tensor.shape)} vs {tuple(expected[key].shape)}"
+        f"{authors_key(prefix + key)} ({key}): {tuple(tensor.shape)} vs {tuple(expected[key].shape)}"
         for key, tensor in converted.items()
         if tensor.shape != expected[key].shape
     ]

@@ -9,6 +9,8 @@ from transformers import AutoFeatureExtractor, AutoModel, AutoModelForPreTrainin
 
 from modeling_matpac import MatpacForPreTraining, MatpacModel
 from modeling_matpac.convert import (
+    FRONT_END_KEYS,
+    authors_key,
     convert_checkpoint,
     convert_state_dict,
     infer_config,
@@ -121,13 +123,25 @@ def test_unknown_missing_and_misshaped_keys_are_reported():
     with pytest.raises(ValueError, match=r"not MATPAC weights: \['extra.weight'\]"):
         convert_state_dict({**original, "extra.weight": torch.zeros(1)}, config, encoder_only=True)
     incomplete = {key: value for key, value in original.items() if key != "student_encoder.norm.weight"}
-    with pytest.raises(ValueError, match=r"missing \['encoder.layernorm.weight'\]"):
+    missing = r"missing \['encoder.layernorm.weight'\], .* in the authors' naming: \['student_encoder.norm.weight'\]"
+    with pytest.raises(ValueError, match=missing):
         convert_state_dict(incomplete, config, encoder_only=True)
     misshaped = {**original, "student_encoder.norm.bias": torch.zeros(65)}
-    with pytest.raises(ValueError, match="student_encoder.norm.bias|encoder.layernorm.bias"):
+    with pytest.raises(ValueError, match=r"student_encoder.norm.bias \(encoder.layernorm.bias\): \(65,\) vs \(64,\)"):
         convert_state_dict(misshaped, config, encoder_only=True)
     front_end = {**original, "log_mel.MelSpectrogram.mel_scale.fb": torch.zeros(201, 80)}
     assert isinstance(convert_state_dict(front_end, config, encoder_only=True), MatpacModel)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["inference_checkpoint.pt", "audioset_head_checkpoint.pt", "pretraining_init_state.pt", "mcl_init_state.pt"],
+)
+def test_every_key_of_the_authors_files_is_named_back_from_ours(name):
+    original = load_original_state_dict(FIXTURES / name)
+    ours = {key: rename_key(key) for key in original if not FRONT_END_KEYS.match(key)}
+    assert len(ours) > 20 and None not in ours.values()
+    assert {key: authors_key(renamed) for key, renamed in ours.items()} == {key: key for key in ours}
 
 
 def test_bad_checkpoint_files_give_clear_errors(tmp_path):

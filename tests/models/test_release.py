@@ -181,6 +181,20 @@ def test_converted_classifier_round_trips_bit_identically(audioset, tmp_path):
     assert_identical_state(model, AutoModelForAudioClassification.from_pretrained(tmp_path))
 
 
+def test_a_classifier_saved_without_its_batch_counter_converts_to_the_same_tagger(audioset, tmp_path, caplog):
+    original = load_original_state_dict(FIXTURES / "audioset_head_checkpoint.pt")
+    del original["head_norm.num_batches_tracked"]
+    torch.save(original, tmp_path / "no_counter.pt")
+    with caplog.at_level("INFO", logger="modeling_matpac.convert"):
+        converted = convert_checkpoint(tmp_path / "no_counter.pt", tmp_path / "out", **HEADS).eval()
+    assert "no ['embedding_norm.num_batches_tracked']: set to 0" in caplog.text
+    assert int(converted.embedding_norm.num_batches_tracked) == 0
+    reference = MatpacForAudioClassification.from_pretrained(audioset).eval()
+    values = load_file(FIXTURES / "audioset_head.safetensors")["c.logmel_norm"]
+    with torch.no_grad():
+        assert torch.equal(converted(values).logits, reference(values).logits)
+
+
 def test_converted_classifier_runs_as_remote_code_in_a_fresh_process(audioset, tmp_path):
     model = MatpacForAudioClassification.from_pretrained(audioset).eval()
     values = load_file(FIXTURES / "audioset_head.safetensors")["c.logmel_norm"]
