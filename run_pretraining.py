@@ -42,6 +42,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
 from modeling_matpac.cpu_memory import keep_freed_memory_mapped
 from modeling_matpac.pretraining import (
+    BatchTooLargeError,
     MatpacLogMelCacheDataset,
     MatpacPretrainingDataset,
     MatpacTrainer,
@@ -759,7 +760,14 @@ def lost_peer(error: RuntimeError) -> bool:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, SafetensorError, NoUsableClipError, NonFiniteTrainingError) as error:
+    except (
+        ValueError,
+        OSError,
+        SafetensorError,
+        NoUsableClipError,
+        NonFiniteTrainingError,
+        BatchTooLargeError,
+    ) as error:
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
         sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
     except RuntimeError as error:

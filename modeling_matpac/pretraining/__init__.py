@@ -3,10 +3,11 @@
 from .corpus import generate_builtin_corpus
 from .data import MatpacPretrainingDataset, collate_pretraining_batch, list_audio_files, load_audio_source
 from .logmel_cache import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
-from .trainer import MatpacTrainer, NonFiniteTrainingError
+from .trainer import BatchTooLargeError, MatpacTrainer, NonFiniteTrainingError
 
 
 __all__ = [
+    "BatchTooLargeError",
     "LogMelCache",
     "MatpacLogMelCacheDataset",
     "MatpacPretrainingDataset",

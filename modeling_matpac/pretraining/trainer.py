@@ -44,10 +44,20 @@ def check_supported_arguments(args) -> None:
         )
     if args.use_liger_kernel:
         raise ValueError("--use_liger_kernel patches language-model layers, which MATPAC does not have: leave it out.")
+    if args.auto_find_batch_size and args.world_size > 1:
+        raise ValueError(
+            "--auto_find_batch_size retries with a smaller batch in the process that ran out of memory alone, while "
+            "the others wait for it in their gradient all-reduce: find the batch on one process, then set "
+            "--per_device_train_batch_size."
+        )
 
 
 class NonFiniteTrainingError(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or infinite: training stops before saving them."""
+
+
+class BatchTooLargeError(RuntimeError):
+    """The batch ran out of memory after training began, where `--auto_find_batch_size` cannot just try again."""
 
 
 class _TeacherUpdateCallback(TrainerCallback):
@@ -199,11 +209,43 @@ class MatpacTrainer(Trainer):
             for dataset in eval_sets:
                 self.check_dataset(dataset, "evaluation")
         self._eval_noise: torch.Generator | None = None
+        self._attempts, self._updates_this_call = [], 0
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
         self.add_callback(_GlobalBatchRecord())
         self.add_callback(_ScheduleRecord())
+
+    def train(self, *args, **kwargs):
+        self._attempts: list[int] = []  # the per-device batch of each try of `--auto_find_batch_size`
+        self._updates_this_call = 0  # optimizer updates of this call, over its tries
+        return super().train(*args, **kwargs)
+
+    def _inner_training_loop(
+        self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
+    ):
+        """
+        One try of the training loop. `--auto_find_batch_size` tries again with a smaller batch after running out of
+        memory; after an optimizer update that would restart the schedules (EMA, temperatures, learning rate) from
+        step 0 on weights and teachers already trained, so it is refused, naming the checkpoint to resume from.
+        """
+        self._attempts.append(batch_size)
+        if len(self._attempts) > 1:
+            if self._updates_this_call:
+                checkpoint = last_complete_checkpoint(Path(self.args.output_dir))
+                raise BatchTooLargeError(
+                    f"Out of memory at per-device batch {self._attempts[-2]} after {self._updates_this_call} "
+                    "optimizer updates: --auto_find_batch_size would restart the schedules on the trained weights. "
+                    f"Resume from {checkpoint or 'the last checkpoint'} with a smaller --per_device_train_batch_size."
+                )
+            logger.warning(
+                "Out of memory at per-device batch %d before the first update: training with %d (%d clips per "
+                "optimizer step). The learning rate and schedules are not rescaled.",
+                self._attempts[-2],
+                batch_size,
+                batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
+            )
+        return super()._inner_training_loop(batch_size, args, resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def reset_accumulators(self, global_step: int) -> None:
         """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""
@@ -398,6 +440,7 @@ class MatpacTrainer(Trainer):
         teacher_count = self.accelerator.reduce(self._teacher_count, reduction="sum")
         self._teacher_sum = self._teacher_count = None
         self.pretraining_model.update_teachers_and_center(step, teacher_sum, teacher_count, self.state.max_steps)
+        self._updates_this_call += 1
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation of a label-free objective: the pre-training loss is the metric."""

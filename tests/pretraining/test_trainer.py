@@ -1,7 +1,9 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from transformers import AutoFeatureExtractor, TrainingArguments
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel
 from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus
-from modeling_matpac.pretraining.trainer import MatpacTrainer
+from modeling_matpac.pretraining.trainer import BatchTooLargeError, MatpacTrainer, check_supported_arguments
 
 
 TESTS = Path(__file__).parent
@@ -221,6 +223,51 @@ def test_unsupported_setups_are_refused(tmp_path):
         with pytest.raises(ValueError, match="FSDP or DeepSpeed"):
             trainer.check_supported_setup()
         setattr(trainer, backend, False)
+
+
+def running_out_of_memory_above(monkeypatch, batch_size: int, from_step: int = 0) -> list[int]:
+    """Makes a training forward of more than `batch_size` clips fail as the CPU allocator does, from `from_step`."""
+    original, batches = MatpacForPreTraining.forward, []
+
+    def forward(self, input_values, *args, step=None, **kwargs):
+        batches.append(len(input_values))
+        if self.training and len(input_values) > batch_size and int(step) >= from_step:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000 bytes.")
+        return original(self, input_values, *args, step=step, **kwargs)
+
+    monkeypatch.setattr(MatpacForPreTraining, "forward", forward)
+    return batches
+
+
+def test_auto_find_batch_size_retries_before_the_first_update_and_says_so(tmp_path, monkeypatch, caplog):
+    batches = running_out_of_memory_above(monkeypatch, batch_size=2)
+    with caplog.at_level("WARNING", logger="modeling_matpac.pretraining.trainer"):
+        trainer = train(tmp_path, batch_size=3, accumulation=2, max_steps=3, auto_find_batch_size=True)
+    # 3 failed once, int(3 * 0.9) = 2 trained: 2 micro-batches of 2 per update, the schedules from step 0.
+    assert batches == [3, 2, 2, 2, 2, 2, 2]
+    assert "Out of memory at per-device batch 3 before the first update: training with 2 (4 clips per" in caplog.text
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["ema_decay"] for entry in logged] == pytest.approx([0.5, 0.5 + 0.4 / 3, 0.5 + 0.8 / 3])
+    assert trainer.state.train_batch_size == 2 and trainer.state.global_step == 3
+
+
+def test_auto_find_batch_size_refuses_to_restart_a_run_that_updated(tmp_path, monkeypatch):
+    # Before: a second try restarted the EMA, temperature and learning-rate schedules on the trained weights.
+    running_out_of_memory_above(monkeypatch, batch_size=2, from_step=2)
+    message = (
+        "Out of memory at per-device batch 3 after 2 optimizer updates: --auto_find_batch_size would restart the "
+        f"schedules on the trained weights. Resume from {tmp_path / 'checkpoint-2'} with a smaller"
+    )
+    with pytest.raises(BatchTooLargeError, match=re.escape(message)):
+        train(tmp_path, batch_size=3, accumulation=1, max_steps=4, save_steps=1, auto_find_batch_size=True)
+
+
+def test_auto_find_batch_size_is_refused_with_several_processes(tmp_path):
+    args = TrainingArguments(tmp_path, use_cpu=True, report_to=[], auto_find_batch_size=True)
+    check_supported_arguments(args)
+    with mock.patch.object(TrainingArguments, "world_size", new_callable=mock.PropertyMock, return_value=2):
+        with pytest.raises(ValueError, match="retries with a smaller batch in the process that ran out of memory"):
+            check_supported_arguments(args)
 
 
 @HYPOTHESES
