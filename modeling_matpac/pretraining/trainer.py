@@ -210,6 +210,7 @@ class MatpacTrainer(Trainer):
                 self.check_dataset(dataset, "evaluation")
         self._eval_noise: torch.Generator | None = None
         self._attempts, self._updates_this_call = [], 0
+        self._eval_loss_parts: list[torch.Tensor] = []  # per clip, of the evaluation under way
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
@@ -269,7 +270,8 @@ class MatpacTrainer(Trainer):
         if ignored:
             raise ValueError(
                 f"MatpacTrainer does not take {' or '.join(ignored)}: pre-training has no labels or logits to score, "
-                "and its evaluation reports the pre-training loss (`eval_loss`)."
+                "and its evaluation reports the pre-training loss and its parts (`eval_loss`, `eval_loss_pred`, "
+                "`eval_loss_cls`)."
             )
         if not isinstance(self.pretraining_model, MatpacForPreTraining):
             raise ValueError(
@@ -442,14 +444,32 @@ class MatpacTrainer(Trainer):
         self.pretraining_model.update_teachers_and_center(step, teacher_sum, teacher_count, self.state.max_steps)
         self._updates_this_call += 1
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """The Trainer's loop, which reports `eval_loss`, with the loss's two parts beside it, averaged alike."""
+        self._eval_loss_parts = []
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._eval_loss_parts:
+            loss_pred, loss_cls = torch.cat(self._eval_loss_parts).double().mean(0).tolist()
+            output.metrics[f"{metric_key_prefix}_loss_pred"] = loss_pred
+            output.metrics[f"{metric_key_prefix}_loss_cls"] = loss_cls
+        self._eval_loss_parts = []
+        return output
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation of a label-free objective: the pre-training loss is the metric."""
+        """
+        Evaluation of a label-free objective: the pre-training loss is the metric. Its parts are gathered as the
+        Trainer gathers the loss (once per clip, the copies that pad a process's last batch left out).
+        """
         inputs = self._prepare_inputs(inputs)
         if inputs.get("noise") is None and self._eval_noise is not None:
             shape = (inputs["input_values"].shape[0], self.pretraining_model.config.num_patches)
             inputs["noise"] = torch.rand(shape, generator=self._eval_noise, device=self._eval_noise.device)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        parts = torch.stack([outputs.loss_pred, outputs.loss_cls]).float()
+        self._eval_loss_parts.append(self.gather_function(parts.repeat(len(inputs["input_values"]), 1)))
         return loss.detach(), None, None
 
     def check_finite(self, logs: dict[str, float] | None = None) -> None:

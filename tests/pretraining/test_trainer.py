@@ -385,8 +385,12 @@ def test_evaluation_masks_with_its_own_noise_and_leaves_the_training_as_it_was(t
     assert max_difference(evaluated.pretraining_model.state_dict(), plain.pretraining_model.state_dict()) == 0
     during = [entry["eval_loss"] for entry in evaluated.state.log_history if "eval_loss" in entry]
     assert len(during) == 2 and during[0] != during[1]  # the model changed between them
-    after = [evaluated.evaluate()["eval_loss"] for _ in range(2)]
-    assert after[0] == after[1] == during[1]
+    after = [evaluated.evaluate() for _ in range(2)]
+    assert after[0]["eval_loss"] == after[1]["eval_loss"] == during[1]
+    # The two parts are reported beside the loss (before: eval_loss only), averaged over the same clips.
+    assert after[0]["eval_loss_pred"] == after[1]["eval_loss_pred"] and 0 < after[0]["eval_loss_pred"] < 4
+    parts = 0.5 * after[0]["eval_loss_pred"] + 0.5 * after[0]["eval_loss_cls"]
+    assert after[0]["eval_loss"] == pytest.approx(parts, abs=1e-6)
 
 
 def test_datasets_that_cannot_work_are_refused_before_training(tmp_path, caplog):
