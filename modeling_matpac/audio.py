@@ -267,18 +267,20 @@ def _read_samples(sound_file: "sf.SoundFile", frames: int = -1) -> np.ndarray:
     return np.ascontiguousarray(samples.T)
 
 
-def check_all_samples(audio: bytes | str | os.PathLike | dict) -> None:
+def check_all_samples(audio: bytes | str | os.PathLike | dict) -> bool:
     """
     Reads a float file whole, a block at a time, and raises `AudioDecodeError` on NaN, infinite or absurdly large
     samples anywhere in it: a reader of crops would meet them in some epochs only. Only float files can hold such
-    samples (integer PCM, FLAC included, and lossy codecs decode into [-1, 1]): any other file costs an open.
+    samples (integer PCM, FLAC included, and lossy codecs decode into [-1, 1]): any other file costs an open. Returns
+    whether the file stores float samples, and so was read.
     """
     with _open_sound_file(_audio_payload(audio)) as sound_file:
         if sound_file.subtype not in _FLOAT_SUBTYPES:
-            return
+            return False
         remaining = sound_file.frames
         while remaining > 0:
             remaining -= _read_samples(sound_file, min(remaining, _CHECK_BLOCK_FRAMES)).shape[-1]
+    return True
 
 
 def decode_audio(data: bytes | str | os.PathLike) -> tuple[np.ndarray, int]:

@@ -352,31 +352,34 @@ def _check_class_indices(task: ProbeTask, rows: list[dict[str, str]], index: str
 # Original layouts -------------------------------------------------------------------------------------------------
 
 
-def load_esc50(root: Path) -> ProbeData:
-    task = TASKS["esc50"]
-    _require(root, task, "meta/esc50.csv", "audio")
-    path = root / "meta/esc50.csv"
-    rows = _read_csv(path, ("filename", "fold", "target", "category"))
-    _check_class_indices(task, rows, "target", "category", path)
+def _load_folds_csv(
+    root: Path, task: ProbeTask, metadata: str, columns: tuple[str, str, str], audio: str
+) -> ProbeData:
+    """
+    A fold-split set listed in one CSV: `columns` name its file, class index and class name columns, and `audio` is
+    the path of a clip under `root`, with `{name}` and `{fold}` for its file and fold.
+    """
+    path = root / metadata
+    _require(root, task, metadata, "audio")
+    file_column, index_column, name_column = columns
+    rows = _read_csv(path, (file_column, "fold", index_column, name_column))
+    _check_class_indices(task, rows, index_column, name_column, path)
     entries = []
     for row in rows:
-        name = row["filename"]
-        entries.append(Entry(name, root / "audio" / name, [row["category"]], _integer(path, row, "fold", name)))
+        name = row[file_column]
+        fold = _integer(path, row, "fold", name)
+        entries.append(Entry(name, root / audio.format(name=name, fold=fold), [row[name_column]], fold))
     return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
+
+
+def load_esc50(root: Path) -> ProbeData:
+    columns = ("filename", "target", "category")
+    return _load_folds_csv(root, TASKS["esc50"], "meta/esc50.csv", columns, "audio/{name}")
 
 
 def load_us8k(root: Path) -> ProbeData:
-    task = TASKS["us8k"]
-    _require(root, task, "metadata/UrbanSound8K.csv", "audio")
-    path = root / "metadata/UrbanSound8K.csv"
-    rows = _read_csv(path, ("slice_file_name", "fold", "classID", "class"))
-    _check_class_indices(task, rows, "classID", "class", path)
-    entries = []
-    for row in rows:
-        name = row["slice_file_name"]
-        fold = _integer(path, row, "fold", name)
-        entries.append(Entry(name, root / "audio" / f"fold{fold}" / name, [row["class"]], fold))
-    return build_probe_data(task, task.vocabulary, entries, by_fold=True, source=root)
+    columns = ("slice_file_name", "classID", "class")
+    return _load_folds_csv(root, TASKS["us8k"], "metadata/UrbanSound8K.csv", columns, "audio/fold{fold}/{name}")
 
 
 def load_gtzan(root: Path) -> ProbeData:

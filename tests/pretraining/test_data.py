@@ -33,6 +33,7 @@ from modeling_matpac.pretraining import (
     list_audio_files,
     load_audio_source,
 )
+from modeling_matpac.pretraining import data as data_module
 from modeling_matpac.pretraining.data import SKIP_COUNTERS, SkippedClips
 from modeling_matpac.pretraining.logmel_cache import preprocess_to_cache
 
@@ -241,7 +242,7 @@ def test_corrupt_and_empty_files_are_skipped_with_a_warning(tmp_path, caplog):
         assert any(name in message and reason in message for message in warnings), (name, warnings)
 
 
-def test_clips_with_bad_samples_outside_the_crop_are_skipped_in_every_epoch(tmp_path, caplog):
+def test_clips_with_bad_samples_outside_the_crop_are_skipped_in_every_epoch(tmp_path, caplog, monkeypatch):
     """Float files with a NaN, an infinite or an absurd sample that few crops of the clip cover."""
     files = [tmp_path / "a_nan_first.wav", tmp_path / "b_inf_last.wav", tmp_path / "c_loud_first.wav"]
     for path, (where, value) in zip(files, [(0, np.nan), (-1, np.inf), (0, 1e6)], strict=True):
@@ -249,12 +250,29 @@ def test_clips_with_bad_samples_outside_the_crop_are_skipped_in_every_epoch(tmp_
         samples[where] = value
         sf.write(path, samples, 16000, subtype="FLOAT")
     files.append(_write(tmp_path / "d_valid.wav", 3 * CROP, seed=1, subtype="FLOAT"))
+    files.append(_write(tmp_path / "e_pcm.wav", 3 * CROP, seed=2, subtype="PCM_16"))
+    checked = Counter()
+    original_check = data_module.check_all_samples
 
+    def counting_check(audio):
+        checked[Path(audio).name] += 1
+        return original_check(audio)
+
+    monkeypatch.setattr(data_module, "check_all_samples", counting_check)
     with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.data"):
         stream = iter(MatpacPretrainingDataset(files, shuffle=False))
-        examples = [next(stream) for _ in range(8)]  # one per epoch
-    assert [Path(example["clip_id"]).name for example in examples] == ["d_valid.wav"] * 8
-    assert [example["num_skipped_corrupt"] for example in examples] == [3] * 8
+        examples = [next(stream) for _ in range(16)]  # two per epoch
+    assert [Path(example["clip_id"]).name for example in examples] == ["d_valid.wav", "e_pcm.wav"] * 8
+    # The valid float file is read whole once (before: at each of its 8 crops); the damaged ones at each epoch, the
+    # PCM one never (each of its checks only opens it).
+    assert checked == {
+        "a_nan_first.wav": 8,
+        "b_inf_last.wav": 8,
+        "c_loud_first.wav": 8,
+        "d_valid.wav": 1,
+        "e_pcm.wav": 8,
+    }
+    assert [example["num_skipped_corrupt"] for example in examples] == [3, 0] * 8
     assert sorted(caplog.messages) == [
         f"Skipping undecodable audio clip {files[0]}: the audio has NaN or infinite samples",
         f"Skipping undecodable audio clip {files[1]}: the audio has NaN or infinite samples",
@@ -262,7 +280,7 @@ def test_clips_with_bad_samples_outside_the_crop_are_skipped_in_every_epoch(tmp_
         "audio is in [-1, 1])",
     ]
     metadata = preprocess_to_cache(files, tmp_path / "cache")  # the cache skips the same clips
-    assert (metadata["num_clips"], metadata["num_skipped_corrupt"]) == (1, 3)
+    assert (metadata["num_clips"], metadata["num_skipped_corrupt"]) == (2, 3)
 
 
 def test_a_null_audio_cell_is_skipped_and_counted_as_undecodable(tmp_path, caplog):
