@@ -222,9 +222,7 @@ class MatpacTrainer(Trainer):
         self._updates_this_call = 0  # optimizer updates of this call, over its tries
         return super().train(*args, **kwargs)
 
-    def _inner_training_loop(
-        self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
-    ):
+    def _inner_training_loop(self, batch_size=None, *args, **kwargs):
         """
         One try of the training loop. `--auto_find_batch_size` tries again with a smaller batch after running out of
         memory; after an optimizer update that would restart the schedules (EMA, temperatures, learning rate) from
@@ -246,7 +244,7 @@ class MatpacTrainer(Trainer):
                 batch_size,
                 batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
             )
-        return super()._inner_training_loop(batch_size, args, resume_from_checkpoint, trial, ignore_keys_for_eval)
+        return super()._inner_training_loop(batch_size, *args, **kwargs)
 
     def reset_accumulators(self, global_step: int) -> None:
         """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""
