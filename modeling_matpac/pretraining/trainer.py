@@ -209,7 +209,8 @@ class MatpacTrainer(Trainer):
             for dataset in eval_sets:
                 self.check_dataset(dataset, "evaluation")
         self._eval_noise: torch.Generator | None = None
-        self._attempts, self._updates_this_call = [], 0
+        self._attempts: list[int] = []  # the per-device batch of each try of `--auto_find_batch_size`, in `train`
+        self._updates_this_call = 0  # optimizer updates of the `train` call under way, over its tries
         self._eval_loss_parts: list[torch.Tensor] = []  # per clip, of the evaluation under way
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
@@ -218,8 +219,7 @@ class MatpacTrainer(Trainer):
         self.add_callback(_ScheduleRecord())
 
     def train(self, *args, **kwargs):
-        self._attempts: list[int] = []  # the per-device batch of each try of `--auto_find_batch_size`
-        self._updates_this_call = 0  # optimizer updates of this call, over its tries
+        self._attempts, self._updates_this_call = [], 0
         return super().train(*args, **kwargs)
 
     def _inner_training_loop(self, batch_size=None, *args, **kwargs):
