@@ -247,11 +247,15 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Mat
     parser = HfArgumentParser((ModelArguments, DataArguments, MatpacTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     builtin = all(getattr(data_args, flag.removeprefix("--")) is None for flag in DATA_SOURCE_FLAGS)
-    if not builtin:
-        return model_args, data_args, training_args, builtin
-    fresh_model = model_args.model_name_or_path is None
-    defaults = (BUILTIN_MODEL_FLAGS if fresh_model else []) + BUILTIN_DEFAULT_FLAGS
-    return (*parser.parse_args_into_dataclasses(defaults + argv), builtin)
+    if builtin:
+        fresh_model = model_args.model_name_or_path is None
+        argv = (BUILTIN_MODEL_FLAGS if fresh_model else []) + BUILTIN_DEFAULT_FLAGS + argv
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    # --warmup_steps wins when given, 0 (no warm-up) included, which is also its default: ask the parser.
+    parser.set_defaults(warmup_steps=None)
+    if parser.parse_known_args(argv)[0].warmup_steps is not None:
+        training_args.warmup_epochs = 0.0
+    return model_args, data_args, training_args, builtin
 
 
 def parse_config_value(name: str, value: str, default: object) -> object:

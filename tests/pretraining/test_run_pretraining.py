@@ -112,6 +112,18 @@ def test_epochs_become_steps_from_the_dataset_size(tmp_path):
     assert training_args.max_grad_norm == 3.0 and training_args.weight_decay == 0.05
     with pytest.raises(ValueError, match="size is unknown"):
         run_pretraining.resolve_schedules(model_args, training_args.__class__(str(tmp_path)), config, None)
+    # --warmup_steps wins over the warm-up in epochs, 0 included (before: 0 read as not given, 20 epochs of warm-up).
+    # ceil(333 / 10) = 34 steps per epoch: the default 20 epochs of warm-up are 680 steps.
+    for flags, warmup_steps in [
+        ([], 680),
+        (["--warmup_steps", "0"], 0),
+        (["--warmup-steps=5", "--warmup_epochs", "2"], 5),
+    ]:
+        model_args, _, training_args, _ = run_pretraining.parse_arguments(
+            ["--train_dir", "unused", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "10", *flags]
+        )
+        run_pretraining.resolve_schedules(model_args, training_args, config, dataset_size=333)
+        assert training_args.warmup_steps == warmup_steps, flags
 
 
 def test_bad_flags_give_clear_errors(tmp_path):
