@@ -168,7 +168,24 @@ class _ScheduleRecord(TrainerCallback, ExportableState):
                 state.global_step,
                 ", ".join(differences),
             )
+            scale = args.learning_rate / (recorded.get("learning_rate") or args.learning_rate)
+            self.restart_learning_rate(kwargs.get("lr_scheduler"), kwargs.get("optimizer"), scale)
         state.stateful_callbacks[name] = self.state()
+
+    @staticmethod
+    def restart_learning_rate(scheduler, optimizer, scale: float) -> None:
+        """
+        Sets the resumed run's learning rate from its own schedule and peak rate, as fairseq recomputes it when a run
+        is loaded. The checkpoint's scheduler state brings back the former peak rate (`base_lrs`), which the whole run
+        would have kept, and its optimizer state the former rate, which the first update would have used.
+        """
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or optimizer is None:
+            return
+        scheduler.base_lrs = [base * scale for base in scheduler.base_lrs]
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, rates, strict=True):
+            group["initial_lr"], group["lr"] = base, rate
+        scheduler._last_lr = rates  # what the Trainer logs as the step's learning rate
 
 
 class MatpacTrainer(Trainer):

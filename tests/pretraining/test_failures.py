@@ -368,6 +368,10 @@ def test_a_resume_with_another_global_batch_says_so(tmp_path, caplog):
         "resumes at step 3 of a run with another schedule: max_steps 3 (now 4), learning_rate 0.001 (now 0.0001), "
         "warmup_steps 60.0 (now 1.0)." in caplog.text
     )
+    # The resumed step's rate is the new schedule's, 1e-4 x (1 + cos(pi (3 - 1) / (4 - 1))) / 2. Before: the first
+    # update used the checkpoint's rate (5e-5), and every later one the checkpoint's peak rate (1e-3) on the new shape.
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["learning_rate"] == pytest.approx(2.5e-5, rel=1e-12)
 
 
 @pytest.mark.parametrize(
