@@ -251,9 +251,10 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Mat
         fresh_model = model_args.model_name_or_path is None
         argv = (BUILTIN_MODEL_FLAGS if fresh_model else []) + BUILTIN_DEFAULT_FLAGS + argv
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    # --warmup_steps wins when given, 0 (no warm-up) included, which is also its default: ask the parser.
+    # --warmup_steps wins when given, 0 (no warm-up) included, which is also its default: ask the parser. A
+    # --warmup_epochs that is not a number of epochs is left for the flag checks to refuse.
     parser.set_defaults(warmup_steps=None)
-    if parser.parse_known_args(argv)[0].warmup_steps is not None:
+    if parser.parse_known_args(argv)[0].warmup_steps is not None and 0 <= training_args.warmup_epochs < math.inf:
         training_args.warmup_epochs = 0.0
     return model_args, data_args, training_args, builtin
 

@@ -91,7 +91,7 @@ class _TeacherUpdateCallback(TrainerCallback):
             )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.update_teachers_and_center(state.global_step)
+        self.trainer.update_teachers_and_center(self.trainer.schedule_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         # A step that logs is checked by `log`, which the Trainer calls before it saves.
@@ -188,14 +188,55 @@ class _ScheduleRecord(TrainerCallback, ExportableState):
         scheduler._last_lr = rates  # what the Trainer logs as the step's learning rate
 
 
+class _SkippedUpdates(TrainerCallback, ExportableState):
+    """
+    Counts the optimizer steps that fp16's loss scaling skipped (an overflow in the gradients), kept in each
+    checkpoint. The Trainer counts them as steps but does not advance the learning rate for them; the other schedules
+    (EMA decays, temperatures) take the step `global_step - count`, so that all of them follow the updates made, as
+    in fairseq, where a skipped step counts for nothing.
+    """
+
+    def __init__(self, count: int = 0):
+        self.count = count
+
+    def state(self) -> dict:
+        return {"args": {"count": self.count}, "attributes": {}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed state holds the checkpoint's count.
+        self.count = state.stateful_callbacks.get(type(self).__name__, {}).get("args", {}).get("count", 0)
+        state.stateful_callbacks[type(self).__name__] = self.state()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if getattr(optimizer, "step_was_skipped", False):
+            self.count += 1
+            logger.info(
+                "Step %d: the optimizer step was skipped (fp16 gradient overflow; %d so far): the schedules wait.",
+                state.global_step,
+                self.count,
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.count:
+            logger.warning(
+                "fp16's loss scaling skipped %d of the run's %d optimizer steps: it made %d updates, and its "
+                "schedules stopped %d steps short of their end. bf16, where the GPU has it, skips none.",
+                self.count,
+                state.global_step,
+                state.global_step - self.count,
+                self.count,
+            )
+
+
 class MatpacTrainer(Trainer):
     """
     Trains [`MatpacForPreTraining`] with the standard `Trainer` loop. Per optimizer step, after the backward of the
     last micro-batch: the centre moves toward the teacher statistics summed over all micro-batches and processes,
     then each teacher moves toward the student weights that produced the step's loss (skipped at step 0). Every
     process applies the same update, so teachers and centre stay identical under DDP. The schedules are functions of
-    `state.global_step` and `state.max_steps` (the EMA decays anneal over the run, whatever the saved config's
-    `ema_anneal_end_step`), so a resumed run needs nothing beyond the model's state dict.
+    the updates made (`schedule_step`: `state.global_step`, less the steps fp16 skipped) and `state.max_steps` (the
+    EMA decays anneal over the run, whatever the saved config's `ema_anneal_end_step`), so a resumed run needs nothing
+    beyond the model's state dict and the trainer state.
 
     A [`MatpacPretrainingDataset`] (or log-mel cache) must be infinite and split for this process (`rank`,
     `world_size`); its loader counts the clips the pipeline skipped (`SkippedClips`), logged as running totals.
@@ -228,12 +269,14 @@ class MatpacTrainer(Trainer):
         self._eval_noise: torch.Generator | None = None
         self._attempts: list[int] = []  # the per-device batch of each try of `--auto_find_batch_size`, in `train`
         self._updates_this_call = 0  # optimizer updates of the `train` call under way, over its tries
+        self._last_update_step = 0  # the schedules' step of the last teacher update
         self._eval_loss_parts: list[torch.Tensor] = []  # per clip, of the evaluation under way
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
         self.add_callback(_GlobalBatchRecord())
         self.add_callback(_ScheduleRecord())
+        self.add_callback(_SkippedUpdates())
 
     def train(self, *args, **kwargs):
         self._attempts, self._updates_this_call = [], 0
@@ -262,6 +305,14 @@ class MatpacTrainer(Trainer):
                 batch_size * self.args.gradient_accumulation_steps * self.args.world_size,
             )
         return super()._inner_training_loop(batch_size, *args, **kwargs)
+
+    @property
+    def schedule_step(self) -> int:
+        """The step of the schedules: optimizer updates made, the steps fp16 skipped left out (`_SkippedUpdates`)."""
+        skipped = next(
+            callback for callback in self.callback_handler.callbacks if isinstance(callback, _SkippedUpdates)
+        )
+        return self.state.global_step - skipped.count
 
     def reset_accumulators(self, global_step: int) -> None:
         """Starts the centre statistics and the logged averages afresh (at the start or the resumption of a run)."""
@@ -416,7 +467,7 @@ class MatpacTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The step as a device tensor: a compiled forward neither recompiles per step nor waits for the host.
-        step = torch.full((), self.state.global_step, device=inputs["input_values"].device)
+        step = torch.full((), self.schedule_step, device=inputs["input_values"].device)
         outputs = model(
             input_values=inputs["input_values"],
             noise=inputs.get("noise"),
@@ -458,6 +509,7 @@ class MatpacTrainer(Trainer):
         self._teacher_sum = self._teacher_count = None
         self.pretraining_model.update_teachers_and_center(step, teacher_sum, teacher_count, self.state.max_steps)
         self._updates_this_call += 1
+        self._last_update_step = step  # what the logs report the decays of
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
@@ -492,6 +544,10 @@ class MatpacTrainer(Trainer):
         Stops training with `NonFiniteTrainingError` if a loss since the last check, the logged gradient norm or a
         weight is NaN or infinite. Called when the Trainer logs or saves (not per step, to keep host syncs out of
         the hot path), always before it saves: the checkpoints on disk stay the last good ones.
+
+        With fp16 a non-finite loss or gradient norm is what its loss scaling meets now and then: the step is skipped
+        (`_SkippedUpdates`) and the scale halved. Training stops only when the scale has fallen below 1, where the
+        gradients overflow unscaled: the run has diverged.
         """
         problems = [
             f"{name} = {logs[name]}" for name in ("loss", "grad_norm") if logs and not math.isfinite(logs.get(name, 0))
@@ -499,6 +555,12 @@ class MatpacTrainer(Trainer):
         if self._loss_is_finite is not None and not bool(self._loss_is_finite) and not problems:
             problems.append("the loss of a step since the last log is NaN or infinite")
         self._loss_is_finite = None
+        scaler = self.accelerator.scaler
+        if problems and scaler is not None and scaler.is_enabled():
+            if scaler.get_scale() >= 1:
+                problems = []
+            else:
+                problems.append(f"fp16's loss scale fell to {scaler.get_scale():.3g}")
         model = self.pretraining_model
         tensors = [*model.parameters(), *model.buffers()]
         if not torch.stack([torch.isfinite(tensor).all() for tensor in tensors if tensor.is_floating_point()]).all():
@@ -527,7 +589,7 @@ class MatpacTrainer(Trainer):
                 counts = torch.tensor(list(self.skipped_clips.totals(batches).values()), device=self.args.device)
                 logs.update(zip(SKIP_COUNTERS, self.accelerator.reduce(counts, reduction="sum").tolist()))
             logs["ema_decay"], logs["head_ema_decay"] = self.pretraining_model.ema_decays(
-                self.state.global_step - 1, self.state.max_steps
+                self._last_update_step, self.state.max_steps
             )
             self._log_sums, self._log_counts = {}, {}
         super().log(logs, start_time)

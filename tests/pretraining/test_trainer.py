@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import subprocess
@@ -13,7 +14,12 @@ from transformers import AutoFeatureExtractor, TrainingArguments
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel
 from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus
-from modeling_matpac.pretraining.trainer import BatchTooLargeError, MatpacTrainer, check_supported_arguments
+from modeling_matpac.pretraining.trainer import (
+    BatchTooLargeError,
+    MatpacTrainer,
+    NonFiniteTrainingError,
+    check_supported_arguments,
+)
 
 
 TESTS = Path(__file__).parent
@@ -237,6 +243,72 @@ def running_out_of_memory_above(monkeypatch, batch_size: int, from_step: int = 0
 
     monkeypatch.setattr(MatpacForPreTraining, "forward", forward)
     return batches
+
+
+def skipping_optimizer_steps(monkeypatch, skipped: set[int]) -> list[tuple[str, int]]:
+    """Reports the optimizer steps of `skipped` (by global step) as fp16's loss scaling does after an overflow."""
+    import accelerate.optimizer
+
+    calls, steps = [], {"taken": 0}
+    original_step, original_forward = accelerate.optimizer.AcceleratedOptimizer.step, MatpacForPreTraining.forward
+    original_update = MatpacForPreTraining.update_teachers_and_center
+
+    def step(self, *args, **kwargs):
+        original_step(self, *args, **kwargs)
+        self._is_overflow = steps["taken"] in skipped
+        steps["taken"] += 1
+
+    def forward(self, input_values, *args, step=None, **kwargs):
+        calls.append(("forward", int(step)))
+        return original_forward(self, input_values, *args, step=step, **kwargs)
+
+    def update(self, step, *args):
+        calls.append(("update", step))
+        return original_update(self, step, *args)
+
+    monkeypatch.setattr(accelerate.optimizer.AcceleratedOptimizer, "step", step)
+    monkeypatch.setattr(MatpacForPreTraining, "forward", forward)
+    monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", update)
+    return calls
+
+
+def test_steps_that_fp16_skips_hold_back_every_schedule_as_they_hold_back_the_learning_rate(
+    tmp_path, monkeypatch, caplog
+):
+    """Before: the EMA decays and temperatures ran on (global_step), the learning rate waited (its scheduler)."""
+    calls = skipping_optimizer_steps(monkeypatch, skipped={1, 2})
+    with caplog.at_level("INFO", logger="modeling_matpac.pretraining.trainer"):
+        trainer = train(tmp_path, batch_size=2, accumulation=1, max_steps=6, save_steps=4, warmup_steps=2)
+    # Updates made before each step: 0, 1, then 1 and 1 again (steps 1 and 2 skipped), 2, 3.
+    assert [step for kind, step in calls if kind == "forward"] == [0, 1, 1, 1, 2, 3]
+    assert [step for kind, step in calls if kind == "update"] == [0, 1, 1, 1, 2, 3]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    warm_up = [0.0, 0.5, 0.5, 0.5]  # the learning rate of updates 0, 1, 1, 1 (2 warm-up steps)
+    assert [entry["learning_rate"] for entry in logged][:4] == pytest.approx([1e-3 * rate for rate in warm_up])
+    expected = [trainer.pretraining_model.ema_decays(step - 1, 6)[0] for step in [1, 2, 2, 2, 3, 4]]
+    assert [entry["ema_decay"] for entry in logged] == pytest.approx(expected)
+    assert "fp16's loss scaling skipped 2 of the run's 6 optimizer steps: it made 4 updates" in caplog.text
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["_SkippedUpdates"]["args"] == {"count": 2}
+    # A resumed run counts on from the checkpoint's skips.
+    calls.clear()
+    train(tmp_path / "resumed", batch_size=2, accumulation=1, max_steps=6, warmup_steps=2,
+          resume=str(tmp_path / "checkpoint-4"))  # fmt: skip
+    assert [step for kind, step in calls if kind == "forward"] == [2, 3]
+
+
+def test_fp16_overflows_stop_training_only_once_the_loss_scale_is_below_1(tmp_path):
+    """Before: the first logged step that overflowed (its gradient norm infinite) stopped an fp16 run."""
+    trainer = train(tmp_path, batch_size=2, accumulation=1, max_steps=1)
+    overflow = {"loss": 2.0, "grad_norm": float("inf")}
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trainer.check_finite(overflow)  # a skipped step: the scale goes on down
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=0.5)
+    with pytest.raises(NonFiniteTrainingError, match="grad_norm = inf; fp16's loss scale fell to 0.5"):
+        trainer.check_finite(overflow)
+    trainer.accelerator.scaler = None  # bf16 or fp32: no scaling, no skipped steps
+    with pytest.raises(NonFiniteTrainingError, match="grad_norm = inf"):
+        trainer.check_finite(overflow)
 
 
 def test_auto_find_batch_size_retries_before_the_first_update_and_says_so(tmp_path, monkeypatch, caplog):
