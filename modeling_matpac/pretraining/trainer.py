@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
@@ -278,9 +280,27 @@ class MatpacTrainer(Trainer):
         self.add_callback(_ScheduleRecord())
         self.add_callback(_SkippedUpdates())
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs) -> TrainOutput:
+        """
+        The Trainer's `train`. A checkpoint that already holds the run's `max_steps` (a run stopped while it wrote its
+        final model, or a job run again) is loaded and not trained on: the Trainer would train one step past the end.
+        """
         self._attempts, self._updates_this_call = [], 0
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint and self.args.max_steps > 0:
+            state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
+            if state.global_step >= self.args.max_steps:
+                logger.warning(
+                    "%s holds step %d of this run's %d: nothing to train, the model is the checkpoint's.",
+                    resume_from_checkpoint,
+                    state.global_step,
+                    self.args.max_steps,
+                )
+                self._load_from_checkpoint(resume_from_checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, math.nan, {"epoch": state.epoch})
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _inner_training_loop(self, batch_size=None, *args, **kwargs):
         """

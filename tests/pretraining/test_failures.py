@@ -18,6 +18,7 @@ from pretraining_worker import FixedCrops, tiny_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
+from modeling_matpac import MatpacForPreTraining
 from modeling_matpac.audio import AudioDecodeError, decode_mono_16k
 from modeling_matpac.pretraining import MatpacPretrainingDataset, MatpacTrainer, NonFiniteTrainingError
 from modeling_matpac.pretraining.data import NoUsableClipError
@@ -337,6 +338,31 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_s
     run_main(output_dir, "--max_steps", "1", "--overwrite_output_dir")
     assert [path.name for path in output_dir.glob("checkpoint-*")] == ["checkpoint-1"]
     assert global_step(output_dir / "checkpoint-1") == 1
+
+
+def test_a_run_resumed_at_its_last_step_writes_its_final_model_without_training(tmp_path, caplog, monkeypatch):
+    """
+    Before: a run stopped while it wrote its final model (or a job run again) trained one step past its end on
+    resuming, then waited 60 s for skip counts of batches never read and ended in a traceback, its model unwritten.
+    """
+    output_dir = tmp_path / "run"
+    run_main(output_dir, "--max_steps", "2")
+    final = load_file(output_dir / "model.safetensors")
+    (output_dir / "model.safetensors").unlink()
+    steps = []
+    forward = MatpacForPreTraining.forward
+    monkeypatch.setattr(
+        MatpacForPreTraining,
+        "forward",
+        lambda self, *a, step=None, **k: steps.append(step) or forward(self, *a, step=step, **k),
+    )
+    with caplog.at_level(logging.WARNING):
+        run_main(output_dir, "--max_steps", "2", "--resume_from_checkpoint", "last")
+    assert steps == []
+    assert "checkpoint-2 holds step 2 of this run's 2: nothing to train, the model is the checkpoint's." in caplog.text
+    written = load_file(output_dir / "model.safetensors")
+    assert written.keys() == final.keys() and all(torch.equal(written[name], final[name]) for name in final)
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def test_a_resume_with_another_global_batch_says_so(tmp_path, caplog):
