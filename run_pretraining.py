@@ -25,10 +25,13 @@ random crops of them, without decoding any audio:
     python run_pretraining.py --train_cache /data/logmels --num_train_epochs 100
 """
 
+import contextlib
 import logging
 import math
+import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,11 @@ from modeling_matpac.pretraining.checkpoints import checkpoint_problem, last_com
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
 
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -667,6 +675,45 @@ def main(argv: list[str] | None = None) -> None:
     check_data_arguments(data_args)
     if model_args.model_name_or_path is None:
         build_config(model_args)  # bad --config_overrides fail now, not after the data is prepared
+    with output_dir_lock(training_args):
+        pretrain(model_args, data_args, training_args, builtin)
+
+
+@contextlib.contextmanager
+def output_dir_lock(training_args: MatpacTrainingArguments) -> Iterator[None]:
+    """
+    Holds --output_dir for this run (process 0 of a distributed one): a second run on the same folder, a job
+    submitted twice, would mix its checkpoints with this one's, rotate them away or overwrite its results. A lock on
+    the folder itself (`flock`) leaves no file behind and ends with the process; a file system without such locks
+    is used unlocked, with a warning.
+    """
+    if fcntl is None or training_args.process_index != 0:
+        yield
+        return
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = os.open(output_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                f"--output_dir {str(output_dir)!r} is in use by another run of run_pretraining.py: wait for it to "
+                "end, or choose another --output_dir."
+            ) from None
+        except OSError as error:
+            logger.warning(
+                "--output_dir %s cannot be locked (%s): nothing keeps another run out of it.", output_dir, error
+            )
+        yield
+    finally:
+        os.close(handle)
+
+
+def pretrain(
+    model_args: ModelArguments, data_args: DataArguments, training_args: MatpacTrainingArguments, builtin: bool
+) -> None:
+    """The run, once its arguments are checked and its --output_dir held: data, model, training, saving."""
     if training_args.device.type == "cpu" and keep_freed_memory_mapped():
         logger.info("On CPU: malloc keeps freed memory for the next steps (modeling_matpac/cpu_memory.py).")
 

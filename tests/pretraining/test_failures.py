@@ -340,6 +340,28 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_s
     assert global_step(output_dir / "checkpoint-1") == 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="runs are locked with flock")
+def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
+    """Before: two runs on one folder both ran: one's results overwrote the other's, or its rotation removed them."""
+    import fcntl
+
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    other_run = os.open(output_dir, os.O_RDONLY)
+    fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(OSError, match="'.*run' is in use by another run of run_pretraining.py: wait for it"):
+            run_main(output_dir, "--max_steps", "1")
+        with pytest.raises(OSError, match="is in use by another run"):
+            run_main(output_dir, "--max_steps", "1", "--resume_from_checkpoint", "last")
+    finally:
+        os.close(other_run)
+    assert list(output_dir.iterdir()) == []  # nothing written while the folder was held
+    run_main(output_dir, "--max_steps", "1")
+    run_main(output_dir, "--max_steps", "2", "--resume_from_checkpoint", "last")  # the first run let go of it
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
+
+
 def test_a_run_resumed_at_its_last_step_writes_its_final_model_without_training(tmp_path, caplog, monkeypatch):
     """
     Before: a run stopped while it wrote its final model (or a job run again) trained one step past its end on
