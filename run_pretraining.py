@@ -40,6 +40,8 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining
@@ -55,7 +57,7 @@ from modeling_matpac.pretraining import (
     load_audio_source,
     preprocess_to_cache,
 )
-from modeling_matpac.pretraining.checkpoints import checkpoint_problem, last_complete_checkpoint
+from modeling_matpac.pretraining.checkpoints import checkpoint_problem, checkpoint_steps, last_complete_checkpoint
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
 
@@ -524,6 +526,17 @@ def resolve_resume(training_args: MatpacTrainingArguments) -> None:
             f"--resume_from_checkpoint {value!r} is not a complete checkpoint: {problem}. Resume from a complete one "
             "(`--resume_from_checkpoint last` finds the last), or start a new run from its weights with "
             "--model_name_or_path."
+        )
+    # A run resumed from an earlier checkpoint would write its own checkpoints over the later ones file by file: a
+    # stop in the middle would leave a folder of two runs that reads as complete.
+    step = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME)).global_step
+    steps = checkpoint_steps(Path(training_args.output_dir))
+    later = [path.name for path in sorted(steps, key=steps.get) if steps[path] > step]
+    if later:
+        raise ValueError(
+            f"--resume_from_checkpoint {value!r} continues from step {step}, but --output_dir holds later checkpoints "
+            f"({', '.join(later)}), which this run would write over: move them out of --output_dir to go on from "
+            "this one, or resume from the last (`--resume_from_checkpoint last`)."
         )
 
 

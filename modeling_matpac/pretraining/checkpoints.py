@@ -65,11 +65,17 @@ def _unreadable_file(checkpoint: Path) -> str | None:
     return None
 
 
-def last_complete_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
-    """The complete checkpoint of `output_dir` with the most steps (`warn`: log why each later one is not)."""
+def checkpoint_steps(output_dir: Path) -> dict[Path, int]:
+    """The checkpoint folders of `output_dir` (`checkpoint-<step>`), complete or not, with their steps."""
     checkpoints = output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []
     steps = {path: path.name.rsplit("-", 1)[-1] for path in checkpoints if path.is_dir()}
-    for checkpoint in sorted((p for p in steps if steps[p].isdigit()), key=lambda p: -int(steps[p])):
+    return {path: int(step) for path, step in steps.items() if step.isdigit()}
+
+
+def last_complete_checkpoint(output_dir: Path, warn: bool = False) -> Path | None:
+    """The complete checkpoint of `output_dir` with the most steps (`warn`: log why each later one is not)."""
+    steps = checkpoint_steps(output_dir)
+    for checkpoint in sorted(steps, key=lambda path: -steps[path]):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint

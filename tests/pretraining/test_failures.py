@@ -362,6 +362,23 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
 
 
+def test_a_resume_from_an_earlier_checkpoint_is_refused_while_later_ones_would_be_written_over(tmp_path):
+    """
+    Before: the resumed run wrote its checkpoints over the later ones file by file; stopped in the middle, it left a
+    folder of two runs (one's weights, the other's optimizer and state) that read as complete.
+    """
+    output_dir = tmp_path / "run"
+    run_main(output_dir, "--max_steps", "3")
+    earlier = str(output_dir / "checkpoint-1")
+    later = r"continues from step 1, but --output_dir holds later checkpoints \(checkpoint-2, checkpoint-3\), which"
+    with pytest.raises(ValueError, match=later):
+        run_main(output_dir, "--max_steps", "3", "--resume_from_checkpoint", earlier, "--learning_rate", "1e-4")
+    for name in ("checkpoint-2", "checkpoint-3"):
+        (output_dir / name).rename(tmp_path / name)
+    run_main(output_dir, "--max_steps", "3", "--resume_from_checkpoint", earlier, "--learning_rate", "1e-4")
+    assert json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
 def test_a_run_resumed_at_its_last_step_writes_its_final_model_without_training(tmp_path, caplog, monkeypatch):
     """
     Before: a run stopped while it wrote its final model (or a job run again) trained one step past its end on
