@@ -227,7 +227,9 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"{os.fspath(output_dir)!r} exists and is not a directory.")
     entries = list(output_dir.iterdir()) if output_dir.exists() else []
-    ours = [path for path in entries if path.name == METADATA_FILE or path.name.startswith(SHARD_PREFIX)]
+    ours = [
+        path for path in entries if path.name in (METADATA_FILE, PROGRESS_FILE) or path.name.startswith(SHARD_PREFIX)
+    ]
     others = sorted(path.name for path in entries if path not in ours)
     if others:
         raise FileExistsError(
@@ -325,8 +327,10 @@ def preprocess_to_cache(
         else:
             shutil.rmtree(building, ignore_errors=True)
         raise
-    (building / PROGRESS_FILE).unlink(missing_ok=True)
+    # The progress file goes last: a build stopped while it was swapped in is resumed (with nothing left to compute)
+    # and swapped in by the same call, not started over.
     _swap_in(building, output_dir)
+    (output_dir / PROGRESS_FILE).unlink(missing_ok=True)
     shards = metadata["shards"]
     logger.info(
         f"Wrote the log-mels of {metadata['num_clips']} clips ({metadata['num_frames'] / 360_000:.1f} h, "

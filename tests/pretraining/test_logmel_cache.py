@@ -218,6 +218,30 @@ def test_a_stopped_build_resumes_after_its_last_finished_shard(tmp_path, monkeyp
     assert sorted(path.name for path in tmp_path.iterdir()) == ["audio", "logmels", "other", "reference"]
 
 
+def test_a_build_stopped_while_it_is_swapped_in_is_finished_by_the_same_call(tmp_path, monkeypatch):
+    """Before: its progress file went first, so the same call threw the complete build away and started over."""
+    files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(5)]
+    preprocess_to_cache(files, tmp_path / "reference", shard_size=2)
+    swap_in = logmel_cache._swap_in
+
+    def stopped_swap_in(built, output_dir):
+        raise KeyboardInterrupt  # a kill between the last shard and the swap
+
+    monkeypatch.setattr(logmel_cache, "_swap_in", stopped_swap_in)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(files, tmp_path / "logmels", shard_size=2)
+    monkeypatch.setattr(logmel_cache, "_swap_in", swap_in)
+    computed = []
+    compute = logmel_cache._compute
+    monkeypatch.setattr(logmel_cache, "_compute", lambda value, *args: computed.append(value) or compute(value, *args))
+    preprocess_to_cache(files, tmp_path / "logmels", shard_size=2)
+    assert computed == [str(files[4])]  # only the last shard, of one clip, which a build records when it ends
+    written = sorted(path.name for path in (tmp_path / "logmels").iterdir())
+    assert written == sorted(path.name for path in (tmp_path / "reference").iterdir())
+    for name in written:
+        assert (tmp_path / "logmels" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
 def test_a_stopped_build_from_a_stream_resumes_without_reading_its_finished_source_shards(
     tmp_path, monkeypatch, caplog
 ):
