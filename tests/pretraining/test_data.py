@@ -726,6 +726,14 @@ def test_builtin_corpus_is_deterministic_and_usable(tmp_path):
     assert sum(path.stat().st_size for path in first) < 20e6
     other_seed = generate_builtin_corpus(tmp_path / "other", num_clips=2, seed=1)
     assert other_seed[0].read_bytes() != first[0].read_bytes()
+    # Generated again, a file as it should be is left alone (before: rewritten, so a stopped cache build of the
+    # corpus, which knows its files by size and time, never resumed); another one is written over.
+    times = {path: path.stat().st_mtime_ns for path in first}
+    os.utime(first[1], ns=(0, 0))
+    first[0].write_bytes(b"damaged")
+    again = generate_builtin_corpus(tmp_path / "first")
+    assert [path.stat().st_mtime_ns for path in again[2:]] == [times[path] for path in first[2:]]
+    assert first[1].stat().st_mtime_ns == 0 and first[0].read_bytes() == second[0].read_bytes()
 
     infos = [sf.info(path) for path in first]
     assert {info.samplerate for info in infos} == {16000, 22050, 44100}
