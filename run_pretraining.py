@@ -835,6 +835,13 @@ if __name__ == "__main__":
     ) as error:
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
         sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
+    except KeyboardInterrupt:
+        print(
+            "run_pretraining.py: interrupted. The same command with --resume_from_checkpoint last continues the run "
+            "from its last complete checkpoint; a stopped --preprocess_to resumes when run again.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     except RuntimeError as error:
         if not lost_peer(error):
             raise

@@ -4,8 +4,10 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -603,6 +605,33 @@ def test_the_command_line_prints_one_line_and_exits_non_zero(flags, message, tmp
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"run_pretraining.py: error: {message}"]
+
+
+def test_ctrl_c_ends_the_script_in_one_line_that_says_how_to_go_on(tmp_path):
+    """Before: a KeyboardInterrupt traceback."""
+    command = [
+        sys.executable, str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path), "--config_overrides", TINY,
+        "--max_steps", "100000", "--save_steps", "1", "--builtin_corpus_clips", "4",
+        "--per_device_train_batch_size", "2", "--disable_tqdm", "True",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not any(tmp_path.glob("checkpoint-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "run_pretraining.py: interrupted. The same command with --resume_from_checkpoint last continues the run"
+        )
+    )
 
 
 def test_the_script_tears_its_process_group_down(tmp_path):
