@@ -30,7 +30,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ import datasets
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -672,6 +674,47 @@ def build_logmel_cache(
     )
 
 
+class RunStopped(Exception):
+    """The run stopped early on a signal, after saving a checkpoint: it is not finished."""
+
+
+class _StopOnSignal(TrainerCallback):
+    """
+    SIGTERM, what a cluster sends before it stops or preempts a job: the step under way ends, is logged (and so
+    checked) and saved as a checkpoint, and the run stops. Without this the work since the last checkpoint is lost.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def receive(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+        logger.warning("%s: saving a checkpoint after the step under way, then stopping.", self.received)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_log = control.should_save = control.should_training_stop = True
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm(trainer: MatpacTrainer) -> Iterator[_StopOnSignal]:
+    """
+    Stops `trainer` with a checkpoint on SIGTERM, in a single-process run: the processes of a distributed one would
+    each stop at their own step, and wait for the others in a collective.
+    """
+    stop = _StopOnSignal()
+    if trainer.args.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    trainer.add_callback(stop)
+    previous = signal.signal(signal.SIGTERM, stop.receive)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        trainer.remove_callback(stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     model_args, data_args, training_args, builtin = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -794,11 +837,19 @@ def pretrain(
         weight_decay_set=training_args.weight_decay_set,
     )
     try:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        with stopping_on_sigterm(trainer) as stop:
+            result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except (OSError, SafetensorError) as error:  # e.g. the disk filled while a checkpoint was saved
         last = last_complete_checkpoint(Path(training_args.output_dir))
         where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was saved"
         raise OSError(f"{str(error).strip().splitlines()[-1]} ({where}).") from error
+    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        trainer.accelerator.end_training()
+        raise RunStopped(
+            f"stopped by {stop.received} at step {trainer.state.global_step} of {trainer.state.max_steps}, "
+            f"{last_complete_checkpoint(Path(training_args.output_dir))} saved: the same command with "
+            "--resume_from_checkpoint last continues the run."
+        )
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -835,6 +886,9 @@ if __name__ == "__main__":
     ) as error:
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
         sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
+    except RunStopped as stopped:
+        print(f"run_pretraining.py: {stopped}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print(
             "run_pretraining.py: interrupted. The same command with --resume_from_checkpoint last continues the run "

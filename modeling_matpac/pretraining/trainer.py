@@ -3,6 +3,7 @@
 import logging
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -52,6 +53,10 @@ def check_supported_arguments(args) -> None:
             "the others wait for it in their gradient all-reduce: find the batch on one process, then set "
             "--per_device_train_batch_size."
         )
+
+
+def _ignore_termination(worker_id: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -405,7 +410,9 @@ class MatpacTrainer(Trainer):
         A `MatpacPretrainingDataset` splits itself among processes (and their workers): every process reads and
         decodes only its own share, instead of process 0 reading for all and broadcasting each batch. Its loader is
         therefore not handed to accelerate, which would shard or dispatch it a second time; its collate function
-        counts the skipped clips beside the batches.
+        counts the skipped clips beside the batches. Its workers ignore SIGTERM, which a cluster sends to every
+        process of a job it stops: their parent ends them, after it saved a checkpoint if it stops on that signal
+        (`run_pretraining.py`); a worker killed by it would end the parent at once.
         """
         dataset = self.train_dataset
         if not isinstance(dataset, MatpacPretrainingDataset):
@@ -437,6 +444,7 @@ class MatpacTrainer(Trainer):
             persistent_workers=args.dataloader_persistent_workers,
             prefetch_factor=args.dataloader_prefetch_factor,
             multiprocessing_context=args.dataloader_multiprocessing_context,
+            worker_init_fn=_ignore_termination,
         )
 
     def get_eval_dataloader(self, eval_dataset: str | object | None = None) -> DataLoader:

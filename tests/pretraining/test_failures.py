@@ -23,6 +23,7 @@ from transformers import TrainerCallback, TrainingArguments
 from modeling_matpac import MatpacForPreTraining
 from modeling_matpac.audio import AudioDecodeError, decode_mono_16k
 from modeling_matpac.pretraining import MatpacPretrainingDataset, MatpacTrainer, NonFiniteTrainingError
+from modeling_matpac.pretraining.checkpoints import checkpoint_problem
 from modeling_matpac.pretraining.data import NoUsableClipError
 
 
@@ -632,6 +633,35 @@ def test_ctrl_c_ends_the_script_in_one_line_that_says_how_to_go_on(tmp_path):
             "run_pretraining.py: interrupted. The same command with --resume_from_checkpoint last continues the run"
         )
     )
+
+
+def test_sigterm_to_a_run_and_its_workers_saves_a_checkpoint_and_stops(tmp_path):
+    """Before: SIGTERM, what a cluster sends before it stops a job, ended the run at once: the work since the last
+    checkpoint was lost."""
+    command = [
+        sys.executable, str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path), "--config_overrides", TINY,
+        "--max_steps", "100000", "--save_steps", "1000", "--builtin_corpus_clips", "4", "--logging_steps", "5",
+        "--per_device_train_batch_size", "2", "--disable_tqdm", "True", "--dataloader_num_workers", "2",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    for line in process.stdout:  # the first step's log line: training is under way
+        if "'loss'" in line:
+            break
+    time.sleep(1)
+    os.killpg(process.pid, signal.SIGTERM)  # as a cluster does: the script and its DataLoader workers
+    stderr = process.communicate(timeout=240)[1]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None
+    step = int(checkpoints[0].name.split("-")[1])
+    assert stderr.strip().splitlines()[-1] == (
+        f"run_pretraining.py: stopped by SIGTERM at step {step} of 100000, {checkpoints[0]} saved: the same command "
+        "with --resume_from_checkpoint last continues the run."
+    )
+    assert "Traceback" not in stderr and not (tmp_path / "model.safetensors").exists()  # not a finished run
 
 
 def test_the_script_tears_its_process_group_down(tmp_path):
