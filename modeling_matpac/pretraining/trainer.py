@@ -16,7 +16,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from ..configuration_matpac import FRONT_END_FIELDS
 from ..feature_extraction_matpac import MatpacFeatureExtractor
 from ..modeling_matpac import MatpacForPreTraining
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import checkpoint_problem, last_complete_checkpoint
 from .data import SKIP_COUNTERS, MatpacPretrainingDataset, SkippedClips, collate_pretraining_batch
 
 
@@ -65,6 +65,14 @@ class NonFiniteTrainingError(RuntimeError):
 
 class BatchTooLargeError(RuntimeError):
     """The batch ran out of memory after training began, where `--auto_find_batch_size` cannot just try again."""
+
+
+def _checkpoint_record(state: TrainerState, record: ExportableState) -> dict:
+    """
+    What `record` (a callback that keeps part of the run in each checkpoint) held when the resumed checkpoint was
+    saved: its `state()["args"]`, empty for a new run or a checkpoint from before the record.
+    """
+    return state.stateful_callbacks.get(type(record).__name__, {}).get("args", {})
 
 
 class _TeacherUpdateCallback(TrainerCallback):
@@ -121,9 +129,7 @@ class _GlobalBatchRecord(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.size = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        # A resumed state holds the checkpoint's record, or none (a checkpoint from before this record).
-        name = type(self).__name__
-        recorded = state.stateful_callbacks.get(name, {}).get("args", {}).get("size")
+        recorded = _checkpoint_record(state, self).get("size")
         if recorded is not None and recorded != self.size:
             logger.warning(
                 "This run resumes at step %d with a global batch of %d clips (%d per device x %d accumulation steps "
@@ -136,7 +142,7 @@ class _GlobalBatchRecord(TrainerCallback, ExportableState):
                 recorded,
                 self.size,
             )
-        state.stateful_callbacks[name] = self.state()
+        state.stateful_callbacks[type(self).__name__] = self.state()
 
 
 class _ScheduleRecord(TrainerCallback, ExportableState):
@@ -159,9 +165,7 @@ class _ScheduleRecord(TrainerCallback, ExportableState):
             "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
             "warmup_steps": args.warmup_steps,
         }
-        # A resumed state holds the checkpoint's record, or none (a checkpoint from before this record).
-        name = type(self).__name__
-        recorded = state.stateful_callbacks.get(name, {}).get("args", {})
+        recorded = _checkpoint_record(state, self)
         differences = [
             f"{key} {recorded[key]!r} (now {value!r})"
             for key, value in self.settings.items()
@@ -177,7 +181,7 @@ class _ScheduleRecord(TrainerCallback, ExportableState):
             )
             scale = args.learning_rate / (recorded.get("learning_rate") or args.learning_rate)
             self.restart_learning_rate(kwargs.get("lr_scheduler"), kwargs.get("optimizer"), scale)
-        state.stateful_callbacks[name] = self.state()
+        state.stateful_callbacks[type(self).__name__] = self.state()
 
     @staticmethod
     def restart_learning_rate(scheduler, optimizer, scale: float) -> None:
@@ -210,8 +214,7 @@ class _SkippedUpdates(TrainerCallback, ExportableState):
         return {"args": {"count": self.count}, "attributes": {}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # A resumed state holds the checkpoint's count.
-        self.count = state.stateful_callbacks.get(type(self).__name__, {}).get("args", {}).get("count", 0)
+        self.count = _checkpoint_record(state, self).get("count", 0)
         state.stateful_callbacks[type(self).__name__] = self.state()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -293,7 +296,11 @@ class MatpacTrainer(Trainer):
         self._attempts, self._updates_this_call = [], 0
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-        if resume_from_checkpoint and self.args.max_steps > 0:
+        if (
+            resume_from_checkpoint
+            and self.args.max_steps > 0
+            and checkpoint_problem(Path(resume_from_checkpoint)) is None
+        ):
             state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE_NAME))
             if state.global_step >= self.args.max_steps:
                 logger.warning(
