@@ -682,30 +682,40 @@ class _StopOnSignal(TrainerCallback):
     """
     SIGTERM, what a cluster sends before it stops or preempts a job: the step under way ends, is logged (and so
     checked) and saved as a checkpoint, and the run stops. Without this the work since the last checkpoint is lost.
+
+    The processes of a distributed run receive the signal each at its own step: at the end of every step they agree
+    (a one-number all-reduce on a CPU `group`, which keeps the GPU stream free of a host sync) so that all stop at
+    the same step and save the same checkpoint, even those the signal did not reach.
     """
 
-    def __init__(self):
-        self.received: str | None = None
+    def __init__(self, group: "torch.distributed.ProcessGroup | None" = None):
+        self.group = group
+        self.received = False  # by this process
+        self.stopped = False  # the whole run, at the same step in every process
 
     def receive(self, signum: int, frame) -> None:
-        self.received = signal.Signals(signum).name
-        logger.warning("%s: saving a checkpoint after the step under way, then stopping.", self.received)
+        self.received = True
+        logger.warning("SIGTERM: saving a checkpoint after the step under way, then stopping.")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        stop = self.received
+        if self.group is not None:
+            flag = torch.tensor([int(stop)], dtype=torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+            stop = bool(flag.item())
+        if stop:
+            self.stopped = True
             control.should_log = control.should_save = control.should_training_stop = True
 
 
 @contextlib.contextmanager
 def stopping_on_sigterm(trainer: MatpacTrainer) -> Iterator[_StopOnSignal]:
-    """
-    Stops `trainer` with a checkpoint on SIGTERM, in a single-process run: the processes of a distributed one would
-    each stop at their own step, and wait for the others in a collective.
-    """
-    stop = _StopOnSignal()
-    if trainer.args.world_size > 1 or threading.current_thread() is not threading.main_thread():
-        yield stop
+    """Stops `trainer` with a checkpoint on SIGTERM (`_StopOnSignal`) while it trains, then restores the handler."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can handle signals
+        yield _StopOnSignal()
         return
+    group = torch.distributed.new_group(backend="gloo") if trainer.args.world_size > 1 else None
+    stop = _StopOnSignal(group)
     trainer.add_callback(stop)
     previous = signal.signal(signal.SIGTERM, stop.receive)
     try:
@@ -843,10 +853,10 @@ def pretrain(
         last = last_complete_checkpoint(Path(training_args.output_dir))
         where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was saved"
         raise OSError(f"{str(error).strip().splitlines()[-1]} ({where}).") from error
-    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
+    if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
         trainer.accelerator.end_training()
         raise RunStopped(
-            f"stopped by {stop.received} at step {trainer.state.global_step} of {trainer.state.max_steps}, "
+            f"stopped by SIGTERM at step {trainer.state.global_step} of {trainer.state.max_steps}, "
             f"{last_complete_checkpoint(Path(training_args.output_dir))} saved: the same command with "
             "--resume_from_checkpoint last continues the run."
         )

@@ -264,9 +264,6 @@ class MatpacTrainer(Trainer):
             raise ValueError(f"weight_decay_set must be one of {WEIGHT_DECAY_SETS}, got {weight_decay_set!r}.")
         self.weight_decay_set = weight_decay_set
         super().__init__(*args, **kwargs)
-        if self.args.ddp_find_unused_parameters is None:
-            # Every student parameter takes part in the loss; the teachers need no gradients.
-            self.args.ddp_find_unused_parameters = False
         # A NaN loss must stop the run (see `check_finite`), not be logged as the previous mean (0 after a log).
         self.args.logging_nan_inf_filter = False
         self.check_supported_setup()
@@ -287,6 +284,16 @@ class MatpacTrainer(Trainer):
         self.add_callback(_GlobalBatchRecord())
         self.add_callback(_ScheduleRecord())
         self.add_callback(_SkippedUpdates())
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """
+        DDP without `find_unused_parameters`, which the Trainer turns on for a model without activation checkpointing:
+        every student parameter takes part in the loss (the teachers need no gradients), and the search for unused
+        ones walks the autograd graph at every step.
+        """
+        if self.args.ddp_find_unused_parameters is None:
+            self.args.ddp_find_unused_parameters = False
+        return super()._build_accelerator_args(**kwargs)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs) -> TrainOutput:
         """

@@ -119,7 +119,9 @@ if __name__ == "__main__":
         trainer = train(output_dir, batch_size=2, accumulation=1, max_steps=3, num_hypotheses=arguments.num_hypotheses)
     rank = trainer.args.process_index
     state = {name: tensor.clone() for name, tensor in trainer.pretraining_model.state_dict().items()}
-    torch.save({"state": state, "log_history": trainer.state.log_history}, f"{output_dir}/rank{rank}.pt")
+    ddp = trainer.model_wrapped
+    record = {"state": state, "log_history": trainer.state.log_history, "find_unused": ddp.find_unused_parameters}
+    torch.save(record, f"{output_dir}/rank{rank}.pt")
     # As run_pretraining.py does. Left to the interpreter's exit, the gloo group now and then aborted a rank of this
     # worker in the test suite (SIGABRT, "terminate called without an active exception").
     trainer.accelerator.end_training()

@@ -692,7 +692,10 @@ def test_when_one_process_stops_the_others_say_so_in_one_line(tmp_path):
     rng = np.random.default_rng(0)
     sf.write(corpus / "a.wav", 0.1 * rng.standard_normal(8 * 16000).astype(np.float32), 16000)
     sf.write(corpus / "b.wav", 0.1 * rng.standard_normal(2 * 16000).astype(np.float32), 16000)  # under a crop
+    # torchrun sends SIGTERM to the other process 0.1 s after one ends (its --monitor-interval): in the race the other
+    # one stopped on it before it could say why. Five seconds leave it the time to.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    command += ["--monitor-interval", "5"]
     command += [str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path / "out"), "--train_dir", str(corpus)]
     command += ["--config_overrides", TINY, "--max_steps", "2", "--per_device_train_batch_size", "1"]
     command += ["--ddp_backend", "gloo", "--use_cpu", "--disable_tqdm", "true"]
@@ -706,3 +709,44 @@ def test_when_one_process_stops_the_others_say_so_in_one_line(tmp_path):
     assert "found no usable clip" in errors[0]
     assert "stopped because another process of the run stopped" in errors[1]
     assert "Connection closed by peer" not in result.stderr and "[rank" not in result.stderr
+
+
+def test_a_distributed_run_stops_on_sigterm_at_one_step_with_one_checkpoint(tmp_path):
+    """Before: SIGTERM ended the processes of a distributed run at once, each at its own step: the work since the last
+    checkpoint was lost. Now they agree on a step, save it as one checkpoint and stop; the run resumes from it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29538"]
+    command += [str(ROOT / "run_pretraining.py"), "--output_dir", str(tmp_path), "--config_overrides", TINY]
+    command += ["--max_steps", "100000", "--save_steps", "1000", "--builtin_corpus_clips", "8", "--logging_steps", "5"]
+    command += ["--per_device_train_batch_size", "2", "--ddp_backend", "gloo", "--use_cpu", "--disable_tqdm", "true"]
+    command += ["--dataloader_num_workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
+    for line in process.stdout:  # the first step's log line: training is under way in both processes
+        if "'loss'" in line:
+            break
+    time.sleep(1)
+    # torchrun passes a SIGTERM on to every process; one that reaches a single process must stop them all as well.
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGTERM)
+    stderr = process.communicate(timeout=240)[1]
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and checkpoint_problem(checkpoints[0]) is None, stderr[-3000:]
+    step = int(checkpoints[0].name.split("-")[1])
+    assert step > 1
+    stopped = [line for line in stderr.splitlines() if line.startswith("run_pretraining.py:")]
+    assert stopped == 2 * [
+        f"run_pretraining.py: stopped by SIGTERM at step {step} of 100000, {checkpoints[0]} saved: the same command "
+        "with --resume_from_checkpoint last continues the run."
+    ], stderr[-3000:]
+    assert "Connection closed by peer" not in stderr and "[rank" not in stderr, stderr[-3000:]
+    assert sorted(path.name for path in checkpoints[0].glob("rng_state_*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert not (tmp_path / "model.safetensors").exists()
+
+    resumed = [arg if arg != "100000" else str(step + 2) for arg in command] + ["--resume_from_checkpoint", "last"]
+    result = subprocess.run(resumed, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == step + 2 and (tmp_path / "model.safetensors").is_file()

@@ -190,6 +190,8 @@ def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path, 
     single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3, num_hypotheses=num_hypotheses)
     assert max_difference(ranks[0]["state"], single.pretraining_model.state_dict()) < 1e-5
     assert logged_losses(ranks[0]["log_history"]) == pytest.approx(logged_losses(single.state.log_history), abs=1e-5)
+    # Every student parameter has a gradient: DDP does not walk the graph for unused ones at each step (it did).
+    assert ranks[0]["find_unused"] is ranks[1]["find_unused"] is False
 
 
 def test_the_documented_ddp_bf16_config_runs(tmp_path):
