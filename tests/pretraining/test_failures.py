@@ -728,7 +728,8 @@ def test_a_distributed_run_stops_on_sigterm_at_one_step_with_one_checkpoint(tmp_
             break
     time.sleep(1)
     # torchrun passes a SIGTERM on to every process; one that reaches a single process must stop them all as well.
-    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    workers = [pid for pid in children if b"run_pretraining.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 2
     os.kill(int(workers[-1]), signal.SIGTERM)
     stderr = process.communicate(timeout=240)[1]
