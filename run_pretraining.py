@@ -62,6 +62,7 @@ from modeling_matpac.pretraining import (
 from modeling_matpac.pretraining.checkpoints import checkpoint_problem, checkpoint_steps, last_complete_checkpoint
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
+from modeling_matpac.progress_bars import close_progress_bars
 
 
 try:
@@ -885,7 +886,10 @@ def lost_peer(error: RuntimeError) -> bool:
 
 if __name__ == "__main__":
     try:
-        main()
+        try:
+            main()
+        finally:  # before the one line below is printed
+            close_progress_bars()
     except (
         ValueError,
         OSError,

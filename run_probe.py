@@ -44,6 +44,7 @@ from modeling_matpac.evaluation.tasks import (
     get_task,
     load_task,
 )
+from modeling_matpac.progress_bars import close_progress_bars
 
 
 logger = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> list[TaskResult]:
     try:
         return run(model_args, data_args, settings)
     except (ProbeDataError, ValueError) as error:
+        close_progress_bars()
         sys.exit(f"run_probe.py: error: {error}")
 
 
