@@ -26,6 +26,7 @@ random crops of them, without decoding any audio:
 """
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -709,14 +710,22 @@ class _StopOnSignal(TrainerCallback):
             control.should_log = control.should_save = control.should_training_stop = True
 
 
+def cpu_group(args: MatpacTrainingArguments) -> "torch.distributed.ProcessGroup | None":
+    """All the processes of a distributed run on the CPU (gloo): the run's own group unless it is on the GPU."""
+    if args.world_size == 1:
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
+
+
 @contextlib.contextmanager
 def stopping_on_sigterm(trainer: MatpacTrainer) -> Iterator[_StopOnSignal]:
     """Stops `trainer` with a checkpoint on SIGTERM (`_StopOnSignal`) while it trains, then restores the handler."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread can handle signals
         yield _StopOnSignal()
         return
-    group = torch.distributed.new_group(backend="gloo") if trainer.args.world_size > 1 else None
-    stop = _StopOnSignal(group)
+    stop = _StopOnSignal(cpu_group(trainer.args))
     trainer.add_callback(stop)
     previous = signal.signal(signal.SIGTERM, stop.receive)
     try:

@@ -235,3 +235,22 @@ def test_one_flag_trains_matpac_plus_plus_from_the_log_mel_cache(tmp_path):
     encoder = AutoModel.from_pretrained(tmp_path / "train")
     assert isinstance(encoder, MatpacModel)
     assert torch.equal(encoder.encoder.layers[0].mlp.fc1.weight, pretraining.matpac.encoder.layers[0].mlp.fc1.weight)
+
+
+def test_a_run_on_the_gpu_agrees_on_sigterm_through_its_own_gloo_group(tmp_path, monkeypatch):
+    """NCCL reduces only GPU tensors, and one on the GPU would make the host wait for the step at each check."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        args = run_pretraining.MatpacTrainingArguments(output_dir=str(tmp_path), use_cpu=True, ddp_timeout=120)
+        assert run_pretraining.cpu_group(args) is None  # one process: nothing to agree with
+        monkeypatch.setattr(type(args), "world_size", property(lambda self: 2))
+        assert run_pretraining.cpu_group(args) is torch.distributed.group.WORLD  # a gloo run has one already
+        get_backend = torch.distributed.get_backend
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+        group = run_pretraining.cpu_group(args)
+        assert group is not torch.distributed.group.WORLD and get_backend(group) == "gloo"
+        flag = torch.tensor([1], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        assert flag.item() == 1
+    finally:
+        torch.distributed.destroy_process_group()
