@@ -37,6 +37,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import datasets
 import torch
@@ -731,7 +732,9 @@ def stopping_on_sigterm(trainer: MatpacTrainer) -> Iterator[_StopOnSignal]:
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # A run that stops is about to exit: a second SIGTERM (torchrun sends one when another process has exited)
+        # must not kill it before it has said so.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if stop.stopped else previous)
         trainer.remove_callback(stop)
 
 
@@ -893,6 +896,16 @@ def lost_peer(error: RuntimeError) -> bool:
     return isinstance(error, torch.distributed.DistError) or "closed by peer" in str(error)
 
 
+def exit_with(message: str, code: int = 1) -> NoReturn:
+    """
+    Ends the script with `message` on stderr in one write: the processes of a distributed run print their lines at
+    the same moment, and with unbuffered output (`print` writes the newline apart) the lines interleaved.
+    """
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     try:
         try:
@@ -908,20 +921,18 @@ if __name__ == "__main__":
         BatchTooLargeError,
     ) as error:
         # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
-        sys.exit(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
+        exit_with(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
     except RunStopped as stopped:
-        print(f"run_pretraining.py: {stopped}", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
+        exit_with(f"run_pretraining.py: {stopped}", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        print(
+        exit_with(
             "run_pretraining.py: interrupted. The same command with --resume_from_checkpoint last continues the run "
             "from its last complete checkpoint; a stopped --preprocess_to resumes when run again.",
-            file=sys.stderr,
+            130,
         )
-        sys.exit(130)
     except RuntimeError as error:
         if not lost_peer(error):
             raise
         # The process that stopped printed the reason; this one's collective only saw the connection close.
         rank = torch.distributed.get_rank()
-        sys.exit(f"run_pretraining.py: error: process {rank} stopped because another process of the run stopped.")
+        exit_with(f"run_pretraining.py: error: process {rank} stopped because another process of the run stopped.")
