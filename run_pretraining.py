@@ -867,6 +867,7 @@ def pretrain(
         where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was saved"
         raise OSError(f"{str(error).strip().splitlines()[-1]} ({where}).") from error
     if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
+        trainer.accelerator.wait_for_everyone()  # process 0 has written the checkpoint the others name
         trainer.accelerator.end_training()
         raise RunStopped(
             f"stopped by SIGTERM at step {trainer.state.global_step} of {trainer.state.max_steps}, "
