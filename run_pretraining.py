@@ -64,7 +64,7 @@ from modeling_matpac.pretraining import (
 from modeling_matpac.pretraining.checkpoints import checkpoint_problem, checkpoint_steps, last_complete_checkpoint
 from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
-from modeling_matpac.progress_bars import close_progress_bars
+from modeling_matpac.script_exit import close_progress_bars, stop_worker_processes
 
 
 try:
@@ -897,6 +897,16 @@ def lost_peer(error: RuntimeError) -> bool:
     return isinstance(error, torch.distributed.DistError) or "closed by peer" in str(error)
 
 
+def last_line(error: BaseException) -> str:
+    """
+    The line that says what went wrong: the last of the message, which for an error re-raised from a DataLoader
+    worker is its traceback's, without the exception's name it starts with there.
+    """
+    line = str(error).strip().splitlines()[-1]
+    name, separator, message = line.partition(": ")
+    return message if separator and name.split(".")[-1] == type(error).__name__ else line
+
+
 def exit_with(message: str, code: int = 1) -> NoReturn:
     """
     Ends the script with `message` on stderr in one write: the processes of a distributed run print their lines at
@@ -911,7 +921,10 @@ if __name__ == "__main__":
     try:
         try:
             main()
-        finally:  # before the one line below is printed
+        except BaseException:  # before the one line below is printed
+            stop_worker_processes()
+            raise
+        finally:
             close_progress_bars()
     except (
         ValueError,
@@ -921,8 +934,7 @@ if __name__ == "__main__":
         NonFiniteTrainingError,
         BatchTooLargeError,
     ) as error:
-        # One line, also for an error re-raised from a DataLoader worker (whose message holds its traceback).
-        exit_with(f"run_pretraining.py: error: {str(error).strip().splitlines()[-1]}")
+        exit_with(f"run_pretraining.py: error: {last_line(error)}")
     except RunStopped as stopped:
         exit_with(f"run_pretraining.py: {stopped}", 128 + signal.SIGTERM)
     except KeyboardInterrupt:

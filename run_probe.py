@@ -44,7 +44,7 @@ from modeling_matpac.evaluation.tasks import (
     get_task,
     load_task,
 )
-from modeling_matpac.progress_bars import close_progress_bars
+from modeling_matpac.script_exit import close_progress_bars
 
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ MODEL_UNIT = {
     "__init__", "configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio", "convert",
     "conversion_card", "labels",
 }  # fmt: skip
-SCRIPT_SUPPORT = {"cpu_memory", "progress_bars"}  # what only the scripts, which own their process, do to it
+SCRIPT_SUPPORT = {"cpu_memory", "script_exit"}  # what only the scripts, which own their process, do to it
 SHARED = {"atomic_write"}  # what pretraining/ and evaluation/ both use, outside the model unit
 REMOTE_CODE = {"configuration_matpac", "feature_extraction_matpac", "modeling_matpac", "audio"}
 AREAS = ("pretraining", "evaluation")
@@ -81,5 +81,5 @@ def test_remote_code_files_import_only_each_other_by_single_level_relative_impor
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda path: module_name(path))
 def test_the_library_leaves_the_process_alone(path):
-    """`cpu_memory` changes the allocator, `progress_bars` closes every bar: only the scripts may call them."""
+    """`cpu_memory` changes the allocator, `script_exit` closes every bar and kills the workers: scripts only."""
     assert not {f"modeling_matpac.{stem}" for stem in SCRIPT_SUPPORT} & imported_modules(path)

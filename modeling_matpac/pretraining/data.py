@@ -78,7 +78,16 @@ AudioSource = Sequence[str | os.PathLike] | datasets.Dataset | datasets.Iterable
 
 
 class NoUsableClipError(RuntimeError):
-    """A data consumer met no usable clip in a whole epoch: all of its clips are too short or undecodable."""
+    """A data consumer met no usable clip in several epochs in a row: its clips are too short or undecodable."""
+
+
+# Epochs in a row without a usable clip after which a data consumer stops the run. One is not enough: a small source
+# dealt to many consumers gives one of them an epoch of only short or undecodable clips now and then, and a run
+# resumed at that epoch would stop there again. A consumer that has cropped before stops only after many: its source
+# has changed (files removed or damaged) since.
+EMPTY_EPOCHS_BEFORE_ANY_CROP = 2
+EMPTY_EPOCHS_AFTER_A_CROP = 10
+SKIPS = ("short", "corrupt")
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -495,6 +504,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
         warned = set()
         epoch = self.epoch
         short = corrupt = 0
+        cropped, empty = False, {"epochs": 0, "short": 0, "corrupt": 0}  # the epochs in a row without a crop
         while True:
             counts = {"crops": 0, "short": 0, "corrupt": 0}  # of this epoch, for the log
             for clip in self._clips.iter_epoch(self.seed, epoch, self.shuffle, consumer, num_consumers):
@@ -527,12 +537,18 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
             )
             if not self.infinite:
                 return
-            if counts["crops"] == 0:
+            if counts["crops"]:
+                cropped, empty = True, dict.fromkeys(empty, 0)
+            else:
+                empty = {"epochs": empty["epochs"] + 1, **{name: empty[name] + counts[name] for name in SKIPS}}
+            if empty["epochs"] == (EMPTY_EPOCHS_AFTER_A_CROP if cropped else EMPTY_EPOCHS_BEFORE_ANY_CROP):
+                fewer = ", or fewer processes or workers" if num_consumers > 1 else ""
                 raise NoUsableClipError(
                     f"Data consumer {consumer} of {num_consumers} (rank {self.rank} of {self.world_size}, DataLoader "
-                    f"worker {worker_id} of {num_workers}) found no usable clip in epoch {epoch} "
-                    f"({counts['short']} shorter than {self.crop_length} samples at 16 kHz, {counts['corrupt']} "
-                    "undecodable): it would loop forever. Use more (or longer) clips, or fewer processes or workers."
+                    f"worker {worker_id} of {num_workers}) found no usable clip in epochs "
+                    f"{epoch - empty['epochs'] + 1} to {epoch} ({empty['short']} shorter than {self.crop_length} "
+                    f"samples at 16 kHz, {empty['corrupt']} undecodable): it would loop forever. Use more (or longer) "
+                    f"clips{fewer}."
                 )
             epoch += 1
 

@@ -547,10 +547,29 @@ def test_both_recipes_under_accelerate_launch_read_every_clip_once_per_epoch(tmp
             assert sorted(epoch) == list(range(len(files))), (recipe, per_rank)
 
 
+def test_a_consumer_whose_share_of_an_epoch_is_all_short_goes_on_to_the_next(tmp_path):
+    """Before: the run stopped at the first epoch whose share for one process held only clips shorter than a crop
+    (hours in, on a small source), and stopped there again when resumed."""
+    files = [_write(tmp_path / f"long{i}.wav", 120_000) for i in range(2)]
+    files += [_write(tmp_path / f"short{i}.wav", 20_000) for i in range(2)]
+    shares = [np.random.default_rng([0, epoch]).permutation(4)[0::2].tolist() for epoch in range(8)]
+    empty = [epoch for epoch, share in enumerate(shares) if set(share) == {2, 3}]
+    assert empty and empty[0] > 0  # rank 0 of 2 meets an epoch of short clips only, after epochs with long ones
+    for start in (0, empty[0]):  # from the start, and resumed at that epoch
+        dataset = MatpacPretrainingDataset(files, rank=0, world_size=2, seed=0)
+        dataset.set_epoch(start)
+        expected = [str(files[index]) for share in shares[start:] for index in share if index < 2]
+        crops = [crop for crop, _ in zip(dataset, expected)]
+        assert [crop["clip_id"] for crop in crops] == expected
+        dealt = [index for share in shares[start:] for index in share]
+        last_crop = max(position for position, index in enumerate(dealt) if index < 2)
+        assert sum(crop["num_skipped_short"] for crop in crops) == sum(index >= 2 for index in dealt[:last_crop])
+
+
 def test_an_endless_consumer_without_usable_clips_fails_loudly(tmp_path):
     files = [_write(tmp_path / "only.wav", 100_000)]
     assert next(iter(MatpacPretrainingDataset(files, rank=0, world_size=2)))["clip_id"] == str(files[0])
-    with pytest.raises(RuntimeError, match="no usable clip in epoch 0"):
+    with pytest.raises(RuntimeError, match="no usable clip in epochs 0 to 1"):
         next(iter(MatpacPretrainingDataset(files, rank=1, world_size=2)))
     assert list(MatpacPretrainingDataset(files, rank=1, world_size=2, infinite=False)) == []
 

@@ -2,7 +2,7 @@ import io
 
 from tqdm import tqdm
 
-from modeling_matpac.progress_bars import close_progress_bars
+from modeling_matpac.script_exit import close_progress_bars
 
 
 def test_the_line_a_script_ends_with_is_a_line_of_its_own():
