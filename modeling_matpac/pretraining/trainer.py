@@ -610,10 +610,10 @@ class MatpacTrainer(Trainer):
         if not problems:
             return
         last = last_complete_checkpoint(Path(self.args.output_dir))
+        where, then = (f"the last good checkpoint, {last}", "resume from it") if last else ("the start", "start again")
         raise NonFiniteTrainingError(
             f"Training stopped at step {self.state.global_step}: {'; '.join(problems)}. Nothing was saved after "
-            + (f"the last good checkpoint, {last}" if last else "the start (no checkpoint was saved)")
-            + ". Lower the learning rate or check the data, then resume from that checkpoint."
+            f"{where}. Lower the learning rate or check the data, then {then}."
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
