@@ -423,6 +423,8 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
             Number of processes that each read their own share of the data (1 when accelerate dispatches batches).
     """
 
+    skipped_clip = "undecodable audio clip"  # what the warning calls a clip it skips as corrupt
+
     def __init__(
         self,
         source: AudioSource,
@@ -517,7 +519,7 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
                     counts["corrupt"] += 1
                     if clip.clip_id not in warned:
                         warned.add(clip.clip_id)
-                        logger.warning(f"Skipping undecodable audio clip {clip.clip_id}: {error}")
+                        logger.warning(f"Skipping {self.skipped_clip} {clip.clip_id}: {error}")
                     continue
                 if input_values is None:
                     short += 1

@@ -745,6 +745,8 @@ class MatpacLogMelCacheDataset(MatpacPretrainingDataset):
             As for `MatpacPretrainingDataset`.
     """
 
+    skipped_clip = "the damaged cached log-mel (rebuild the cache to use it again) of"
+
     def __init__(
         self,
         cache_dir: str | os.PathLike,

@@ -105,7 +105,7 @@ def test_the_feature_extractor_refuses_huge_samples_instead_of_returning_nan(tmp
     assert torch.isfinite(loud["input_values"]).all()
 
 
-def test_a_cache_shard_with_nan_log_mels_is_skipped_and_counted(tmp_path):
+def test_a_cache_shard_with_nan_log_mels_is_skipped_and_counted(tmp_path, caplog):
     """Before: the NaN crop went into a batch and turned the weights NaN."""
     from modeling_matpac.pretraining import LogMelCache, MatpacLogMelCacheDataset, preprocess_to_cache
 
@@ -121,9 +121,14 @@ def test_a_cache_shard_with_nan_log_mels_is_skipped_and_counted(tmp_path):
     start = data.index(log_mel.tobytes()[:64])
     shard.write_bytes(data[:start] + b"\x00\x7e" * (log_mel.size) + data[start + 2 * log_mel.size :])
     dataset = MatpacLogMelCacheDataset(tmp_path / "cache", shuffle=False, infinite=False)
-    examples = list(dataset)
+    with caplog.at_level(logging.WARNING):
+        examples = list(dataset)
     assert [example["clip_id"] for example in examples] == [str(files[1])]
     assert examples[0]["num_skipped_corrupt"] == 1
+    assert caplog.messages == [  # the audio file is fine: the cache is not
+        f"Skipping the damaged cached log-mel (rebuild the cache to use it again) of {files[0]}: its log-mel crop has "
+        "NaN or infinite values"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
