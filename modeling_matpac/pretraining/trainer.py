@@ -279,6 +279,7 @@ class MatpacTrainer(Trainer):
         self._last_update_step = 0  # the schedules' step of the last teacher update
         self._eval_loss_parts: list[torch.Tensor] = []  # per clip, of the evaluation under way
         self.skipped_clips: SkippedClips | None = None  # set with the loader of a MatpacPretrainingDataset
+        self.workers_ignore_sigterm = False  # see `get_train_dataloader`
         self.reset_accumulators(self.state.global_step)
         self.add_callback(_TeacherUpdateCallback(self))
         self.add_callback(_GlobalBatchRecord())
@@ -348,6 +349,7 @@ class MatpacTrainer(Trainer):
     @property
     def schedule_step(self) -> int:
         """The step of the schedules: optimizer updates made, the steps fp16 skipped left out (`_SkippedUpdates`)."""
+        # Looked up, not kept: resuming, the Trainer replaces its stateful callbacks with new ones from the checkpoint.
         skipped = next(
             callback for callback in self.callback_handler.callbacks if isinstance(callback, _SkippedUpdates)
         )
@@ -424,9 +426,10 @@ class MatpacTrainer(Trainer):
         A `MatpacPretrainingDataset` splits itself among processes (and their workers): every process reads and
         decodes only its own share, instead of process 0 reading for all and broadcasting each batch. Its loader is
         therefore not handed to accelerate, which would shard or dispatch it a second time; its collate function
-        counts the skipped clips beside the batches. Its workers ignore SIGTERM, which a cluster sends to every
-        process of a job it stops: their parent ends them, after it saved a checkpoint if it stops on that signal
-        (`run_pretraining.py`); a worker killed by it would end the parent at once.
+        counts the skipped clips beside the batches. With `workers_ignore_sigterm` (set by a caller that stops on
+        SIGTERM with a checkpoint, as `run_pretraining.py` does) its workers ignore SIGTERM, which a cluster sends to
+        every process of a job it stops: a worker killed by it would end the parent before it saved. That caller
+        must then end them itself when it exits on an error: Python's exit ends them with SIGTERM.
         """
         dataset = self.train_dataset
         if not isinstance(dataset, MatpacPretrainingDataset):
@@ -458,7 +461,7 @@ class MatpacTrainer(Trainer):
             persistent_workers=args.dataloader_persistent_workers,
             prefetch_factor=args.dataloader_prefetch_factor,
             multiprocessing_context=args.dataloader_multiprocessing_context,
-            worker_init_fn=_ignore_termination,
+            worker_init_fn=_ignore_termination if self.workers_ignore_sigterm else None,
         )
 
     def get_eval_dataloader(self, eval_dataset: str | object | None = None) -> DataLoader:

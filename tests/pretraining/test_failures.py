@@ -774,3 +774,36 @@ def test_an_error_raised_in_a_dataloader_worker_ends_the_script(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("run_pretraining.py: error: Data consumer 0 of 1 (rank 0 of 1, DataLoader worker 0 of 1)")
     assert "Traceback" not in result.stderr
+
+
+LIBRARY_LOADER_ERROR = """
+import sys
+import numpy as np
+import soundfile as sf
+from pathlib import Path
+from transformers import TrainingArguments
+from pretraining_worker import tiny_model
+from modeling_matpac.pretraining import MatpacPretrainingDataset, MatpacTrainer, collate_pretraining_batch
+
+folder = Path(sys.argv[1])
+sf.write(folder / "short.wav", 0.1 * np.random.default_rng(0).standard_normal(2 * 16000), 16000)
+args = TrainingArguments(
+    output_dir=str(folder / "out"), max_steps=2, per_device_train_batch_size=1, dataloader_num_workers=1,
+    use_cpu=True, report_to=[], disable_tqdm=True,
+)
+trainer = MatpacTrainer(
+    model=tiny_model(), args=args, train_dataset=MatpacPretrainingDataset([folder / "short.wav"]),
+    data_collator=collate_pretraining_batch,
+)
+trainer.train()
+"""
+
+
+def test_a_library_run_whose_loader_fails_ends(tmp_path):
+    """`MatpacTrainer` outside the script: its workers end with the process (SIGTERM at Python's exit), as before
+    the script made them ignore that signal; ignoring it for every user hung a process whose loader raised."""
+    result = subprocess.run(
+        [sys.executable, "-c", LIBRARY_LOADER_ERROR, str(tmp_path)], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [ROOT, ROOT / "tests", Path(__file__).parent]))},
+    )  # fmt: skip
+    assert result.returncode == 1 and "NoUsableClipError" in result.stderr, result.stderr[-2000:]
