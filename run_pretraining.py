@@ -728,6 +728,7 @@ def stopping_on_sigterm(trainer: MatpacTrainer) -> Iterator[_StopOnSignal]:
         return
     stop = _StopOnSignal(cpu_group(trainer.args))
     trainer.add_callback(stop)
+    trainer.workers_ignore_sigterm = True  # the script ends them (`stop_worker_processes`)
     previous = signal.signal(signal.SIGTERM, stop.receive)
     try:
         yield stop
@@ -865,7 +866,7 @@ def pretrain(
     except (OSError, SafetensorError) as error:  # e.g. the disk filled while a checkpoint was saved
         last = last_complete_checkpoint(Path(training_args.output_dir))
         where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was saved"
-        raise OSError(f"{str(error).strip().splitlines()[-1]} ({where}).") from error
+        raise OSError(f"{last_line(error)} ({where}).") from error
     if stop.stopped and trainer.state.global_step < trainer.state.max_steps:
         trainer.accelerator.wait_for_everyone()  # process 0 has written the checkpoint the others name
         trainer.accelerator.end_training()
