@@ -571,8 +571,14 @@ def test_a_failed_cache_rebuild_keeps_the_previous_cache_and_a_truncated_shard_i
         (["--preprocess_to", "{tmp}/a-file"], "a-file' exists and is not a directory"),
         (["--train_cache", "{tmp}/a-file"], "does not exist or is not a directory"),
         (["--train_dir", "{tmp}/a-file"], "does not exist or is not a directory"),
-        (["--train_dir", "{tmp}/corrupt", "--max_steps", "1"], r"no usable clip in epochs 0 to 1 .*2 undecodable"),
-        (["--train_dir", "{tmp}/short", "--max_steps", "1"], r"no usable clip in epochs 0 to 1 \(2 shorter than"),
+        (
+            ["--train_dir", "{tmp}/corrupt", "--max_steps", "1"],
+            r"found no usable clip in epochs 0 to 1 .*2 undecodable",
+        ),
+        (
+            ["--train_dir", "{tmp}/short", "--max_steps", "1"],
+            r"found no usable clip in epochs 0 to 1 \(2 shorter than",
+        ),
     ],
 )
 def test_bad_flags_end_in_one_clear_error(tmp_path, flags, message):
