@@ -62,7 +62,12 @@ from modeling_matpac.pretraining import (
     preprocess_to_cache,
 )
 from modeling_matpac.pretraining.checkpoints import checkpoint_problem, checkpoint_steps, last_complete_checkpoint
-from modeling_matpac.pretraining.data import DEFAULT_SHUFFLE_BUFFER_SIZE, AudioSource, NoUsableClipError
+from modeling_matpac.pretraining.data import (
+    DEFAULT_SHUFFLE_BUFFER_SIZE,
+    SKIP_COUNTERS,
+    AudioSource,
+    NoUsableClipError,
+)
 from modeling_matpac.pretraining.trainer import WEIGHT_DECAY_SETS, check_supported_arguments
 from modeling_matpac.script_exit import close_progress_bars, stop_worker_processes
 
@@ -439,6 +444,14 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
     model, args = trainer.pretraining_model, trainer.args
     config = model.config
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    skips = next((entry for entry in reversed(trainer.state.log_history) if SKIP_COUNTERS[0] in entry), {})
+    short, corrupt = (int(skips.get(name, 0)) for name in SKIP_COUNTERS)
+    skipped_clips = (
+        f"; the pipeline skipped a clip {short + corrupt:,} times ({short:,} shorter than a crop, {corrupt:,} "
+        f"undecodable) until step {skips['step']}, a clip counted at every epoch that met it"
+        if short + corrupt
+        else ""
+    )
     hypotheses = config.predictor_num_hypotheses
     variant = f" as MATPAC++ ({hypotheses} multiple-choice prediction heads)" if hypotheses > 1 else ""
     card = MODEL_CARD_TEMPLATE.read_text().format(
@@ -458,10 +471,11 @@ def write_model_card(trainer: MatpacTrainer, data_description: str, dataset_size
         dataset_name=data_description,
         num_train_clips=dataset_size if dataset_size is not None else "unknown (streamed)",
         crop_seconds=config.num_frames * config.hop_length / config.sampling_rate,
+        skipped_clips=skipped_clips,
         num_train_steps=trainer.state.global_step,
         global_batch_size=global_batch_size(args),
         learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
+        warmup_steps=args.get_warmup_steps(trainer.state.max_steps),
         lr_scheduler_type=args.lr_scheduler_type.value
         if hasattr(args.lr_scheduler_type, "value")
         else args.lr_scheduler_type,
@@ -632,7 +646,7 @@ def open_audio_source(
         )
         with training_args.main_process_first(desc="built-in corpus"):
             source = generate_builtin_corpus(corpus_dir, num_clips=data_args.builtin_corpus_clips)
-        return source, f"the built-in synthetic corpus ({data_args.builtin_corpus_clips} clips)"
+        return source, "the built-in synthetic corpus"
     source = load_audio_source(
         dataset_name=data_args.dataset_name,
         dataset_config_name=data_args.dataset_config_name,

@@ -601,7 +601,7 @@ def test_run_pretraining_preprocesses_then_trains_from_the_cache(tmp_path):
     cache = tmp_path / "logmels"
     _run(tmp_path / "prepare", "--preprocess_to", str(cache), "--builtin_corpus_clips", "3")
     metadata = json.loads((cache / "metadata.json").read_text())
-    assert metadata["num_clips"] == 3 and metadata["description"] == "the built-in synthetic corpus (3 clips)"
+    assert metadata["num_clips"] == 3 and metadata["description"] == "the built-in synthetic corpus"
     assert not (tmp_path / "prepare" / "trainer_state.json").exists()  # it only pre-processed
 
     _run(tmp_path / "train", "--train_cache", str(cache), "--max_steps", "2")

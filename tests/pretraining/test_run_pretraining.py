@@ -51,7 +51,8 @@ def test_builtin_default_trains_and_saves_a_loadable_model(tmp_path, monkeypatch
     assert embedding.shape == (1, 160) and torch.isfinite(embedding).all()
     card = (tmp_path / "README.md").read_text()
     assert (
-        "Pre-trained for 4 steps on the built-in synthetic corpus (6 clips)" in card
+        "Pre-trained for 4 steps on the built-in synthetic corpus." in card
+        and "**Data:** the built-in synthetic corpus, 6 clips, random 6.08 s crops.\n" in card
         and "{" not in card.split("---")[1]
     )
 
@@ -94,6 +95,12 @@ def test_corrupt_and_short_files_are_skipped_and_counted(tmp_path, caplog):
     # 3 steps of 2 crops = 6 crops = 2 epochs of the 3 good clips, each epoch also meeting the bad two.
     assert last["num_skipped_corrupt"] >= 1 and last["num_skipped_short"] >= 1
     assert last["step"] == 3 and np.isfinite(last["loss"])
+    short, corrupt = int(last["num_skipped_short"]), int(last["num_skipped_corrupt"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (
+        f"5 clips, random 6.08 s crops; the pipeline skipped a clip {short + corrupt} times ({short} shorter than a "
+        f"crop, {corrupt} undecodable) until step 3, a clip counted at every epoch that met it.\n"
+    ) in card and "(warm-up 1 steps, then cosine)" in card
 
 
 def test_epochs_become_steps_from_the_dataset_size(tmp_path):
