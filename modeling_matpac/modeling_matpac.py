@@ -833,7 +833,10 @@ class MatpacModel(MatpacPreTrainedModel):
             )
         batch_size = input_values.shape[0]
         chunks, step_mask, time_steps = self._chunk(input_values, attention_mask)
-        if output_attentions:  # one attention map per chunk: every chunk at full length, masked
+        # One attention map per chunk; or a graph being captured, which cannot group chunks by their data: every
+        # chunk at full length, masked (the same outputs).
+        capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if output_attentions or (capturing and attention_mask is not None):
             groups = [(slice(None), step_mask.shape[1], True)]
         else:
             groups = self._chunk_groups(step_mask, batch_size, time_steps, attention_mask is not None)

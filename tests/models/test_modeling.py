@@ -70,6 +70,34 @@ def test_padded_batch_equals_clips_alone(fixture_model, reference):
     torch.testing.assert_close(batch.pooler_output[0], reference["b.precise.pooled.emb"][0], atol=1e-4, rtol=0)
 
 
+def test_a_padded_batch_exports_compiles_and_traces_to_the_eager_embeddings(tiny_config):
+    """
+    Before: `torch.export` and `torch.compile(fullgraph=True)` failed on a batch with an `attention_mask` (the eager
+    forward groups the chunks by their valid length, read from the data). Graphs encode every chunk masked instead.
+    """
+    torch.manual_seed(0)
+    model = MatpacModel(tiny_config).eval()
+    extractor = MatpacFeatureExtractor()
+
+    def features(*seconds):
+        clips = [0.1 * torch.randn(int(16000 * length)).numpy() for length in seconds]
+        return dict(extractor(clips, sampling_rate=16000, return_tensors="pt", return_attention_mask=True))
+
+    example, other = features(3, 8.5), features(8.5, 0.5, 7, 2)  # the same frames, other lengths and batch size
+    batch = torch.export.Dim("batch", max=64)
+    exported = torch.export.export(model, (), example, dynamic_shapes={name: {0: batch} for name in example})
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    traced = torch.jit.trace(model, tuple(example.values()), strict=False, check_trace=False)
+    with torch.no_grad():
+        for inputs in (example, other):
+            eager = model(**inputs)
+            assert inputs["attention_mask"].float().mean() < 0.8  # padded clips, and a whole chunk of padding
+            for name, graph in (("exported", exported.module()), ("compiled", compiled), ("traced", traced)):
+                outputs = graph(**inputs) if name != "traced" else graph(*inputs.values())
+                for key in ("last_hidden_state", "pooler_output"):
+                    torch.testing.assert_close(outputs[key], eager[key], atol=1e-5, rtol=0, msg=f"{name} {key}")
+
+
 def test_masked_frames_do_not_change_the_embeddings(tiny_config):
     """
     Before: the frames after a clip's end that share its last patch were read from the batch, so with a
