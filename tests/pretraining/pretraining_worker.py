@@ -58,6 +58,7 @@ def train(
     collator=None,
     num_hypotheses=1,
     eval_dataset=None,
+    callbacks=None,
     **extra,
 ) -> MatpacTrainer:
     model = tiny_model(num_hypotheses)
@@ -84,6 +85,7 @@ def train(
         train_dataset=dataset or FixedCrops(),
         eval_dataset=eval_dataset,
         data_collator=collator,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer

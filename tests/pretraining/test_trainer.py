@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config_kwargs
 from pretraining_worker import FixedCrops, train
-from transformers import AutoFeatureExtractor, TrainingArguments
+from transformers import AutoFeatureExtractor, TrainerCallback, TrainingArguments
 
 from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacForPreTraining, MatpacModel
 from modeling_matpac.pretraining import MatpacPretrainingDataset, generate_builtin_corpus
@@ -34,18 +35,44 @@ def max_difference(first: dict, second: dict) -> float:
 HYPOTHESES = pytest.mark.parametrize("num_hypotheses", [1, 5], ids=["matpac", "matpac++"])
 
 
+def student_weight(model: MatpacForPreTraining) -> torch.Tensor:
+    return model.matpac.encoder.layers[0].mlp.fc1.weight.detach().clone()
+
+
+class StudentAfterEachStep(TrainerCallback):
+    """Records a student weight once each optimizer step is done."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(student_weight(model))
+
+
 @HYPOTHESES
 def test_updates_run_once_per_optimizer_step_under_gradient_accumulation(tmp_path, monkeypatch, num_hypotheses):
-    calls = []
+    calls, decays, seen = [], [], []
     original = MatpacForPreTraining.update_teachers_and_center
 
     def spy(self, step, *args):
         calls.append(step)
-        return original(self, step, *args)
+        seen.append(student_weight(self))
+        decays.append(original(self, step, *args))
+        return decays[-1]
 
     monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", spy)
-    accumulated = train(tmp_path / "ga", batch_size=2, accumulation=2, max_steps=3, num_hypotheses=num_hypotheses)
+    after = StudentAfterEachStep()
+    accumulated = train(
+        tmp_path / "ga", batch_size=2, accumulation=2, max_steps=3, num_hypotheses=num_hypotheses, callbacks=[after]
+    )
     assert calls == [0, 1, 2]
+    # The decays applied are those of the run's 3 steps (none at step 0), not of the config's annealing length.
+    assert [encoder for encoder, _ in decays] == pytest.approx([math.nan, 0.5 + 0.4 / 3, 0.5 + 0.8 / 3], nan_ok=True)
+    logged = [entry for entry in accumulated.state.log_history if "loss" in entry]
+    assert [head for _, head in decays[1:]] == pytest.approx([entry["head_ema_decay"] for entry in logged[1:]])
+    # The teachers move toward the student weights of the step's loss: before its optimizer step, not after it.
+    for step in (1, 2):
+        assert torch.equal(seen[step], after.weights[step - 1]) and not torch.equal(seen[step], after.weights[step])
     monkeypatch.setattr(MatpacForPreTraining, "update_teachers_and_center", original)
     whole = train(tmp_path / "whole", batch_size=4, accumulation=1, max_steps=3, num_hypotheses=num_hypotheses)
     # The same global batches give the same run: centre statistics and EMA cover both micro-batches at once.
@@ -81,17 +108,22 @@ def test_matpac_plus_plus_logs_its_temperature_and_win_shares(tmp_path):
 
 
 def test_collapse_statistics_are_computed_on_logged_steps_only(tmp_path, monkeypatch):
-    computed = []
-    original = MatpacForPreTraining.collapse_statistics
+    computed, under_way = [], {}
+    original, compute_loss = MatpacForPreTraining.collapse_statistics, MatpacTrainer.compute_loss
 
     def spy(outputs):
-        computed.append(outputs.teacher_probs.shape[0])
+        computed.append((under_way["step"], outputs.teacher_probs.shape[0]))
         return original(outputs)
 
+    def recording_step(self, *args, **kwargs):
+        under_way["step"] = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        return compute_loss(self, *args, **kwargs)
+
     monkeypatch.setattr(MatpacForPreTraining, "collapse_statistics", staticmethod(spy))
+    monkeypatch.setattr(MatpacTrainer, "compute_loss", recording_step)
     trainer = train(tmp_path, batch_size=2, accumulation=2, max_steps=4, logging_steps=2, logging_first_step=True)
-    # Two micro-batches per step; steps 1 (the first), 2 and 4 are logged, step 3 is not.
-    assert computed == [2] * 6
+    # Two micro-batches of 2 clips per step; steps 1 (the first), 2 and 4 are logged, step 3 is not.
+    assert computed == [(1, 2), (1, 2), (2, 2), (2, 2), (4, 2), (4, 2)]
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["step"] for entry in logged] == [1, 2, 4]
     for entry in logged:
@@ -190,6 +222,16 @@ def test_two_ddp_processes_match_one_process_on_the_same_global_batch(tmp_path, 
     single = train(tmp_path / "single", batch_size=4, accumulation=1, max_steps=3, num_hypotheses=num_hypotheses)
     assert max_difference(ranks[0]["state"], single.pretraining_model.state_dict()) < 1e-5
     assert logged_losses(ranks[0]["log_history"]) == pytest.approx(logged_losses(single.state.log_history), abs=1e-5)
+    # Every logged value, not only the Trainer's loss: the parts, the statistics and the win shares are averaged over
+    # the processes as over the micro-batches (the statistics of a batch, such as the teacher's perplexity, are not
+    # linear in it: each process's half counts as a micro-batch).
+    halves = train(tmp_path / "halves", batch_size=2, accumulation=2, max_steps=3, num_hypotheses=num_hypotheses)
+    runs = (ranks[0]["log_history"], halves.state.log_history)
+    logged = [[entry for entry in run if "loss" in entry] for run in runs]
+    assert len(logged[0]) == len(logged[1]) == 3
+    for distributed, accumulated in zip(*logged):
+        assert distributed.keys() == accumulated.keys() and {"loss_pred", "teacher_perplexity"} <= accumulated.keys()
+        assert distributed == pytest.approx(accumulated, rel=1e-5, abs=1e-5)
     # Every student parameter has a gradient: DDP does not walk the graph for unused ones at each step (it did).
     assert ranks[0]["find_unused"] is ranks[1]["find_unused"] is False
 
@@ -405,24 +447,35 @@ def test_weight_decay_covers_every_parameter_like_the_authors_adam(tmp_path):
         MatpacTrainer(model=tiny_model(), args=args, weight_decay_set="none")
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_skip_counts_reach_the_logs_beside_the_batches_and_survive_a_resume(tmp_path, num_workers):
+@pytest.mark.parametrize(("num_workers", "accumulation"), [(0, 1), (2, 2)])
+def test_skip_counts_reach_the_logs_beside_the_batches_and_survive_a_resume(tmp_path, num_workers, accumulation):
     import numpy as np
     import soundfile as sf
 
-    from modeling_matpac.pretraining.data import MatpacPretrainingDataset, list_audio_files
+    from modeling_matpac.pretraining.data import SKIP_COUNTERS, MatpacPretrainingDataset, list_audio_files
 
     generate_builtin_corpus(tmp_path / "corpus", num_clips=6)
     for index in range(2):
         sf.write(tmp_path / "corpus" / f"short{index}.wav", np.zeros(8000, dtype=np.float32), 16000)
     (tmp_path / "corpus" / "broken.wav").write_bytes(b"RIFF not really a wave file")
     files = list_audio_files(tmp_path / "corpus")
+    # The expected running totals, from the examples themselves: batch b comes from worker b % W.
+    consumers = [
+        iter(MatpacPretrainingDataset(files, seed=1, rank=worker, world_size=max(num_workers, 1)))
+        for worker in range(max(num_workers, 1))
+    ]
+    batches = []
+    for index in range(4 * accumulation):
+        examples = [next(consumers[index % len(consumers)]) for _ in range(2)]
+        batches.append([sum(example[name] for example in examples) for name in SKIP_COUNTERS])
+    expected = [tuple(map(sum, zip(*batches[: step * accumulation]))) for step in range(1, 5)]
+    assert expected[-1][0] >= 2 and expected[-1][1] >= 1  # 4 or 8 batches of 2 crops reach a second epoch
 
     def run(output_dir, **kwargs):
         trainer = train(
             output_dir,
             batch_size=2,
-            accumulation=1,
+            accumulation=accumulation,
             max_steps=4,
             dataset=MatpacPretrainingDataset(files, seed=1),
             dataloader_num_workers=num_workers,
@@ -434,11 +487,12 @@ def test_skip_counts_reach_the_logs_beside_the_batches_and_survive_a_resume(tmp_
             if "loss" in entry
         ]
 
-    straight = run(tmp_path / "straight", save_steps=2)
-    # Running totals: 4 steps of 2 crops of 6 good clips reach a second epoch; each meets 2 short and 1 broken clip.
-    assert straight == sorted(straight) and straight[-1][0] >= 2 and straight[-1][1] >= 1
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
-    assert resumed == straight  # steps 1-2 restored from the checkpoint's log history, steps 3-4 logged again
+    assert run(tmp_path / "straight", save_steps=2) == expected
+    checkpoint = str(tmp_path / "straight" / "checkpoint-2")
+    # Steps 1-2 restored from the checkpoint's log history, steps 3-4 logged again.
+    assert run(tmp_path / "resumed", resume=checkpoint) == expected
+    # With the data started over, the counts start over too (run_pretraining.py says so).
+    assert run(tmp_path / "restarted", resume=checkpoint, ignore_data_skip=True) == expected[:2] * 2
 
 
 class CropsWithoutNoise(FixedCrops):
