@@ -53,6 +53,10 @@ def test_mean_average_precision_scores_only_annotated_pairs():
     mask[1, 0] = False  # class 0 without the negative scored 0.8: positives ranked 1st and 2nd -> AP 1
     mask[3, 1] = False  # class 1 without the negative scored 0.4: its positive ranked 3rd -> AP 1/3
     assert mean_average_precision(TARGETS, SCORES, mask) == pytest.approx((1 + 1 / 3) / 2)
+    # A class whose only positive is unannotated has no positive to score: it is left out, not averaged in as 0.
+    targets, scores = np.column_stack([TARGETS, [0, 0, 1, 0]]), np.column_stack([SCORES, [0.5, 0.6, 0.7, 0.8]])
+    mask = np.column_stack([mask, [True, True, False, True]])
+    assert mean_average_precision(targets, scores, mask) == pytest.approx((1 + 1 / 3) / 2)
     with pytest.raises(ValueError, match="No class has a positive"):
         mean_average_precision(np.zeros((3, 2)), np.ones((3, 2)))
 
@@ -91,6 +95,10 @@ def test_cross_validation_holds_out_each_fold_and_draws_validation_from_the_othe
         assert sorted(np.concatenate([split.train, split.valid])) == sorted(np.flatnonzero(data.fold != fold))
         assert len(split.valid) == 5  # ceil(10 % of 48)
         assert set(targets[split.valid]) == {0, 1, 2}  # stratified: every class is validated
+    # Stratified for every seed, not by luck: 16 clips per class leave 5 validation clips, 2 + 2 + 1 by class.
+    for seed in range(10):
+        for split in make_splits(data, seed=seed):
+            assert sorted(np.bincount(targets[split.valid], minlength=3).tolist()) == [1, 2, 2], (seed, split.name)
     again, other = make_splits(data, seed=3), make_splits(data, seed=4)
     np.testing.assert_array_equal(splits[0].valid, again[0].valid)
     assert any(not np.array_equal(a.valid, b.valid) for a, b in zip(splits, other))
@@ -158,6 +166,7 @@ def test_probe_standardises_with_training_statistics_and_folds_them_into_the_lay
 
 
 def test_evaluate_is_reproducible_and_runs_differ_by_seed():
+    """Pins the scores of this seed and data: each run's score is the mean of its folds (not their median)."""
     rng = np.random.default_rng(0)
     targets = np.tile(np.repeat([0, 1], 5), 3)
     embeddings = rng.normal(size=(30, 6)) + targets[:, None]
@@ -165,25 +174,33 @@ def test_evaluate_is_reproducible_and_runs_differ_by_seed():
     settings = ProbeSettings(num_runs=3, max_epochs=20, patience=3, learning_rate=0.01)
     first, second = evaluate(data, embeddings, settings), evaluate(data, embeddings, settings)
     assert first.run_scores == second.run_scores and len(first.run_scores) == 3
-    assert [len(folds) for folds in first.fold_scores] == [3, 3, 3]
-    assert first.run_scores[0] == pytest.approx(np.mean(first.fold_scores[0]))
+    # Accuracies on 10 test clips per fold; runs 2 and 3 have folds whose median is not their mean.
+    np.testing.assert_allclose(first.fold_scores, [[0.8, 0.7, 0.6], [1.0, 1.0, 0.8], [1.0, 0.9, 0.6]])
+    assert first.run_scores == pytest.approx([0.7, 2.8 / 3, 2.5 / 3])
+    for run, folds in zip(first.run_scores, first.fold_scores):
+        assert run == pytest.approx(np.mean(folds))
     assert len(set(first.run_scores)) == 3  # each run draws its own validation sets and initialisation
 
 
 def test_results_table_and_files(tmp_path):
+    """Asymmetric runs, whose median (90) is not their mean: the row reports the mean and its Student-t interval."""
     data = fake_data([0, 1, 0, 1])
     outcome = type(
-        "Outcome", (), {"run_scores": [0.8, 0.9, 1.0], "fold_scores": [[0.8], [0.9], [1.0]], "seconds": 1.25}
+        "Outcome", (), {"run_scores": [0.7, 0.9, 1.0], "fold_scores": [[0.7], [0.9], [1.0]], "seconds": 1.25}
     )
     embeddings = Embeddings(np.zeros((4, 3840), np.float32), np.arange(4), seconds=12.0, cached=True)
     result = task_result(data, outcome, embeddings, paper=93.5)
-    assert result.mean == pytest.approx(90.0) and result.ci95 == pytest.approx(24.8414, abs=1e-3)
+    # mean (70 + 90 + 100) / 3 = 86.6667; t(0.975, 2 dof) = 4.302653 times the standard error = 37.9458
+    assert result.mean == pytest.approx(260 / 3)
+    sem = np.std([70, 90, 100], ddof=1) / math.sqrt(3)
+    assert result.ci95 == pytest.approx(4.302653 * sem, rel=1e-6) and result.ci95 == pytest.approx(37.9458, abs=1e-4)
     table = results_markdown([result])
-    assert "| fake | accuracy | 90.00 ± 24.84 | 93.5 | 3 | 1 | 4 | 3840 | 12.0 (cached) | 1.2 |" in table
+    assert "| fake | accuracy | 86.67 ± 37.95 | 93.5 | 3 | 1 | 4 | 3840 | 12.0 (cached) | 1.2 |" in table
     json_path, markdown_path = write_results([result], tmp_path, {"probe": {"learning_rate": 1e-4}})
     saved = json.loads(json_path.read_text())
     assert saved["settings"]["probe"]["learning_rate"] == 1e-4
-    assert saved["results"][0]["runs"] == pytest.approx([80.0, 90.0, 100.0])
+    assert saved["results"][0]["runs"] == pytest.approx([70.0, 90.0, 100.0])
+    assert saved["results"][0]["mean"] == pytest.approx(260 / 3)
     assert markdown_path.read_text().strip() == table
 
 

@@ -353,13 +353,14 @@ def test_mtt_split_tag_missing_from_annotations_is_an_error(tmp_path):
 
 
 def test_audiofolder_without_splits_gets_stratified_folds(tmp_path):
-    for label, name in enumerate(["cat", "dog"]):
-        for number in range(5):
+    """Unbalanced classes (10 cats, 5 dogs): only stratified folds give every fold the classes' 2 : 1 ratio."""
+    for label, (name, count) in enumerate([("cat", 10), ("dog", 5)]):
+        for number in range(count):
             write_clip(tmp_path / name / f"{number}.flac", label, seed=number)
     data = load_task("audiofolder", tmp_path)
-    assert data.classes == ["cat", "dog"] and len(data) == 10
-    for fold in range(1, 6):  # each fold holds one cat and one dog
-        assert sorted(data.targets[data.fold == fold]) == [0, 1]
+    assert data.classes == ["cat", "dog"] and len(data) == 15
+    for fold in range(1, 6):  # each fold holds two cats and one dog
+        assert sorted(data.targets[data.fold == fold].tolist()) == [0, 0, 1], fold
 
 
 def test_audiofolder_with_split_folders(tmp_path):
