@@ -86,10 +86,16 @@ class Split:
     train: np.ndarray
     valid: np.ndarray
     test: np.ndarray
+    unstratified: bool = False  # a single-label validation set drawn without stratification (see `make_splits`)
 
 
-def _carve_validation(positions: np.ndarray, data: ProbeData, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Splits `positions` into train and validation, stratified by class where every class has two clips."""
+def _carve_validation(
+    positions: np.ndarray, data: ProbeData, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """
+    Splits `positions` into train and validation, stratified by class where every class has two clips; says whether
+    a single-label draw could not be stratified.
+    """
     stratify = None if data.multi_label else data.targets[positions]
     try:
         train, valid = train_test_split(positions, test_size=fraction, random_state=seed, stratify=stratify)
@@ -102,7 +108,8 @@ def _carve_validation(positions: np.ndarray, data: ProbeData, fraction: float, s
                 f"{data.task}: {len(positions)} training clips cannot give up a validation share of {fraction:g} and "
                 "keep clips to train on."
             ) from None
-    return np.sort(train), np.sort(valid)
+        return np.sort(train), np.sort(valid), True
+    return np.sort(train), np.sort(valid), False
 
 
 def make_splits(data: ProbeData, seed: int, valid_fraction: float = 0.1) -> list[Split]:
@@ -111,17 +118,18 @@ def make_splits(data: ProbeData, seed: int, valid_fraction: float = 0.1) -> list
     if data.fold is not None:
         splits = []
         for fold in np.unique(data.fold):
-            train, valid = _carve_validation(everything[data.fold != fold], data, valid_fraction, seed)
-            splits.append(Split(f"fold{fold}", train, valid, everything[data.fold == fold]))
+            train, valid, unstratified = _carve_validation(everything[data.fold != fold], data, valid_fraction, seed)
+            splits.append(Split(f"fold{fold}", train, valid, everything[data.fold == fold], unstratified))
         return splits
     train, valid, test = (everything[data.split == name] for name in ("train", "valid", "test"))
     if len(train) == 0 or len(test) == 0:
         raise ProbeDataError(
             f"{data.task}: the data has {len(train)} training and {len(test)} test clips; both are needed."
         )
+    unstratified = False
     if len(valid) == 0:
-        train, valid = _carve_validation(train, data, valid_fraction, seed)
-    return [Split("official", train, valid, test)]
+        train, valid, unstratified = _carve_validation(train, data, valid_fraction, seed)
+    return [Split("official", train, valid, test, unstratified)]
 
 
 @dataclass
@@ -273,7 +281,17 @@ def evaluate(data: ProbeData, embeddings: np.ndarray, settings: ProbeSettings) -
     for run in range(settings.num_runs):
         seed = settings.seed + run
         scores, epochs = [], []
-        for split in make_splits(data, seed, settings.valid_fraction):
+        splits = make_splits(data, seed, settings.valid_fraction)
+        unstratified = sum(split.unstratified for split in splits)
+        if run == 0 and unstratified:
+            logger.warning(
+                "%s: %d of %d validation sets were drawn without stratification (a class with a single training clip, "
+                "or fewer validation clips than classes): early stopping may not see every class.",
+                data.task,
+                unstratified,
+                len(splits),
+            )
+        for split in splits:
             masks = (
                 (None, None)
                 if data.label_mask is None

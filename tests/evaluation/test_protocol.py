@@ -1,6 +1,7 @@
 """The probe protocol: metrics against hand-computed values, the split rules, early stopping and the results table."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -102,6 +103,27 @@ def test_cross_validation_holds_out_each_fold_and_draws_validation_from_the_othe
     again, other = make_splits(data, seed=3), make_splits(data, seed=4)
     np.testing.assert_array_equal(splits[0].valid, again[0].valid)
     assert any(not np.array_equal(a.valid, b.valid) for a, b in zip(splits, other))
+
+
+def test_a_validation_set_that_cannot_be_stratified_is_drawn_anyway_and_said_once(caplog):
+    """Before: only a debug line said so. Class 2 has one clip, in fold 1: the other folds cannot stratify by it."""
+    targets = np.array([0, 1] * 10 + [2])
+    fold = np.array([1, 2, 3, 4, 5] * 4 + [1])
+    data = fake_data(targets, fold=fold)
+    splits = make_splits(data, seed=0)
+    assert [split.unstratified for split in splits] == [False, True, True, True, True]
+    for split in splits:  # still a partition of the other folds
+        assert sorted(np.concatenate([split.train, split.valid])) == sorted(
+            np.flatnonzero(fold != int(split.name[4:]))
+        )
+    embeddings = np.random.default_rng(0).normal(size=(21, 4)) + targets[:, None]
+    with caplog.at_level(logging.WARNING):
+        evaluate(data, embeddings, ProbeSettings(num_runs=2, max_epochs=2, patience=1))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [
+        "fake: 4 of 5 validation sets were drawn without stratification (a class with a single training clip, or "
+        "fewer validation clips than classes): early stopping may not see every class."
+    ]
 
 
 def test_official_split_is_used_and_a_missing_validation_set_is_carved_from_train():
