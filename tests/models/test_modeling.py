@@ -241,6 +241,28 @@ def test_classification_losses_follow_problem_type(tiny_config):
     torch.testing.assert_close(outputs.loss, expected)
 
 
+@pytest.mark.parametrize(
+    "num_labels, targets",
+    [
+        (2, torch.tensor([[0.5, -1.0], [2.0, 0.0], [1.5, 3.0], [-0.5, 0.25]])),
+        (1, torch.tensor([0.5, -1.0, 2.0, 3.0])),  # one output: `(batch,)` targets, and regression is inferred
+    ],
+)
+def test_the_regression_loss_is_the_mean_squared_error(num_labels, targets):
+    """The mean over clips and outputs, not a sum; one output's `(batch,)` targets are its `(batch, 1)` logits'."""
+    torch.manual_seed(0)
+    problem_type = "regression" if num_labels > 1 else None
+    config = MatpacConfig(**tiny_config_kwargs(num_labels=num_labels, problem_type=problem_type))
+    model = MatpacForAudioClassification(config).eval()
+    values = torch.randn(4, 80, 200)
+    outputs = model(values, labels=targets)
+    assert model.config.problem_type == "regression"
+    expected = torch.nn.functional.mse_loss(outputs.logits.reshape(targets.shape), targets)
+    torch.testing.assert_close(outputs.loss, expected)
+    if num_labels == 1:
+        torch.testing.assert_close(model(values, labels=targets[:, None]).loss, expected)
+
+
 @pytest.mark.parametrize("reload", [False, True])
 def test_frozen_encoder_trains_only_the_head(tmp_path, reload):
     config = MatpacConfig(**tiny_config_kwargs(num_labels=2, freeze_encoder=True))
@@ -334,14 +356,27 @@ def test_labels_of_any_integer_kind_give_the_reference_losses():
 
 
 def test_the_batch_norm_head_trains_on_a_batch_of_one_clip():
-    """Before: "Expected more than 1 value per channel when training", e.g. at the last batch of an epoch."""
+    """
+    Before: "Expected more than 1 value per channel when training", e.g. at the last batch of an epoch. A single clip
+    has no batch statistics: it is normalised with the running ones, as in eval mode, and leaves the state as it was.
+    """
+    torch.manual_seed(0)
     config = MatpacConfig(**tiny_config_kwargs(num_labels=3, classifier_batch_norm=True))
     model = MatpacForAudioClassification(config).train()
     model(torch.randn(4, 80, 100), labels=torch.tensor([0, 1, 2, 0]))
-    statistics = model.embedding_norm.running_mean.clone()
-    values = torch.randn(1, 80, 100)
-    loss = model(values, labels=torch.tensor([1])).loss
-    assert torch.isfinite(loss) and torch.equal(model.embedding_norm.running_mean, statistics)
+    norm = model.embedding_norm
+    state = {name: tensor.clone() for name, tensor in norm.state_dict().items()}
+    assert set(state) == {"running_mean", "running_var", "num_batches_tracked"} and state["num_batches_tracked"] == 1
+    values, labels = torch.randn(1, 80, 100), torch.tensor([1])
+    loss = model(values, labels=labels).loss
+    for name, tensor in norm.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    # The eval-mode normalisation by hand, with the running statistics of the batch of four (not the initial 0 and 1).
+    with torch.no_grad():
+        embedding = model.matpac(values).pooler_output
+    normalised = (embedding - state["running_mean"]) / torch.sqrt(state["running_var"] + norm.eps)
+    logits = torch.nn.functional.linear(normalised, model.classifier.weight, model.classifier.bias)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels))
     torch.testing.assert_close(model(values).logits, model.eval()(values).logits)
 
 
