@@ -1312,7 +1312,7 @@ class MatpacForAudioClassification(MatpacPreTrainedModel):
                     f"Class indices must be in [0, {num_labels - 1}] (or -100, ignored), got "
                     f"{labels[outside].unique().tolist()[:5]}."
                 )
-            loss = nn.functional.cross_entropy(logits, labels) if kept.any() else logits.sum() * 0
+            loss = nn.functional.cross_entropy(logits.float(), labels) if kept.any() else logits.float().sum() * 0
         else:
             labels = labels.to(torch.float32).reshape(logits.shape)
             if not torch.isfinite(labels).all():

@@ -241,6 +241,25 @@ def test_classification_losses_follow_problem_type(tiny_config):
     torch.testing.assert_close(outputs.loss, expected)
 
 
+def test_a_bf16_classifier_computes_every_loss_in_float32():
+    """Before: the single-label cross-entropy ran on bf16 logits (a bf16 loss), where the other two cast to float32."""
+    torch.manual_seed(0)
+    values = torch.randn(4, 80, 200)
+    cases = [
+        ("single_label_classification", torch.tensor([0, 2, 1, 2]), torch.nn.functional.cross_entropy),
+        ("multi_label_classification", torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]]),
+         torch.nn.functional.binary_cross_entropy_with_logits),
+        ("regression", torch.tensor([[0.5, -1.0, 2.0]]).expand(4, 3), torch.nn.functional.mse_loss),
+    ]  # fmt: skip
+    for problem_type, labels, loss_function in cases:
+        config = MatpacConfig(**tiny_config_kwargs(num_labels=3, problem_type=problem_type))
+        model = MatpacForAudioClassification(config).to(torch.bfloat16).eval()
+        outputs = model(values.bfloat16(), labels=labels)
+        assert outputs.logits.dtype == torch.bfloat16 and outputs.loss.dtype == torch.float32, problem_type
+        labels = labels if problem_type == "single_label_classification" else labels.float()
+        torch.testing.assert_close(outputs.loss, loss_function(outputs.logits.float(), labels))
+
+
 @pytest.mark.parametrize(
     "num_labels, targets",
     [
