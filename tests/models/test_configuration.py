@@ -61,6 +61,7 @@ def test_save_load_round_trip(tmp_path):
         ({"mask_ratio": 0.0}, r"mask_ratio.*\(0, 1\)"),
         ({"mask_ratio": 1.0}, r"mask_ratio.*\(0, 1\)"),
         ({"mask_ratio": 0.999}, "leaves 0 of 190 patches visible"),
+        ({"mask_ratio": 1e-17}, "leaves 190 of 190 patches visible"),  # in (0, 1), yet the teacher gets no target
         ({"center_mode": "mean"}, "center_mode"),
         ({"loss_pred_weight": 1.5}, "loss_pred_weight"),
         ({"ema_decay": 1.2}, "ema_decay"),

@@ -43,6 +43,11 @@ def test_cli_converts_the_inference_checkpoint(tmp_path):
         assert torch.equal(converted[rename_key(key).removeprefix("matpac.")], tensor), key
     extractor = AutoFeatureExtractor.from_pretrained(output)
     assert (extractor.mean, extractor.std, extractor.sampling_rate) == (-7.056, 4.193, 16000)
+    # The card records the command that remakes it: encoder weights need no --encoder_only.
+    card = (output / "README.md").read_text().splitlines()
+    command_line = "python -m modeling_matpac.convert --checkpoint inference_checkpoint.pt --num_attention_heads 4"
+    assert f"{command_line} --output_dir converted" in card
+    assert "pipeline_tag: feature-extraction" in card
 
     # Before: a second conversion into the same folder replaced the model and its card without a word.
     weights = (output / "model.safetensors").read_bytes()
@@ -62,9 +67,39 @@ def test_a_head_count_that_cannot_be_read_from_the_weights_is_named(tmp_path, ca
     assert "The encoder is 64 wide, not ViT-B's 768: its head count cannot be read" in caplog.text
     assert "1 heads of 64 are assumed (pass --num_attention_heads" in caplog.text
     assert f"The predictor is {model.config.predictor_hidden_size} wide, not the paper's 512" in caplog.text
+    assert model.config.predictor_num_attention_heads == 1
+    assert "1 heads of 32 are assumed (pass --predictor_num_attention_heads" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="modeling_matpac.convert"):
         convert_checkpoint(FIXTURES / "pretraining_init_state.pt", tmp_path / "given", **FIXTURE_HEADS)
+    assert "wide, not" not in caplog.text
+
+
+def test_the_published_widths_get_the_published_head_counts(caplog):
+    """
+    The weights do not tell the head count: a ViT-B encoder (768 wide) gets 12 heads of 64, the paper's 512-wide
+    predictor 16 heads of 32, without a warning. Shapes only, on the meta device (the fixtures are too narrow to tell).
+    """
+
+    def shape(*size):
+        return torch.empty(size, device="meta")
+
+    state_dict = {
+        "cls_token": shape(1, 1, 768),
+        "pos_embed": shape(1, 191, 768),
+        "patch_embed.proj.weight": shape(768, 1, 16, 16),
+        **{f"student_encoder.blocks.{index}.mlp.fc1.weight": shape(3072, 768) for index in range(12)},
+        "decoder.decoder_embed.weight": shape(512, 768),
+        "decoder.decoder_blocks.0.mlp.fc1.weight": shape(2048, 512),
+    }
+    with caplog.at_level("WARNING", logger="modeling_matpac.convert"):
+        config = infer_config(state_dict)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_frames) == (768, 12, 608)
+    assert (config.num_attention_heads, config.predictor_hidden_size, config.predictor_num_attention_heads) == (
+        12,
+        512,
+        16,
+    )
     assert "wide, not" not in caplog.text
 
 
@@ -109,12 +144,21 @@ def test_training_checkpoint_becomes_a_pretraining_model_with_both_teachers(tmp_
 
 
 def test_encoder_only_conversion_of_a_training_checkpoint(tmp_path, caplog):
+    """The student encoder alone; its card says so, and its command keeps --encoder_only (a training state's)."""
     with caplog.at_level("INFO"):
         model = convert_checkpoint(
-            FIXTURES / "pretraining_init_state.pt", tmp_path, encoder_only=True, **FIXTURE_HEADS
+            FIXTURES / "pretraining_init_state.pt", tmp_path / "student", encoder_only=True, **FIXTURE_HEADS
         )
     assert isinstance(model, MatpacModel)
     assert "Dropped 63 training-only tensors" in caplog.text
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "This is a MATPAC training state of the authors (the student encoder only), converted for" in card
+    assert "pipeline_tag: feature-extraction" in card
+    command = (
+        "python -m modeling_matpac.convert --checkpoint pretraining_init_state.pt --encoder_only "
+        "--num_attention_heads 4 --predictor_num_attention_heads 4 --output_dir student"
+    )
+    assert command in card.splitlines()
 
 
 def test_unknown_missing_and_misshaped_keys_are_reported():

@@ -284,10 +284,17 @@ def test_label_map_of_another_length_is_refused(tmp_path, run_converter, monkeyp
     import modeling_matpac.labels as labels
 
     (tmp_path / "maps").mkdir()
-    (tmp_path / "maps/esc50_mapping.json").write_text(json.dumps({"0": "dog", "1": "rooster"}))
     monkeypatch.setattr(labels, "LABEL_MAP_DIR", tmp_path / "maps")
-    with pytest.raises(ValueError, match="does not name outputs 0..49 once each"):
-        labels.load_labels("esc50")
+    # Too few entries, one too many (output 50 of a 50-class head), and a gap (49 missing, 50 named instead):
+    # each is refused by name, not loaded silently nor failing later with a KeyError.
+    for damaged, count in [
+        ({"0": "dog", "1": "rooster"}, 2),
+        ({str(index): f"c{index}" for index in range(51)}, 51),
+        ({**{str(index): f"c{index}" for index in range(49)}, "50": "extra"}, 50),
+    ]:
+        (tmp_path / "maps/esc50_mapping.json").write_text(json.dumps(damaged))
+        with pytest.raises(ValueError, match=rf"does not name outputs 0..49 once each \({count} entries\)"):
+            labels.load_labels("esc50")
 
 
 def test_a_probe_named_for_another_task_is_refused(tmp_path, run_converter):
@@ -363,8 +370,24 @@ def test_cli_writes_a_card_that_says_what_where_from_and_how(tmp_path, run_conve
         "python -m modeling_matpac.convert --checkpoint audioset_head_checkpoint.pt --num_attention_heads 4",
         "`hidden_states[1:2]`",
         "CC BY-SA 4.0",
+        # AudioSet is multi-label: the pipeline scores each class with a sigmoid (see the pipeline test above).
+        '- **Scores:** `problem_type="multi_label_classification"`: `pipeline("audio-classification")` applies a '
+        "sigmoid (multi-label).",
     ):
         assert expected in card, expected
+
+
+def test_the_probe_card_says_softmax_and_the_command_that_made_it(esc50):
+    """ESC-50 is single-label: its card must not claim the multi-label heads' sigmoid; the command names the probe."""
+    card = (esc50 / "README.md").read_text()
+    scores = '`problem_type="single_label_classification"`: `pipeline("audio-classification")` applies a softmax.'
+    assert f"- **Scores:** {scores} The authors' inference code" in card
+    command = (
+        "python -m modeling_matpac.convert --checkpoint inference_checkpoint.pt --probe_head probe_head_esc50.pth "
+        f"--task esc50 --num_attention_heads 4 --output_dir {esc50.name}"
+    )
+    assert command in card.splitlines()
+    assert "This is a MATPAC encoder of the authors, with the authors' linear probe for ESC-50 on its clip" in card
 
 
 def test_the_card_names_a_release_only_when_the_weights_fit_it(tmp_path, run_converter):

@@ -5,6 +5,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import hashlib
 import io
 import json
 import logging
@@ -460,6 +461,9 @@ def test_streamed_clips_meet_new_batch_mates_every_epoch_with_a_reproducible_see
     assert any(len({clip.split("/")[0] for clip in batch}) > 1 for batch in first)  # shards meet in a batch
     # Shard order alone (no buffer) leaves every batch as it was: rows 0-2 and 3-5 of each shard, every epoch.
     assert set(batches(seed=0, epoch=0, shuffle_buffer_size=1)) == set(batches(seed=0, epoch=1, shuffle_buffer_size=1))
+    # ... but the shards come in another order from epoch to epoch (their order is drawn per epoch, not once).
+    shard_orders = [[next(iter(batch)).split("/")[0] for batch in batches(0, epoch, 1)[::2]] for epoch in range(4)]
+    assert all(sorted(order) == ["0", "1", "2"] for order in shard_orders) and len(set(map(tuple, shard_orders))) > 1
 
 
 def test_accelerate_recipe_without_batch_dispatching(tmp_path):
@@ -742,6 +746,10 @@ def test_builtin_corpus_is_deterministic_and_usable(tmp_path):
     second = generate_builtin_corpus(tmp_path / "second")
     assert len(first) == 32 and [path.name for path in first] == [path.name for path in second]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second, strict=True))
+    # 32 different clips (each drawn from its own seed), and the same bytes as every earlier version made.
+    assert len({path.read_bytes() for path in first}) == 32
+    assert hashlib.sha256(first[0].read_bytes()).hexdigest().startswith("040323bf6092f8d5")
+    assert hashlib.sha256(first[1].read_bytes()).hexdigest().startswith("92c5fdcbfd87c76f")
     assert sum(path.stat().st_size for path in first) < 20e6
     other_seed = generate_builtin_corpus(tmp_path / "other", num_clips=2, seed=1)
     assert other_seed[0].read_bytes() != first[0].read_bytes()

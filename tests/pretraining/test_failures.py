@@ -85,6 +85,10 @@ def test_huge_or_non_finite_samples_are_skipped_and_counted_like_corrupt_files(t
     sf.write(huge, 1e18 * rng.standard_normal(7 * 16000), 16000, subtype="DOUBLE")
     with pytest.raises(AudioDecodeError, match="magnitude 4.*e\\+18, beyond 1000"):
         decode_mono_16k(huge)
+    negative = tmp_path / "negative.wav"  # the magnitude, not the largest value: all-negative samples are huge too
+    sf.write(negative, -1e18 * np.abs(rng.standard_normal(16000)), 16000, subtype="DOUBLE")
+    with pytest.raises(AudioDecodeError, match="magnitude .*e\\+18, beyond 1000"):
+        decode_mono_16k(negative)
     dataset = MatpacPretrainingDataset([good, huge], shuffle=False, infinite=False)
     examples = list(dataset)
     assert [example["clip_id"] for example in examples] == [str(good)]
@@ -316,6 +320,11 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_overwritten_and_resume_s
     assert "  Total optimization steps = 2" in handler.messages
     assert not [message for message in handler.messages if f"{sys.maxsize:,}" in message]
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # "last", and the Trainer's own "true", in any case, name the last complete checkpoint.
+    for spelling in ("last", "Last", "true", "True"):
+        args = run_pretraining.MatpacTrainingArguments(str(output_dir), resume_from_checkpoint=spelling)
+        run_pretraining.resolve_resume(args)
+        assert args.resume_from_checkpoint == str(output_dir / "checkpoint-2"), spelling
 
     with pytest.raises(ValueError, match=r"already holds the checkpoints of a run \(last: .*checkpoint-2\)"):
         run_main(output_dir, "--max_steps", "2")

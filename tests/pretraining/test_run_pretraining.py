@@ -133,6 +133,29 @@ def test_epochs_become_steps_from_the_dataset_size(tmp_path):
         assert training_args.warmup_steps == warmup_steps, flags
 
 
+def test_epochs_count_the_global_batch_of_every_process_and_round_to_the_nearest_step(tmp_path, monkeypatch):
+    """A step of 2 processes takes 2 x 10 clips: ceil(995 / 20) = 50 steps per epoch; 0.9 epochs are 45 steps."""
+    model_args, _, training_args, _ = run_pretraining.parse_arguments(
+        ["--train_dir", "unused", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "10",
+         "--num_train_epochs", "3", "--warmup_epochs", "0.9", "--teacher_temperature_warmup_epochs", "2", "--use_cpu"]
+    )  # fmt: skip
+    monkeypatch.setattr(type(training_args), "world_size", property(lambda self: 2))
+    config = MatpacConfig(**tiny_config_kwargs())
+    assert run_pretraining.global_batch_size(training_args) == 20
+    run_pretraining.resolve_schedules(model_args, training_args, config, dataset_size=995)
+    assert (training_args.max_steps, training_args.warmup_steps, config.teacher_temperature_warmup_steps) == (
+        150,
+        45,
+        100,
+    )
+    # 0.9 x ceil(333 / 20) = 0.9 x 17 = 15.3 -> 15; 0.9 x ceil(333 / 10) on one process = 30.6 -> 31, not 30.
+    for world_size, warmup_steps in [(2, 15), (1, 31)]:
+        monkeypatch.setattr(type(training_args), "world_size", property(lambda self, size=world_size: size))
+        training_args.warmup_steps = 0
+        run_pretraining.resolve_schedules(model_args, training_args, config, dataset_size=333)
+        assert training_args.warmup_steps == warmup_steps, world_size
+
+
 def test_bad_flags_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="does not have: \\['hidden_sise'\\]"):
         run_pretraining.main(["--output_dir", str(tmp_path), "--config_overrides", "hidden_sise=32"])
