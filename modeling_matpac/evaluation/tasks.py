@@ -174,6 +174,18 @@ class ProbeData:
     source: str = ""
     num_folds: int | None = None
 
+    def __post_init__(self) -> None:
+        # Misaligned per-clip arrays would score clips with their neighbours' labels, without an error anywhere.
+        per_clip = {"targets": self.targets, "split": self.split, "fold": self.fold, "label_mask": self.label_mask}
+        lengths = {name: len(value) for name, value in per_clip.items() if value is not None}
+        lengths["audio"] = len(self.audio)
+        if any(length != len(self.ids) for length in lengths.values()):
+            raise ValueError(f"{self.task}: per-clip data of different lengths: {len(self.ids)} ids, {lengths}.")
+        if self.label_mask is not None and self.label_mask.shape != self.targets.shape:
+            raise ValueError(
+                f"{self.task}: label_mask of shape {self.label_mask.shape} for targets of shape {self.targets.shape}."
+            )
+
     @property
     def multi_label(self) -> bool:
         return self.targets.ndim == 2

@@ -58,13 +58,21 @@ def reference_embedding(model_dir, waveform: np.ndarray) -> torch.Tensor:
         return model(**features, output_hidden_states=True)
 
 
-def test_embeddings_do_not_depend_on_batching(tiny_model, us8k):
-    one_by_one, positions = EmbeddingExtractor(tiny_model, batch_size=1)(us8k)
-    batched, batched_positions = EmbeddingExtractor(tiny_model, batch_size=7)(us8k)
+@pytest.mark.parametrize("layer", ["last", "1", "all"])
+def test_embeddings_do_not_depend_on_batching(tiny_model, us8k, layer):
+    """
+    Batches of 7 mix 0.4, 0.5 and 0.6 s clips: the shorter ones are padded, and every layer's time mean must skip the
+    padded steps. Clip 4 (0.5 s) is checked against itself alone through the model, averaged here.
+    """
+    one_by_one, positions = EmbeddingExtractor(tiny_model, layer=layer, batch_size=1)(us8k)
+    batched, batched_positions = EmbeddingExtractor(tiny_model, layer=layer, batch_size=7)(us8k)
     np.testing.assert_array_equal(positions, np.arange(30))
     np.testing.assert_array_equal(batched_positions, positions)
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
-    expected = reference_embedding(tiny_model, us8k.audio[4][0]).pooler_output[0]
+    outputs = reference_embedding(tiny_model, us8k.audio[4][0])
+    assert bool(outputs.time_mask.all())  # alone, the clip has no padded step: a plain mean is its embedding
+    block1, last = outputs.hidden_states[1].mean(1)[0], outputs.last_hidden_state.mean(1)[0]
+    expected = {"last": outputs.pooler_output[0], "1": block1, "all": (block1 + last) / 2}[layer]
     np.testing.assert_allclose(batched[4], expected.numpy(), atol=1e-5)
 
 
@@ -305,7 +313,7 @@ def test_any_automodel_with_a_pooler_output(tmp_path, us8k):
 
 
 def test_an_unreadable_or_inconsistent_cache_is_encoded_again(tiny_model, us8k, tmp_path, forward_calls, caplog):
-    """A truncated file, an empty one and positions that disagree with the values are misses, with a warning."""
+    """A truncated file, an empty one and positions that are not one increasing clip per value are misses, warned."""
     extractor = EmbeddingExtractor(tiny_model, batch_size=8)
     reference = load_or_extract(us8k, extractor, tmp_path)
     (path,) = tmp_path.glob("us8k-*.npz")
@@ -322,6 +330,9 @@ def test_an_unreadable_or_inconsistent_cache_is_encoded_again(tiny_model, us8k, 
         "fewer values": lambda: np.savez(
             path, key=key, values=reference.values[:-1], positions=reference.positions, seconds=1.0
         ),
+        "repeated position": lambda: np.savez(  # clip 0 twice and the last clip lost: the lengths agree
+            path, key=key, values=reference.values, positions=np.r_[0, reference.positions[:-1]], seconds=1.0
+        ),
     }
     caplog.set_level(logging.WARNING)
     for name, damage in damaged.items():
@@ -332,7 +343,7 @@ def test_an_unreadable_or_inconsistent_cache_is_encoded_again(tiny_model, us8k, 
         np.testing.assert_array_equal(again.values, reference.values)
         np.testing.assert_array_equal(again.positions, np.arange(30))
     assert caplog.text.count("Unreadable embedding cache") == 2
-    assert caplog.text.count("Inconsistent embedding cache") == 3
+    assert caplog.text.count("Inconsistent embedding cache") == 4
     assert load_or_extract(us8k, extractor, tmp_path).cached
 
 

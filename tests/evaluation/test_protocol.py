@@ -217,13 +217,22 @@ def test_results_table_and_files(tmp_path):
     sem = np.std([70, 90, 100], ddof=1) / math.sqrt(3)
     assert result.ci95 == pytest.approx(4.302653 * sem, rel=1e-6) and result.ci95 == pytest.approx(37.9458, abs=1e-4)
     table = results_markdown([result])
-    assert "| fake | accuracy | 86.67 ± 37.95 | 93.5 | 3 | 1 | 4 | 3840 | 12.0 (cached) | 1.2 |" in table
+    assert "| fake | accuracy | 86.67 ± 37.95 | 93.5 | 3 | 1 | 4 | 3840 | 12.0 (cached) | 1.2 |  | - |" in table
+    assert result.complete is None  # no published sizes to be complete against: "-", neither yes nor no
     json_path, markdown_path = write_results([result], tmp_path, {"probe": {"learning_rate": 1e-4}})
     saved = json.loads(json_path.read_text())
     assert saved["settings"]["probe"]["learning_rate"] == 1e-4
     assert saved["results"][0]["runs"] == pytest.approx([70.0, 90.0, 100.0])
     assert saved["results"][0]["mean"] == pytest.approx(260 / 3)
     assert markdown_path.read_text().strip() == table
+    assert saved["results"][0]["complete"] is None
+
+    # A task of the registry without published sizes (audiofolder): the same "-", whatever its clip counts.
+    folder = fake_data([0, 1, 0, 1], split=["train", "train", "test", "test"])
+    folder.task = "audiofolder"
+    row = task_result(folder, outcome, embeddings, paper=None)
+    assert (row.clips_per_split, row.complete) == ({"train": 2, "test": 2}, None)
+    assert results_markdown([row]).endswith("| train: 2 / test: 2 | - |")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

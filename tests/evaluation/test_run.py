@@ -438,6 +438,23 @@ def test_clip_counts_decide_between_probing_and_failing(tiny_model, data_root, t
     assert "the complete dataset has train: 14,915 / test: 5,085" in skipped["openmic"]
 
 
+def test_an_undecodable_clip_keeps_the_other_clips_annotation_masks(tiny_model, tmp_path, monkeypatch):
+    """OpenMIC, one clip undecodable: the probe gets each remaining clip's own row of Y_mask, not its neighbour's."""
+    root = make_task("openmic", tmp_path / "openmic-2018")
+    with np.load(root / "openmic-2018.npz", allow_pickle=True) as npz:
+        keys, y_mask = [str(key) for key in npz["sample_key"]], npz["Y_mask"]
+    (root / "audio" / keys[3][:3] / f"{keys[3]}.ogg").write_bytes(b"OggS not audio")
+    probed = []
+    monkeypatch.setattr(run_probe, "evaluate", lambda data, *args: probed.append(data) or evaluate(data, *args))
+    args = ["--dataset", "openmic", "--data_dir", str(root), "--model_name_or_path", tiny_model]
+    (result,) = run_probe.main([*args, "--output_dir", str(tmp_path / "out"), *FAST])
+    (data,) = probed
+    assert result.num_clips == len(data) == 23 and keys[3] not in data.ids
+    assert data.label_mask.shape == data.targets.shape == (23, 3)
+    np.testing.assert_array_equal(data.label_mask, y_mask[[keys.index(clip) for clip in data.ids]])
+    assert not np.array_equal(y_mask[3:23], y_mask[4:24])  # a shift by one row would show
+
+
 def test_clips_that_do_not_decode_make_a_complete_copy_incomplete(tiny_model, tmp_path, monkeypatch):
     from dataclasses import replace
 

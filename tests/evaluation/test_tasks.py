@@ -18,8 +18,11 @@ from modeling_matpac.evaluation.tasks import (
     ESC50_CLASSES,
     GTZAN_GENRES,
     PAPER_TASKS,
+    AudioFiles,
+    ProbeData,
     ProbeDataError,
     check_clip_counts,
+    clip_counts,
     find_task_dir,
     load_task,
 )
@@ -105,7 +108,7 @@ def make_nsynth(root: Path, families=("bass", "guitar", "organ")) -> Path:
     return root
 
 
-OPENMIC_CLASSES = ["guitar", "piano", "voice"]
+OPENMIC_CLASSES = ["voice", "guitar", "piano"]  # the columns of Y_true: not alphabetical, unlike the official map
 
 
 def make_openmic(root: Path, num_clips: int = 24) -> Path:
@@ -118,6 +121,7 @@ def make_openmic(root: Path, num_clips: int = 24) -> Path:
     y_true[:2, :] = 1.0  # every class has annotated positives in the training part
     y_true[-2:, :] = 1.0  # ... and in the test part
     y_mask[:2, :] = y_mask[-2:, :] = True
+    y_true[2], y_mask[2] = [1.0, 0.0, 0.0], True  # annotated for all classes, a positive of the first column only
     np.savez(
         root / "openmic-2018.npz",
         X=np.zeros((num_clips, 10, 128), np.uint8),
@@ -273,7 +277,18 @@ def test_openmic_keeps_partial_labels(tmp_path):
     np.testing.assert_array_equal(data.label_mask, y_mask[rows])
     np.testing.assert_array_equal(data.targets, (y_mask & (y_true >= 0.5))[rows].astype(np.float32))
     assert (data.split == "train").sum() == 16 and (data.split == "test").sum() == 8
-    assert data.classes == OPENMIC_CLASSES
+    # Class i names column i of Y_true, as class-map.json says: not the alphabetical order of the names.
+    assert data.classes == ["voice", "guitar", "piano"]
+    row = data.ids.index(str(keys[2]))  # annotated voice positive, guitar and piano negative
+    assert (y_true[2].tolist(), y_mask[2].tolist()) == ([1.0, 0.0, 0.0], [True, True, True])
+    assert dict(zip(data.classes, data.targets[row].tolist())) == {"voice": 1.0, "guitar": 0.0, "piano": 0.0}
+
+    # `select` (run_probe.py keeps the clips that decoded) takes every per-clip field along, the mask included.
+    subset = data.select(np.array([3, 0, 17]))
+    assert subset.ids == [data.ids[i] for i in (3, 0, 17)]
+    np.testing.assert_array_equal(subset.label_mask, y_mask[[rows[i] for i in (3, 0, 17)]])
+    np.testing.assert_array_equal(subset.targets, data.targets[[3, 0, 17]])
+    assert subset.split.tolist() == [data.split[i] for i in (3, 0, 17)]
 
 
 def test_mtt_takes_the_top_tags_from_the_annotations(tmp_path):
@@ -284,7 +299,7 @@ def test_mtt_takes_the_top_tags_from_the_annotations(tmp_path):
         rows = {row["mp3_path"]: row for row in csv.DictReader(handle, delimiter="\t")}
     for clip, target in zip(data.ids, data.targets):
         assert target.tolist() == [float(rows[clip][tag]) for tag in MTT_TAGS]
-    assert list(data.split[:12]) == ["train"] * 12 and list(data.split[15:]) == ["test"] * 3
+    assert data.split.tolist() == ["train"] * 12 + ["valid"] * 3 + ["test"] * 3  # split/{train,valid,test}.npy
     waveform, _ = data.audio[0]  # mp3 decodes with soundfile
     assert waveform.shape[0] > 7000
 
@@ -363,16 +378,34 @@ def test_audiofolder_without_splits_gets_stratified_folds(tmp_path):
         assert sorted(data.targets[data.fold == fold].tolist()) == [0, 0, 1], fold
 
 
-def test_audiofolder_with_split_folders(tmp_path):
-    for split in ("train", "validation", "test"):
+@pytest.mark.parametrize("valid_folder", ["valid", "validation", "dev"])
+def test_audiofolder_with_split_folders(tmp_path, valid_folder):
+    """Each of the three documented names of the validation folder is the valid split, not more training data."""
+    for split in ("train", valid_folder, "test"):
         for label, name in enumerate(["cat", "dog"]):
             write_clip(tmp_path / split / name / "a.wav", label)
     data = load_task("audiofolder", tmp_path)
-    assert sorted(set(data.split)) == ["test", "train", "valid"]
-    assert data.ids[data.split.tolist().index("valid")] == "validation/cat/a.wav"
+    assert clip_counts(data) == {"train": 2, "valid": 2, "test": 2}
+    assert [clip for clip, split in zip(data.ids, data.split) if split == "valid"] == [
+        f"{valid_folder}/cat/a.wav",
+        f"{valid_folder}/dog/a.wav",
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ProbeDataError, match="No audio files"):
         load_task("audiofolder", tmp_path / "empty")
+
+
+def test_a_stereo_clip_is_probed_as_the_mean_of_its_channels(tmp_path):
+    """The probe's clips (`read_mono`, behind every task's audio) average the channels; the left one alone is wrong."""
+    root = make_task("esc50", tmp_path / "esc50")
+    t = np.arange(22050) / 44100
+    left, right = 0.4 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 1000 * t) - 0.1
+    sf.write(root / "audio/3-1031-A-1.wav", np.stack([left, right], axis=1), 44100, subtype="FLOAT")
+    data = load_task("esc50", root)
+    waveform, sampling_rate = data.audio[data.ids.index("3-1031-A-1.wav")]
+    assert sampling_rate == 44100 and waveform.shape == (22050,)
+    np.testing.assert_allclose(waveform, (left + right) / 2, atol=1e-6)
+    np.testing.assert_allclose(read_mono(root / "audio/3-1031-A-1.wav")[0], (left + right) / 2, atol=1e-6)
 
 
 def test_corrupt_audio_raises_a_read_error(tmp_path):
@@ -420,6 +453,32 @@ def test_hub_copy_layout_is_read_with_datasets(tmp_path, monkeypatch):
     Dataset.from_dict({**rows, "audio": rows["filename"]}).to_parquet(tmp_path / "esc50-text/data/train.parquet")
     with pytest.raises(ProbeDataError, match="The 'audio' column holds Value\\('string'\\), not audio"):
         load_task("esc50", hub_dataset=str(tmp_path / "esc50-text"))
+
+
+def test_hub_copy_with_split_files_keeps_validation_and_test_apart(tmp_path, monkeypatch):
+    """GTZAN's Hub layout (`data/{train,validation,test}-*.parquet`): the validation file is the valid split."""
+    import io
+
+    import datasets
+    from datasets import Audio, Dataset
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    parts = {"train": ["blues", "jazz", "rock", "blues"], "validation": ["jazz", "jazz"], "test": ["rock"] * 3}
+    (tmp_path / "gtzan/data").mkdir(parents=True)
+    for level, (name, genres) in enumerate(parts.items(), start=1):
+        buffer = io.BytesIO()
+        sf.write(buffer, np.zeros(8000, np.float32) + 0.01 * level, 16000, format="WAV")
+        audio = [{"bytes": buffer.getvalue(), "path": f"{name}-{row}.wav"} for row in range(len(genres))]
+        part = Dataset.from_dict({"genre": genres, "audio": audio}).cast_column("audio", Audio())
+        part.to_parquet(tmp_path / f"gtzan/data/{name}-00000-of-00001.parquet")
+    data = load_task("gtzan", hub_dataset=str(tmp_path / "gtzan"))
+    sizes = {"train": 4, "valid": 2, "test": 3}
+    assert clip_counts(data) == sizes
+    assert data.ids == [f"{split}/{row}" for split, size in sizes.items() for row in range(size)]
+    assert [data.classes[t] for t in data.targets[data.split == "valid"]] == ["jazz", "jazz"]
+    assert [data.classes[t] for t in data.targets[data.split == "test"]] == ["rock"] * 3
+    waveform, _ = data.audio[data.ids.index("valid/1")]
+    assert np.allclose(waveform, 0.02, atol=1e-4)  # the validation file's audio
 
 
 def test_find_task_dir_knows_the_official_folder_names(tmp_path):
@@ -716,9 +775,26 @@ def test_folds_and_splits_emptied_by_undecodable_clips(tmp_path, caplog):
     assert check_clip_counts(data.select(np.flatnonzero(data.fold != 3))) is False
     assert "audiofolder: fold(s) 3 of 5 have no clip left" in caplog.text
     assert "cross-validating on the other 4 folds" in caplog.text
+    for fold in (1, 5):  # the ends of the fold range
+        caplog.clear()
+        assert check_clip_counts(data.select(np.flatnonzero(data.fold != fold))) is False, fold
+        assert f"audiofolder: fold(s) {fold} of 5 have no clip left" in caplog.text, fold
     with pytest.raises(ProbeDataError, match=r"audiofolder: clips in fold 2: 2 only; cross-validation needs 2 folds"):
         check_clip_counts(data.select(np.flatnonzero(data.fold == 2)))
 
     gtzan = load_task("gtzan", make_task("gtzan", tmp_path / "gtzan"))
     with pytest.raises(ProbeDataError, match=r"gtzan: found train: 12 / valid: 6 clips; train and test clips are"):
         check_clip_counts(gtzan.select(np.flatnonzero(gtzan.split != "test")), allow_incomplete=True)
+
+
+def test_per_clip_data_of_different_lengths_is_refused():
+    """Misaligned arrays would score each clip after the gap with its neighbour's labels or mask, without an error."""
+    audio = AudioFiles([f"{index}.wav" for index in range(3)])
+    good = dict(task="t", classes=["a", "b"], ids=["0", "1", "2"], audio=audio, targets=np.zeros((3, 2)))
+    ProbeData(**good, split=np.array(["train", "train", "test"]), label_mask=np.ones((3, 2), bool))
+    with pytest.raises(ValueError, match=r"t: per-clip data of different lengths: 3 ids, .*'label_mask': 2"):
+        ProbeData(**good, split=np.array(["train", "train", "test"]), label_mask=np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match=r"t: label_mask of shape \(3, 3\) for targets of shape \(3, 2\)"):
+        ProbeData(**good, split=np.array(["train", "train", "test"]), label_mask=np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match=r"per-clip data of different lengths: 3 ids, .*'fold': 4"):
+        ProbeData(**good, fold=np.array([1, 2, 3, 4]))
