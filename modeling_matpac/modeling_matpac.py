@@ -162,16 +162,17 @@ ONEDNN_LINEAR = (
 )
 
 
+def capturing_graph() -> bool:
+    """Whether the code runs to be recorded as a graph (tracing, compiling, exporting) rather than eagerly."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
 def eager_on_cpu(tensor: torch.Tensor) -> bool:
     """
     Whether an op on `tensor` runs eagerly on CPU with data: where the CPU-only Functions below apply. Graphs (tracing,
     compiling, exporting) keep torch's portable ops.
     """
-    return (
-        tensor.device.type == "cpu"
-        and tensor.numel() > 0
-        and not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-    )
+    return tensor.device.type == "cpu" and tensor.numel() > 0 and not capturing_graph()
 
 
 def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -835,8 +836,7 @@ class MatpacModel(MatpacPreTrainedModel):
         chunks, step_mask, time_steps = self._chunk(input_values, attention_mask)
         # One attention map per chunk; or a graph being captured, which cannot group chunks by their data: every
         # chunk at full length, masked (the same outputs).
-        capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-        if output_attentions or (capturing and attention_mask is not None):
+        if output_attentions or (capturing_graph() and attention_mask is not None):
             groups = [(slice(None), step_mask.shape[1], True)]
         else:
             groups = self._chunk_groups(step_mask, batch_size, time_steps, attention_mask is not None)

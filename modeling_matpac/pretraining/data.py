@@ -87,7 +87,8 @@ class NoUsableClipError(RuntimeError):
 # has changed (files removed or damaged) since.
 EMPTY_EPOCHS_BEFORE_ANY_CROP = 2
 EMPTY_EPOCHS_AFTER_A_CROP = 10
-SKIPS = ("short", "corrupt")
+SKIPS = ("short", "corrupt")  # why a clip is skipped
+SKIP_COUNTERS = tuple(f"num_skipped_{reason}" for reason in SKIPS)  # the examples' counts of each
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -558,9 +559,6 @@ class MatpacPretrainingDataset(torch.utils.data.IterableDataset):
 def collate_pretraining_batch(examples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack examples of `MatpacPretrainingDataset` into `input_values` `(batch, 80, num_frames)`."""
     return {"input_values": torch.stack([example["input_values"] for example in examples])}
-
-
-SKIP_COUNTERS = ("num_skipped_short", "num_skipped_corrupt")
 
 
 class SkippedClips:
