@@ -12,7 +12,7 @@ from modeling_matpac import (
     MatpacModel,
 )
 from modeling_matpac.convert import convert_state_dict, infer_config, load_original_state_dict
-from modeling_matpac.modeling_matpac import get_2d_sincos_position_embeddings
+from modeling_matpac.modeling_matpac import MatpacPatchEmbeddings, get_2d_sincos_position_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,17 @@ def test_sincos_positions_match_the_authors_tables():
     torch.testing.assert_close(encoder, init_state["pos_embed"][0], atol=1e-7, rtol=0)
     torch.testing.assert_close(predictor, init_state["decoder.decoder_pos_embed"][0], atol=1e-7, rtol=0)
     assert torch.count_nonzero(encoder[0]) == 0
+
+
+@pytest.mark.parametrize("frames", [608, 40, 37])
+def test_the_patch_projection_is_the_convolution_of_the_checkpoints(frames):
+    """The product over cut patches computes the Conv2d the weights belong to, and drops a partial last patch as it."""
+    torch.manual_seed(0)
+    embeddings = MatpacPatchEmbeddings(MatpacConfig())
+    values = torch.randn(3, 80, frames)
+    convolved = embeddings.projection(values.unsqueeze(1)).flatten(2).transpose(1, 2)
+    assert convolved.shape == (3, 5 * (frames // 16), 768)
+    torch.testing.assert_close(embeddings(values), convolved, atol=5e-6, rtol=0)  # 256-term sums, values up to 3
 
 
 @pytest.mark.parametrize("clip", ["a", "b", "c"])
