@@ -122,8 +122,16 @@ class MatpacPatchEmbeddings(nn.Module):
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         # In the projection's dtype, as ViT does: the feature extractor gives float32 to models of any dtype.
         input_values = input_values.to(self.projection.weight.dtype)
-        # The convolution as one product over the cut patches: a 1-channel convolution is slow in cuDNN (with two
-        # layout conversions) and this is the same sum; the Conv2d keeps the checkpoints' weight and its init.
+        if input_values.device.type == "cpu":
+            # The checkpoints' convolution: the authors' arithmetic bit for bit (their golden outputs are CPU's).
+            return self.projection(input_values.unsqueeze(1)).flatten(2).transpose(1, 2)
+        return self.project_patches(input_values)
+
+    def project_patches(self, input_values: torch.Tensor) -> torch.Tensor:
+        """
+        The convolution as one product over the cut patches, the same sum in another order: cuDNN runs a 1-channel
+        convolution slowly and with two layout conversions (3.1 ms of an H200's 102 ms eager ViT-B step).
+        """
         batch_size, mel_bins, frames = input_values.shape
         size = self.projection.kernel_size[0]
         patches = input_values[:, : mel_bins - mel_bins % size, : frames - frames % size]

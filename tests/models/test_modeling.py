@@ -43,14 +43,24 @@ def test_sincos_positions_match_the_authors_tables():
 
 
 @pytest.mark.parametrize("frames", [608, 40, 37])
-def test_the_patch_projection_is_the_convolution_of_the_checkpoints(frames):
-    """The product over cut patches computes the Conv2d the weights belong to, and drops a partial last patch as it."""
+def test_the_patch_product_is_the_convolution_of_the_checkpoints(frames):
+    """The GPUs' product over cut patches computes the Conv2d the weights belong to, and drops a partial last patch."""
     torch.manual_seed(0)
     embeddings = MatpacPatchEmbeddings(MatpacConfig())
     values = torch.randn(3, 80, frames)
     convolved = embeddings.projection(values.unsqueeze(1)).flatten(2).transpose(1, 2)
     assert convolved.shape == (3, 5 * (frames // 16), 768)
-    torch.testing.assert_close(embeddings(values), convolved, atol=5e-6, rtol=0)  # 256-term sums, values up to 3
+    assert torch.equal(embeddings(values), convolved)  # on CPU, the convolution itself (the golden fixtures')
+    torch.testing.assert_close(embeddings.project_patches(values), convolved, atol=5e-6, rtol=0)  # values up to 2.6
+
+
+def test_only_the_cpu_keeps_the_convolution(monkeypatch):
+    calls = []
+    for device in ("cpu", "meta"):
+        embeddings = MatpacPatchEmbeddings(MatpacConfig()).to(device)
+        monkeypatch.setattr(embeddings, "project_patches", lambda values: calls.append(values.device.type) or values)
+        embeddings(torch.zeros(2, 80, 608, device=device))
+    assert calls == ["meta"]
 
 
 @pytest.mark.parametrize("clip", ["a", "b", "c"])
