@@ -1,10 +1,13 @@
 """The HEAR API wrapper on a tiny random MATPAC."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 from test_tasks import save_tiny_matpac
 
+from modeling_matpac import MatpacConfig, MatpacFeatureExtractor, MatpacModel
 from modeling_matpac.evaluation import hear
 
 
@@ -42,6 +45,29 @@ def test_every_timestamp_lies_within_the_audio(model, num_samples):
     embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
     assert timestamps.shape == embeddings.shape[:2] and timestamps[0, 0] > 0
     assert timestamps.max() <= num_samples / 16 and bool((timestamps.diff(dim=1) > 0).all())
+
+
+def test_a_step_spans_the_model_patch_size_in_frames(audio):
+    """The steps follow `config.patch_size`: with 8-frame patches, one step every 80 ms and as many times as steps."""
+    torch.manual_seed(0)
+    config = MatpacConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8
+    )
+    model = hear.MatpacHearModel(MatpacModel(config), MatpacFeatureExtractor())
+    embeddings, timestamps = hear.get_timestamp_embeddings(audio, model)
+    # 148 frames -> ceil(148 / 8) = 19 steps of 10 * 32 values; a full step t covers [1280 t, 1280 t + 7 * 160 + 400)
+    assert embeddings.shape == (3, 19, 320) and timestamps.shape == (3, 19)
+    expected = torch.cat([80 * torch.arange(18) + 47.5, torch.tensor([1467.5])])  # the last step: frames 144 to 147
+    for row in timestamps:
+        torch.testing.assert_close(row, expected.float())
+
+
+def test_the_audio_rate_is_passed_to_the_feature_extractor(model, audio, caplog):
+    """HEAR audio comes at `model.sample_rate`: the wrapper says so, else every batch logs a missing-rate warning."""
+    with caplog.at_level(logging.WARNING):
+        hear.get_timestamp_embeddings(audio, model)
+        hear.get_scene_embeddings(audio, model)
+    assert caplog.text == ""
 
 
 def test_scene_embedding_is_the_mean_of_the_timestamp_embeddings(model, audio):

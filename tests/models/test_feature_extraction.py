@@ -87,6 +87,14 @@ def test_silence_pins_log_floor(ref, fe):
     torch.testing.assert_close(norm, torch.full_like(norm, (math.log(torch.finfo(torch.float32).eps) + 7.056) / 4.193))
 
 
+def test_log_offset_sets_the_log_floor(ref):
+    """A `log_offset` other than the default is the one added before the log: silence gives log(1e-3), normalised."""
+    fe = MatpacFeatureExtractor(log_offset=1e-3)
+    norm = fe(ref["silence_2s.wav"], sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert norm.shape == (1, 80, 198)
+    torch.testing.assert_close(norm, torch.full_like(norm, (math.log(1e-3) + 7.056) / 4.193))
+
+
 def test_resample_44k_matches_reference(ref):
     resampled = resample(ref["sr44k_3s.wav_44100"], 44100, 16000)
     error = max_error(resampled, ref["sr44k_3s.wav_16k"])
@@ -101,6 +109,17 @@ def test_extractor_resamples_44k_input(ref, fe):
     print(f"extractor on 44.1k input: logmel_norm max abs error {error:.3g}")
     assert norm.shape == (1, 80, 298)
     assert error <= ATOL
+
+
+def test_extractor_upsamples_8k_input(ref, fe):
+    """Audio below 16 kHz (8 kHz telephone speech) is resampled up too, not read as if it were at 16 kHz."""
+    clip = resample(ref["mix_10s.wav"][:32000], 16000, 8000)  # 2 s: 16,000 samples at 8 kHz, 32,000 at 16 kHz
+    batch = fe([clip, clip[:4000]], sampling_rate=8000, return_tensors="pt")
+    assert batch["input_values"].shape == (2, 80, 198)
+    # 1 + (32000 - 400) // 160 and 1 + (8000 - 400) // 160 frames: counted at 16 kHz
+    assert batch["attention_mask"].sum(dim=1).tolist() == [198, 48]
+    expected = fe.normalized_log_mel(resample(clip, 8000, 16000))
+    torch.testing.assert_close(batch["input_values"][0], expected, atol=1e-5, rtol=0)
 
 
 # --- resampling properties -------------------------------------------------------------------------------------
@@ -240,6 +259,19 @@ def test_mixed_mono_and_stereo_list(ref, fe):
     torch.testing.assert_close(batch["input_values"][1], ref["chirp_6p08s.logmel_norm"], atol=ATOL, rtol=0)
 
 
+def test_eight_channels_are_averaged_and_a_ninth_is_refused(ref, fe):
+    """`MAX_CHANNELS` is 8: 7.1 audio is a clip of 8 channels, in either layout; 9 leave the channel axis unknown."""
+    channels = ref["mix_10s.wav"][:128000].reshape(8, 16000)  # 8 different 1 s channels
+    expected = fe(channels.mean(dim=0), sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert expected.shape == (1, 80, 98)
+    for audio in ([channels], [channels.T.numpy()], channels[None], channels.T[None].numpy()):
+        actual = fe(audio, sampling_rate=16000, return_tensors="pt")["input_values"]
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    nine = r"Could not tell the channel axis of a multichannel clip of shape \(9, 16000\): expected one axis of at"
+    with pytest.raises(ValueError, match=nine):
+        fe([np.zeros((9, 16000), np.float32)], sampling_rate=16000)
+
+
 def test_integer_pcm_is_scaled(ref, fe):
     waveform = ref["mix_10s.wav"].numpy()
     pcm16 = np.clip(np.round(waveform * 32768), -32768, 32767).astype(np.int16)
@@ -351,6 +383,9 @@ def test_save_and_load_round_trip(ref, tmp_path):
         (np.zeros((2, 300), dtype=np.float32), r"looks like a single multichannel clip"),
         (np.array([0.0] * 800 + [np.nan], dtype=np.float32), r"NaN or infinite samples \(clip indices \[0\]\)"),
         ([np.zeros(800), np.array([0.0] * 800 + [np.inf])], r"NaN or infinite samples \(clip indices \[1\]\)"),
+        # the magnitude counts: a huge negative sample is refused as a huge positive one is
+        (np.full(800, -2e3, dtype=np.float32), r"samples beyond \+-1000 \(clip indices \[0\]\)"),
+        ([np.zeros(800), np.full(800, -2e3)], r"samples beyond \+-1000 \(clip indices \[1\]\)"),
         (np.zeros((1, 1, 2, 800), dtype=np.float32), r"1 \(one clip\), 2 .* or 3 .* dimensions, got shape \(1, 1, 2"),
         (np.array(0.5, dtype=np.float32), r"dimensions, got shape \(\)"),
         (torch.tensor(0.5), r"dimensions, got shape \(\)"),

@@ -25,7 +25,16 @@ import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 
-from modeling_matpac.audio import AudioDecodeError, decode_audio, to_mono_16k
+from modeling_matpac.audio import (
+    AudioDecodeError,
+    audio_duration,
+    check_all_samples,
+    decode_audio,
+    decode_mono_16k,
+    decode_mono_16k_crop,
+    decode_mono_16k_windows,
+    to_mono_16k,
+)
 from modeling_matpac.feature_extraction_matpac import MatpacFeatureExtractor, log_mel_spectrogram
 from modeling_matpac.pretraining import (
     MatpacPretrainingDataset,
@@ -134,6 +143,64 @@ def test_to_mono_16k_averages_channels_and_resamples():
     assert to_mono_16k(np.zeros((1, 44101), np.float32), 44100).shape == (16001,)  # ceil(44101 * 16000 / 44100)
     with pytest.raises(ValueError, match="shape"):
         to_mono_16k(np.zeros((1, 2, 3)), 16000)
+
+
+def test_decode_mono_16k_counts_min_samples_at_16k_and_keeps_a_clip_of_exactly_that_many(tmp_path):
+    """`min_samples` is a length at 16 kHz (0.5 s at 8 kHz: 4,000 samples, 8,000 at 16 kHz); a clip may equal it."""
+    at_8k, at_16k = _write(tmp_path / "8k.wav", 4000, 8000), _write(tmp_path / "16k.wav", CROP)
+    waveform = decode_mono_16k(at_8k, min_samples=8000)
+    assert waveform is not None and waveform.shape == (8000,)
+    assert decode_mono_16k(at_8k, min_samples=8001) is None
+    assert torch.equal(decode_mono_16k(at_16k, min_samples=CROP), torch.from_numpy(decode_audio(at_16k)[0][0]))
+    assert decode_mono_16k(at_16k, min_samples=CROP + 1) is None
+
+
+@pytest.mark.parametrize("whole_below", [0, 10**9], ids=["window-by-window", "whole"])
+def test_windows_stop_where_the_last_one_would_hold_only_overlap(tmp_path, whole_below):
+    """Windows start at k * step while k * step + overlap is below the length: none holds only the last overlap."""
+    path = _write(tmp_path / "clip.wav", 32_100)  # windows at 0 and 16,000; one at 32,000 would hold 100 samples
+    windows = list(decode_mono_16k_windows(path, step=16_000, overlap=240, whole_below=whole_below))
+    assert [len(window) for window in windows] == [16_240, 16_100]
+    whole = decode_mono_16k(path)
+    assert torch.equal(windows[0], whole[:16_240]) and torch.equal(windows[1], whole[16_000:])
+
+
+def test_audio_duration_is_the_header_length_in_seconds(tmp_path):
+    """Seconds from the header at the file's own rate, fractions kept; 0 for a file that cannot be opened."""
+    assert audio_duration(_write(tmp_path / "a.wav", 24_000)) == 1.5
+    assert audio_duration(_write(tmp_path / "b.flac", 33_075, 22050, num_channels=2)) == 1.5
+    assert audio_duration(_wav_bytes(4000)) == 0.25
+    assert audio_duration(tmp_path / "missing.wav") == 0.0
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+def test_check_all_samples_reads_32_and_64_bit_float_files_whole(tmp_path, subtype):
+    """Both float subtypes can hold NaN or huge samples anywhere, beyond the first block of 2**18 frames too."""
+    samples = _signal(3 * CROP)[:, 0].astype(np.float64)
+    sf.write(tmp_path / "valid.wav", samples, 16000, subtype=subtype)
+    assert check_all_samples(tmp_path / "valid.wav") is True
+    samples[-1] = np.nan
+    sf.write(tmp_path / "nan_last.wav", samples, 16000, subtype=subtype)
+    with pytest.raises(AudioDecodeError, match="^the audio has NaN or infinite samples$"):
+        check_all_samples(tmp_path / "nan_last.wav")
+    samples[-1] = -2e3
+    sf.write(tmp_path / "loud_last.wav", samples, 16000, subtype=subtype)
+    with pytest.raises(AudioDecodeError, match=r"^the audio has samples of magnitude 2e\+03, beyond 1000"):
+        check_all_samples(tmp_path / "loud_last.wav")
+    assert check_all_samples(_write(tmp_path / "pcm.wav", 3 * CROP, subtype="PCM_16")) is False  # only opened
+
+
+def test_a_read_shorter_than_asked_is_an_undecodable_clip(tmp_path, monkeypatch):
+    """A stretch that decodes fewer frames than its header counts makes the clip skipped, not a crash of the run."""
+    path = _write(tmp_path / "clip.wav", 3 * CROP)
+    read = sf.SoundFile.read
+
+    def short_read(self, frames=-1, **kwargs):  # one frame short, past the 1-frame read that checks the file's end
+        return read(self, frames - 1 if frames > 1 else frames, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", short_read)
+    with pytest.raises(AudioDecodeError, match=f"^the audio has fewer samples than its header's {3 * CROP}$"):
+        decode_mono_16k_crop(path, CROP, np.random.default_rng(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ import soundfile as sf
 import torch
 from conftest import tiny_config_kwargs
 from pretraining_worker import FixedCrops, tiny_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from modeling_matpac import MatpacForPreTraining
+from modeling_matpac.atomic_write import replace_when_written
 from modeling_matpac.audio import AudioDecodeError, decode_mono_16k
 from modeling_matpac.pretraining import MatpacPretrainingDataset, MatpacTrainer, NonFiniteTrainingError
-from modeling_matpac.pretraining.checkpoints import checkpoint_problem
+from modeling_matpac.pretraining.checkpoints import checkpoint_problem, checkpoint_steps, last_complete_checkpoint
 from modeling_matpac.pretraining.data import NoUsableClipError
 
 
@@ -480,6 +481,78 @@ def test_a_checkpoint_with_a_damaged_file_is_refused_and_skipped(tmp_path, caplo
             run_pretraining.MatpacTrainingArguments(str(output_dir), resume_from_checkpoint="last")
         )
     assert f"Skipping the incomplete checkpoint {output_dir / 'checkpoint-2'}: {problem}" in caplog.text
+
+
+def _checkpoint(directory: Path, step: int, rng_states: tuple[str, ...] = ("rng_state.pth",)) -> Path:
+    """A small checkpoint holding every file `checkpoint_problem` looks for, each readable."""
+    directory.mkdir(parents=True)
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (directory / "config.json").write_text("{}")
+    save_file({"weight": torch.zeros(2)}, directory / "model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", *rng_states):
+        torch.save({"step": step}, directory / name)
+    return directory
+
+
+def test_the_last_complete_checkpoint_has_the_most_steps_whatever_the_names_sort(tmp_path, caplog):
+    """
+    checkpoint-10 sorts before checkpoint-9 by name; a folder stopped before its trainer_state.json is skipped with
+    the reason, and folders or files that are not checkpoints of a step are left out.
+    """
+    for step in (9, 10):
+        _checkpoint(tmp_path / f"checkpoint-{step}", step)
+    (tmp_path / "checkpoint-11").mkdir()
+    (tmp_path / "checkpoint-tmp").mkdir()
+    (tmp_path / "checkpoint-12").write_text("a file")
+    assert checkpoint_steps(tmp_path) == {
+        tmp_path / "checkpoint-9": 9,
+        tmp_path / "checkpoint-10": 10,
+        tmp_path / "checkpoint-11": 11,
+    }
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.checkpoints"):
+        assert last_complete_checkpoint(tmp_path, warn=True) == tmp_path / "checkpoint-10"
+    assert caplog.messages == [
+        f"Skipping the incomplete checkpoint {tmp_path / 'checkpoint-11'}: it has no trainer_state.json (the run was "
+        "stopped while saving it)."
+    ]
+    assert checkpoint_steps(tmp_path / "missing") == {} and last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_the_rng_states_of_every_process_and_sharded_weights_are_checked(tmp_path):
+    """
+    A run of several processes saves rng_state_0.pth, rng_state_1.pth, ...: a damaged one of any process makes its
+    checkpoint incomplete. Weights saved in shards with an index are weights, and their shards are checked too.
+    """
+    checkpoint = _checkpoint(tmp_path / "checkpoint-4", 4, rng_states=("rng_state_0.pth", "rng_state_1.pth"))
+    assert checkpoint_problem(checkpoint) is None
+    (checkpoint / "rng_state_1.pth").write_bytes(b"junk")
+    assert checkpoint_problem(checkpoint) == "its rng_state_1.pth is damaged or truncated"
+
+    sharded = _checkpoint(tmp_path / "checkpoint-5", 5)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"weight": "model-00001-of-00001.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_problem(sharded) is None
+    (sharded / "model-00001-of-00001.safetensors").write_bytes(b"junk")
+    assert checkpoint_problem(sharded).startswith("its model-00001-of-00001.safetensors is damaged (")
+
+
+def test_a_file_is_written_beside_its_final_name_then_renamed_over_it(tmp_path, monkeypatch):
+    """
+    A rename replaces a file at once only within one file system: the partial file goes beside the final one (hidden,
+    with its suffix), not in the current directory, and readers see the previous content until the rename.
+    """
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = tmp_path / "results" / "report.json"
+    path.parent.mkdir()
+    path.write_text("old")
+    with replace_when_written(path) as partial:
+        assert partial.parent == path.parent and partial.name.startswith(".report.json.") and partial.suffix == ".json"
+        partial.write_text("new")
+        assert path.read_text() == "old"
+    assert path.read_text() == "new" and list(path.parent.iterdir()) == [path] and list(elsewhere.iterdir()) == []
 
 
 def test_a_failed_checkpoint_save_ends_in_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch):

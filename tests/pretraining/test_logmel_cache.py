@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
 import torch
@@ -167,6 +168,27 @@ def test_cache_bytes_are_deterministic_whatever_the_number_of_processes(corpus, 
     assert sorted(path.name for path in (tmp_path / "again").iterdir()) == files
     for name in files:
         assert (cache_dir / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def test_record_batches_end_at_their_row_or_byte_limit(corpus, cache_dir, tmp_path, monkeypatch):
+    """
+    Binary arrays have 32-bit offsets: a batch is written once it holds `_ROWS_PER_BATCH` clips or `_BYTES_PER_BATCH`
+    bytes, whichever comes first, counted from the last batch. The clips are 698, 678 and 724 frames of 80 x 2 bytes.
+    """
+
+    def batch_rows(directory: Path) -> list[list[int]]:
+        shards = sorted(directory.glob("logmels-*.arrow"))
+        return [[batch.num_rows for batch in pa.ipc.open_stream(shard.read_bytes())] for shard in shards]
+
+    monkeypatch.setattr(logmel_cache, "_ROWS_PER_BATCH", 2)
+    preprocess_to_cache(corpus, tmp_path / "rows", shard_size=3)
+    assert batch_rows(tmp_path / "rows") == [[2, 1]]
+    monkeypatch.setattr(logmel_cache, "_ROWS_PER_BATCH", 64)
+    monkeypatch.setattr(logmel_cache, "_BYTES_PER_BATCH", 200_000)  # 111,680 bytes, then 220,160 with the second
+    preprocess_to_cache(corpus, tmp_path / "bytes", shard_size=3)
+    assert batch_rows(tmp_path / "bytes") == [[2, 1]]
+    for index in range(len(corpus)):
+        np.testing.assert_array_equal(LogMelCache(tmp_path / "bytes")[index][1], LogMelCache(cache_dir)[index][1])
 
 
 def test_a_stopped_build_resumes_after_its_last_finished_shard(tmp_path, monkeypatch):
@@ -408,6 +430,120 @@ def test_a_stopped_build_of_another_source_or_settings_is_dropped_with_a_warning
         assert metadata["num_clips"] == len(arguments["source"]) and not building.exists()
 
 
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ("rewrite_same_size", "it read another source, or files of the source changed since"),
+        ("delete_shard", "its shard files ['logmels-00000.arrow.incomplete'] are missing"),
+    ],
+)
+def test_a_stopped_build_is_started_over_when_a_file_changed_at_its_size_or_its_shard_is_gone(
+    tmp_path, monkeypatch, caplog, change, reason
+):
+    """
+    A file exported again at the same length keeps its size: its modification time tells it changed. A finished shard
+    deleted from the building folder cannot be kept. Both builds are started over, with a warning, and hold the files'
+    current audio.
+    """
+    files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(5)]
+    computed, stop = _stopping_compute(monkeypatch)
+    output, building = tmp_path / "logmels", tmp_path / ".logmels.building"
+    stop[0] = 3  # the first shard (clips 0 and 1) is finished
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(files, output, shard_size=2)
+    if change == "rewrite_same_size":
+        before = files[0].stat()
+        _write(files[0], CROP, seed=99)
+        # A later modification time whatever the clock's resolution.
+        os.utime(files[0], ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+        assert files[0].stat().st_size == before.st_size
+    else:
+        (building / "logmels-00000.arrow.incomplete").unlink()
+    computed.clear()
+    stop[0] = None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
+        metadata = preprocess_to_cache(files, output, shard_size=2)
+    assert caplog.messages == [
+        f"Dropping the stopped build in {building} because {reason}: its finished shards are deleted (shards done: 1, "
+        "clips kept: 2, clips of the source read: 2). Starting over."
+    ]
+    assert computed == [path.name for path in files]
+    assert metadata["num_clips"] == 5 and not building.exists()
+    preprocess_to_cache(files, tmp_path / "reference", shard_size=2)
+    names = sorted(path.name for path in (tmp_path / "reference").iterdir())
+    assert sorted(path.name for path in output.iterdir()) == names
+    for name in names:
+        assert (output / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_a_stopped_build_of_a_stream_is_started_over_for_other_bytes_under_the_same_names(
+    tmp_path, monkeypatch, caplog
+):
+    """
+    Rows that hold their audio are told apart by their bytes, not their paths: two exports may name their clips alike
+    (here 0.wav to 3.wav in 2 shards), and resuming one's build with the other mixed their log-mels.
+    """
+
+    def stream(seed: int) -> datasets.IterableDataset:
+        rows = []
+        for row in range(4):
+            path = _write(tmp_path / "audio" / f"{seed}_{row}.wav", CROP + 100 * row, seed=seed + row)
+            rows.append({"bytes": path.read_bytes(), "path": f"{row}.wav"})
+        dataset = datasets.Dataset.from_dict({"audio": rows}).cast_column("audio", datasets.Audio(decode=False))
+        return dataset.to_iterable_dataset(num_shards=2)
+
+    first, other = stream(0), stream(10)
+    preprocess_to_cache(other, tmp_path / "reference", shard_size=2)
+    computed, compute = [], logmel_cache._compute
+
+    def stopping_compute(value, *args):
+        if len(computed) == 3:
+            raise KeyboardInterrupt
+        computed.append(value["path"])
+        return compute(value, *args)
+
+    monkeypatch.setattr(logmel_cache, "_compute", stopping_compute)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(first, tmp_path / "logmels", shard_size=2)
+    assert json.loads((tmp_path / ".logmels.building" / "progress.json").read_text())["last"] == [0, 1]
+
+    monkeypatch.setattr(logmel_cache, "_compute", compute)
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
+        preprocess_to_cache(other, tmp_path / "logmels", shard_size=2)
+    assert "because it read another source (its last recorded clip differs from this source's clip there)" in (
+        caplog.text
+    )
+    names = sorted(path.name for path in (tmp_path / "reference").iterdir())
+    assert sorted(path.name for path in (tmp_path / "logmels").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "logmels" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_a_build_clears_its_building_folder_of_anything_it_did_not_record(corpus, tmp_path):
+    """What no progress file records, files or folders (a copy tool's, a crashed build's), stays out of the cache."""
+    building = tmp_path / ".logmels.building"
+    (building / "stray" / "deep").mkdir(parents=True)
+    (building / "logmels-00000.arrow.incomplete").write_bytes(b"half a shard")
+    preprocess_to_cache(corpus[:1], tmp_path / "logmels")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["logmels"]
+    assert sorted(path.name for path in (tmp_path / "logmels").iterdir()) == [
+        "logmels-00000-of-00001.arrow",
+        "metadata.json",
+    ]
+
+
+def test_a_build_stopped_before_its_first_shard_leaves_nothing_behind(tmp_path, monkeypatch):
+    """With no finished shard there is nothing to resume: Ctrl-C removes the building folder, as an error does."""
+    files = [_write(tmp_path / "audio" / f"{index}.wav", CROP + 1600 * index, seed=index) for index in range(3)]
+    computed, stop = _stopping_compute(monkeypatch)
+    stop[0] = 1  # in the first shard, after one clip was written to it
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_to_cache(files, tmp_path / "logmels", shard_size=2)
+    assert computed == ["0.wav"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["audio"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Skipping
 
@@ -469,6 +605,23 @@ def test_a_null_audio_cell_is_skipped_and_counted_as_undecodable(tmp_path, caplo
         assert caplog.messages == [f"Skipping undecodable audio clip {null_id}: the row's audio cell is null"]
         cache = LogMelCache(tmp_path / name)
         assert [cache[index][0] for index in range(3)] == kept_ids
+
+
+def test_log_mels_beyond_float16_are_skipped_and_counted_as_undecodable(corpus, tmp_path, caplog):
+    """
+    Statistics that push normalised values past float16's 65,504 (here std=1e-5) would store infinite log-mels, hence
+    NaN weights: such clips are skipped and counted, and a source of nothing else is refused.
+    """
+    with caplog.at_level(logging.WARNING, logger="modeling_matpac.pretraining.logmel_cache"):
+        with pytest.raises(
+            ValueError,
+            match=r"^No clip of the source is usable: 0 shorter than 608 frames \(97520 samples at 16 kHz\), 3 undec",
+        ):
+            preprocess_to_cache(corpus, tmp_path / "cache", MatpacFeatureExtractor(std=1e-5))
+    assert caplog.messages == [
+        f"Skipping undecodable audio clip {path}: its log-mel has NaN or infinite values" for path in corpus
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -557,6 +710,65 @@ def test_a_cache_whose_metadata_disagrees_with_its_shards_is_refused_when_opened
     for open_cache in (LogMelCache, MatpacLogMelCacheDataset):
         with pytest.raises(ValueError, match="^" + re.escape(f"{broken / 'metadata.json'} {message}")):
             open_cache(broken)
+
+
+def test_overwriting_a_cache_leaves_the_new_cache_alone_in_its_folder(corpus, tmp_path):
+    """
+    Replaced with `overwrite=True`, the previous cache goes: no `.logmels.previous` stays beside the new one (a second
+    copy of a corpus's log-mels), and the progress file that a build stopped between its swap and its clean-up left in
+    the cache is part of the cache, not a stranger's file that blocks the replacement.
+    """
+    output = tmp_path / "logmels"
+    preprocess_to_cache(corpus, output, shard_size=2)
+    (output / "progress.json").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="already holds a log-mel cache .*overwrite=True"):
+        preprocess_to_cache(corpus[:1], output)
+    metadata = preprocess_to_cache(corpus[:1], output, overwrite=True)
+    assert metadata["num_clips"] == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["logmels"]
+    assert sorted(path.name for path in output.iterdir()) == ["logmels-00000-of-00001.arrow", "metadata.json"]
+    assert LogMelCache(output)[0][0] == str(corpus[0])
+
+
+@pytest.mark.parametrize("argument", ["min_frames", "shard_size"])
+def test_a_build_with_zero_frames_or_clips_per_shard_is_refused(corpus, tmp_path, argument):
+    """A shard size of 0 wrote every clip into one shard, and `min_frames=0` kept clips too short for one frame."""
+    with pytest.raises(ValueError, match=f"^`{argument}` must be a positive integer, got 0.$"):
+        preprocess_to_cache(corpus, tmp_path / "cache", **{argument: 0})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_that_grew_is_refused_like_a_truncated_one(cache_dir, tmp_path):
+    """Bytes appended to a shard (a copy gone wrong) change its size too: the reader would ignore them silently."""
+    broken = tmp_path / "broken"
+    shutil.copytree(cache_dir, broken)
+    shard = broken / "logmels-00001-of-00002.arrow"
+    size = shard.stat().st_size
+    with shard.open("ab") as file:
+        file.write(bytes(8))
+    with pytest.raises(ValueError, match=re.escape(f"{shard} has {size + 8:,} bytes, not the {size:,} its metadata")):
+        LogMelCache(broken)
+
+
+def test_a_shard_whose_rows_disagree_with_the_metadata_is_refused_when_first_read(cache_dir, tmp_path):
+    """
+    Without byte counts in the metadata (the size check is skipped), a shard's rows are still counted against it when
+    the shard is first read: clip counts moved between shards keep the total and would read clip 2 as clip 1.
+    """
+    broken = tmp_path / "broken"
+    shutil.copytree(cache_dir, broken)
+    metadata = json.loads((broken / "metadata.json").read_text())
+    assert [shard["num_clips"] for shard in metadata["shards"]] == [2, 1]
+    metadata["shards"] = [
+        {"file": shard["file"], "num_clips": num_clips} for shard, num_clips in zip(metadata["shards"], [1, 2])
+    ]
+    (broken / "metadata.json").write_text(json.dumps(metadata))
+    cache = LogMelCache(broken)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{broken / 'logmels-00000-of-00002.arrow'} does not match the metadata of its ")
+    ) as error:
+        cache[0]
+    assert "(2 rows, 1 expected;" in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
